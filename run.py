@@ -1,0 +1,23 @@
+"""camsweep entry point: ``python run.py [key=value ...]`` (see conf/config.yaml)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.cli import check_overrides, main
+from pipeline.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def app(cfg: DictConfig):
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app()
