@@ -1,0 +1,184 @@
+"""End to end in-process: configs -> extract -> results file, on tiny models and images."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import TINY, compose_cfg
+
+from pipeline.data import ImageDataset, build_records, collate
+from pipeline.extract import Normalize, extract
+from pipeline.methods import GradCAM, target_fn
+from pipeline.models import build_model, resolve_layers
+from pipeline.results import load_run
+from pipeline.store import DONE, FAILED
+
+
+def test_gradcam_run_matches_direct_method_call(tmp_path, image_dir):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+                      "model.target_layers=[layer3,layer4]")
+    summary = extract(cfg, tmp_path / "run")
+    assert (summary.n, summary.done, summary.failed) == (6, 6, 0)
+
+    # Same numbers as calling the method on the same pixels by hand, one image at a time.
+    torch.manual_seed(cfg.seed)  # random-init weights are reproducible through `seed`
+    model, info = build_model(cfg.model)
+    layers = resolve_layers(model, ["layer3", "layer4"])
+    records = build_records(cfg.data)
+    batch = collate([ImageDataset(records, np.arange(6), 64, "square")[i] for i in range(6)])
+    x = Normalize(info.mean, info.std)(batch["pixels"])
+    with load_run(tmp_path / "run") as run, GradCAM(model, layers) as m:
+        assert run.layers == ["layer3", "layer4"]
+        assert (run.status == DONE).all()
+        for i in range(6):
+            ref = m(x[i:i + 1], target_fn("pred"))
+            np.testing.assert_allclose(run.cams("layer4")[i], ref["gradcam/layer4"][0], atol=1e-5)
+            np.testing.assert_allclose(run.cams("layer3")[i], ref["gradcam/layer3"][0], atol=1e-5)
+            np.testing.assert_allclose(run.weights("layer4")[i], ref["gradcam_weights/layer4"][0],
+                                       atol=1e-6)
+            assert run.targets[0][i] == ref["targets/class"][0]
+        assert run.cams("layer4").shape == (6, 2, 2)
+        assert run.cams("layer3").shape == (6, 4, 4)
+        cls, prob = run.predictions
+        assert cls.shape == (6, 5) and np.all(np.diff(prob, axis=1) <= 0)
+        assert (run.sizes == [80, 96]).all()
+
+
+def test_fixed_target_and_label_target(tmp_path, image_dir):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "target=281")
+    extract(cfg, tmp_path / "fixed")
+    with load_run(tmp_path / "fixed") as run:
+        assert (run.targets[0] == 281).all()
+    # Glob images carry no label: target=label fails each image with a reason, run goes on.
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "target=label")
+    summary = extract(cfg, tmp_path / "label")
+    assert summary.failed == 6 and "no label" in summary.errors[0][1]
+
+
+def test_bad_files_are_recorded_and_the_rest_processed(tmp_path, bad_dir):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={bad_dir}/*")
+    summary = extract(cfg, tmp_path / "run")
+    with load_run(tmp_path / "run") as run:
+        status = dict(zip([p.rsplit("/", 1)[-1] for p in run.paths], run.status, strict=True))
+        errors = dict(zip([p.rsplit("/", 1)[-1] for p in run.paths], run.errors, strict=True))
+    assert {k for k, v in status.items() if v == FAILED} == {"empty.jpg", "text.jpg",
+                                                             "truncated.jpg"}
+    assert {k for k, v in status.items() if v == DONE} == {
+        "img000.jpg", "img001.jpg", "img002.jpg", "gray.png", "cmyk.jpg", "deep.png", "rgba.png"}
+    assert "cannot identify image file" in errors["text.jpg"]
+    assert "truncated" in errors["truncated.jpg"]
+    assert errors["img000.jpg"] == ""
+    assert summary.failed == 3 and summary.done == 7
+    assert any("failed" in line for line in summary.lines())
+
+
+def test_saliency_and_activations(tmp_path, image_dir):
+    pattern = f"data.pattern={image_dir}/*.jpg"
+    extract(compose_cfg(*TINY, "data=glob", pattern, "method=saliency"), tmp_path / "sal")
+    with load_run(tmp_path / "sal") as run:
+        sal = run.saliency()
+        assert sal.shape == (6, 64, 64) and sal.dtype == np.float32 and (sal >= 0).all()
+    extract(compose_cfg(*TINY, "data=glob", pattern, "method=activations",
+                        "model.target_layers=[type:Conv2d]"), tmp_path / "act")
+    with load_run(tmp_path / "act") as run:
+        assert len(run.layers) == 20  # every Conv2d of resnet18, in model order
+        assert run.layers[0] == "conv1"
+        a = run.activations("conv1")
+        assert a.shape == (6, 64, 32, 32) and a.dtype == np.float16
+    extract(compose_cfg(*TINY, "data=glob", pattern, "method=activations", "method.pool=avg",
+                        "method.dtype=float32", "method.max_channels=8"), tmp_path / "pool")
+    with load_run(tmp_path / "pool") as run:
+        a = run.activations("layer4")
+        assert a.shape == (6, 8) and a.dtype == np.float32
+
+
+def test_activations_equal_forward_outputs(tmp_path, image_dir):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+                      "method=activations", "method.dtype=float32",
+                      "model.target_layers=[layer2.0.bn2]")
+    extract(cfg, tmp_path / "act")
+    torch.manual_seed(cfg.seed)
+    model, info = build_model(cfg.model)
+    batch = collate([ImageDataset(build_records(cfg.data), np.arange(6), 64, "square")[i]
+                     for i in range(6)])
+    x = Normalize(info.mean, info.std)(batch["pixels"])
+    head = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
+    blk = model.layer2[0]
+    with torch.no_grad():
+        h = head(x)
+        ref = blk.bn2(blk.conv2(blk.relu(blk.bn1(blk.conv1(h)))))  # before `out += identity`
+    with load_run(tmp_path / "act") as run:
+        np.testing.assert_allclose(run.activations("layer2.0.bn2"), ref.numpy(), atol=1e-5)
+
+
+def test_plain_h5py_reads_the_file(tmp_path, image_dir):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg")
+    extract(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert f.attrs["format"] == "camsweep" and f.attrs["format_version"] == 1
+        assert f.attrs["method"] == "gradcam" and f.attrs["model"] == "resnet18"
+        for key in ("torch", "torchvision", "h5py", "camsweep"):
+            assert key in f.attrs["versions"]
+        assert "model:" in f.attrs["config"]
+        assert f["images/path"].asstr()[0].endswith("img000.jpg")
+        assert f["images/label"].dtype == np.int32 and (f["images/label"][:] == -1).all()
+        assert f["images/status"].dtype == np.uint8
+        assert f["images/size"].shape == (6, 2)
+        assert f["targets/class"].dtype == np.int32 and f["targets/score"].dtype == np.float32
+        assert f["predictions/class"].shape == (6, 5)
+        cam = f["gradcam/layer4"]
+        assert cam.shape == (6, 2, 2) and cam.dtype == np.float32 and cam.chunks[0] >= 1
+        assert cam.attrs["layer"] == "layer4" and "image" in cam.attrs["dims"]
+        assert f["gradcam_weights/layer4"].shape == (6, 512)
+        assert (cam[:] >= 0).all()
+
+
+def test_label_target_uses_dataset_labels(tmp_path):
+    cfg = compose_cfg(*TINY, "data=samples", "target=label")
+    summary = extract(cfg, tmp_path / "run")
+    # chelsea (285) and coffee (967) have labels; astronaut and rocket do not.
+    assert summary.done == 2 and summary.failed == 2
+    with load_run(tmp_path / "run") as run:
+        assert list(run.targets[0][run.done]) == [285, 967]
+
+
+@pytest.mark.parametrize("resize", ["square", "center_crop"])
+def test_input_box_is_stored(tmp_path, image_dir, resize):
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+                      f"data.resize={resize}")
+    extract(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5") as f:
+        box = f["images/box"][0]
+    if resize == "square":
+        np.testing.assert_allclose(box, [0, 0, 80, 96])
+    else:  # 0.875 of the shorter side, centered
+        np.testing.assert_allclose(box, [5, 13, 75, 83])
+
+
+def test_lite0_explains_the_cat():
+    """The embedded pretrained model on a bundled photo: right class, heat on the cat."""
+    from pipeline.data import SAMPLES_DIR, open_image
+
+    cfg = compose_cfg()
+    model, info = build_model(cfg.model)
+    im, _ = open_image(str(SAMPLES_DIR / "chelsea.jpg"))
+    x = torch.from_numpy(np.array(im.resize((224, 224)))).permute(2, 0, 1)[None]
+    x = Normalize(info.mean, info.std)(x)
+    layers = resolve_layers(model, cfg.model.target_layers)
+    with GradCAM(model, layers) as m:
+        out = m(x, target_fn("pred"))
+    assert int(out["predictions/class"][0, 0]) == 285  # Egyptian cat
+    assert info.categories[285] == "Egyptian cat"
+    cam = out["gradcam/features"][0].numpy()  # 7x7 over the 451x300 photo
+    # The cat fills x < ~380 of 451 px (columns 0..5 of 7); the right strip is background.
+    assert cam[:, :6].sum() / cam.sum() > 0.9
+    peak = np.unravel_index(cam.argmax(), cam.shape)
+    assert 1 <= peak[1] <= 5  # peak on the face, not at the border
+
+
+def test_torchvision_model_classes():
+    m = torchvision.models.resnet18()
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 20
