@@ -1,0 +1,99 @@
+"""The results file: refusal of foreign/newer files, resume, no silent overwrite."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TINY, compose_cfg
+
+from pipeline.errors import StoreError
+from pipeline.extract import extract
+from pipeline.results import load_run
+from pipeline.store import DONE, PENDING, chunk_rows, open_results
+
+
+@pytest.fixture
+def run_cfg(image_dir):
+    return compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg")
+
+
+def test_resume_recomputes_only_pending_rows(tmp_path, run_cfg):
+    run = tmp_path / "run"
+    extract(run_cfg, run)
+    with load_run(run) as r:
+        full = r.cams("layer4").copy()
+    with h5py.File(run / "results.h5", "r+") as f:  # as if killed after row 2
+        f["images/status"][3:] = PENDING
+        f["gradcam/layer4"][3:] = -1.0
+    summary = extract(run_cfg, run)
+    assert summary.skipped == 3 and summary.done == 6
+    with load_run(run) as r:
+        np.testing.assert_array_equal(r.cams("layer4"), full)
+        assert (r.status == DONE).all()
+
+
+def test_rerun_of_a_finished_run_does_nothing(tmp_path, run_cfg):
+    extract(run_cfg, tmp_path / "run")
+    summary = extract(run_cfg, tmp_path / "run")
+    assert summary.skipped == 6 and summary.done == 6
+
+
+def test_other_config_in_same_run_dir_is_refused(tmp_path, run_cfg, image_dir):
+    extract(run_cfg, tmp_path / "run")
+    other = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+                        "model.target_layers=[layer3]")
+    with pytest.raises(StoreError, match=r"different config: model.target_layers.*overwrite=true"):
+        extract(other, tmp_path / "run")
+    with load_run(tmp_path / "run") as r:  # untouched
+        assert r.layers == ["layer4"]
+    extract(compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+                        "model.target_layers=[layer3]", "overwrite=true"), tmp_path / "run")
+    with load_run(tmp_path / "run") as r:
+        assert r.layers == ["layer3"]
+
+
+def test_resume_false_refuses_existing_results(tmp_path, run_cfg):
+    extract(run_cfg, tmp_path / "run")
+    run_cfg.resume = False
+    with pytest.raises(StoreError, match="exists and resume=false"):
+        extract(run_cfg, tmp_path / "run")
+
+
+def test_batch_size_may_change_on_resume(tmp_path, run_cfg):
+    extract(run_cfg, tmp_path / "run")
+    run_cfg.batch_size = 2
+    assert extract(run_cfg, tmp_path / "run").skipped == 6
+
+
+def test_foreign_and_newer_files_are_refused(tmp_path, run_cfg):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not a camsweep results file"):
+        open_results(tmp_path / "other.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(StoreError, match="cannot open"):
+        open_results(tmp_path / "junk.h5")
+    extract(run_cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(StoreError, match="format_version 2, newer than this camsweep reads"):
+        load_run(tmp_path / "run")
+    with pytest.raises(StoreError, match="no results file"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_chunks_are_about_a_megabyte():
+    assert chunk_rows((7, 7), 4, 50_000) == (1 << 20) // 196
+    assert chunk_rows((2048, 7, 7), 2, 10) == 5
+    assert chunk_rows((4096, 64, 64), 4, 10) == 1  # one row is larger than a chunk
+    assert chunk_rows((), 1, 3) == 3
+
+
+def test_run_table(tmp_path, run_cfg):
+    extract(run_cfg, tmp_path / "run")
+    with load_run(tmp_path / "run") as r:
+        t = r.table()
+        assert list(t["status"].astype(str)) == ["done"] * 6
+        assert len(t) == 6 and (t["pred"] == r.predictions[0][:, 0]).all()
+        assert "done=6" in repr(r)
