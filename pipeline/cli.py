@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -9,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import config as _config  # registers the schemas and resolvers Hydra needs
 from .errors import CamsweepError, ConfigError, unknown
 
 log = logging.getLogger("camsweep")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "hydra/launcher")
+STATUS_FILE = "camsweep.json"  # per job: outcome and figures, read by load_sweep
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -25,13 +29,14 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stage(s); returns plain data (submitit pickles it)."""
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the configured stage(s) in ``run_dir``; returns plain data (submitit pickles it)."""
     from .extract import extract
+    from .merge import merge_if_complete, merge_shards
 
     stage = cfg.stage
-    run_dir = run_dir_of(cfg)
     result: dict[str, Any] = {"run_dir": str(run_dir), "stage": stage}
+    results = run_dir / "results.h5"
     if stage in ("all", "extract"):
         summary = extract(cfg, run_dir)
         for line in summary.lines():
@@ -41,40 +46,62 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if summary.done == 0 and summary.n > 0:
             raise CamsweepError(f"no image could be processed ({summary.failed} failed); "
                                 f"first reason: {summary.errors[0][1] if summary.errors else '?'}")
+        if summary.path != results:  # a shard: the last one to finish merges them all
+            merged = merge_if_complete(run_dir)
+            if merged is None:
+                log.info("shard done; the last shard to finish merges into %s", results)
+                stage = "extract"  # nothing whole to render yet
+            else:
+                log.info("all shards done, merged -> %s", merged)
+                result["results"] = str(merged)
+    if stage == "merge":
+        merged = merge_shards(run_dir, copy=cfg.merge_copy)
+        log.info("merged -> %s", merged)
+        result["results"] = str(merged)
     if stage in ("all", "render"):
         from .render import render_run
 
         written = render_run(run_dir, cfg.render)
         log.info("%d pictures -> %s", len(written), run_dir / "pictures")
         result["pictures"] = len(written)
-    if stage == "merge":
-        from .merge import merge_shards
-
-        merged = merge_shards(run_dir)
-        log.info("merged -> %s", merged)
-        result["results"] = str(merged)
     return result
 
 
-def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """Hydra task: user errors become one line and exit code 2 (full trace with
-    HYDRA_FULL_ERROR=1)."""
+def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    if run_dir.is_dir():
+        (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=1))
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Hydra task. A user error becomes one line and exit code 2 (traceback with
+    HYDRA_FULL_ERROR=1); in a multirun the job is marked failed and the sweep goes on."""
+    run_dir = run_dir_of(cfg)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg)
+        result = run(cfg, run_dir)
     except CamsweepError as e:
+        _write_status(run_dir, {"status": "failed", "error": str(e), "stage": cfg.stage})
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", e)
+        if multirun:
+            return {"run_dir": str(run_dir), "status": "failed", "error": str(e)}
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as e:
+        _write_status(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                "stage": cfg.stage})
+        raise
+    result["status"] = "ok"
+    if cfg.stage in ("all", "extract"):
+        _write_status(run_dir, result)
+    return result
 
 
 def check_overrides(argv: list[str]) -> None:
     """Catch a misspelled config group option or key before Hydra composes anything, so the
     user gets one line with the closest valid names instead of a multi-line report."""
-    from .config import CamsweepConfig
-
-    keys = set(CamsweepConfig.__dataclass_fields__) | {"hydra"}
+    keys = set(_config.CamsweepConfig.__dataclass_fields__) | {"hydra"}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue

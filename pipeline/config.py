@@ -107,6 +107,7 @@ class CamsweepConfig:
     run_dir: str | None = None
     overwrite: bool = False
     resume: bool = True
+    merge_copy: bool = False  # stage=merge: copy arrays instead of virtual datasets
     seed: int = 0
 
 

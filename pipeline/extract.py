@@ -78,8 +78,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def fingerprint(cfg: DictConfig) -> str:
+    """The settings that decide the numbers; equal for all shards of one run."""
     sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
            else cfg[k] for k in RESULT_KEYS}
+    sub["data"] = {k: v for k, v in sub["data"].items() if k not in ("shard", "num_shards")}
     return json.dumps(sub, sort_keys=True)
 
 

@@ -168,3 +168,97 @@ def load_run(path: str | os.PathLike) -> Run:
 
 def iter_runs(root: str | os.PathLike) -> Iterator[Path]:
     yield from sorted(Path(root).rglob("results.h5"))
+
+
+class Sweep:
+    """A Hydra multirun folder: one row per job in :attr:`table`, arrays on demand.
+
+    ``table`` (a pandas DataFrame) has the job number, the overrides each job was given
+    (swept parameters as columns), its state (done / incomplete / failed / missing), the
+    error of a failed job, image counts and summary figures: mean top-1 probability, mean
+    target score and, where images carry labels, top-1 accuracy.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"no sweep folder at {self.root}")
+        jobs = sorted((d for d in self.root.iterdir() if (d / ".hydra").is_dir()),
+                      key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0,
+                                     d.name))
+        if not jobs:
+            raise StoreError(f"{self.root} holds no Hydra job folders (<n>/.hydra)")
+        self.table = self._table(jobs)
+
+    @staticmethod
+    def _job_row(job: Path) -> dict[str, Any]:
+        row: dict[str, Any] = {"job": int(job.name) if job.name.isdigit() else job.name}
+        overrides = job / ".hydra" / "overrides.yaml"
+        for item in yaml.safe_load(overrides.read_text()) or [] if overrides.exists() else []:
+            key, _, value = str(item).partition("=")
+            row[key.lstrip("+~")] = value
+        status_file = job / "camsweep.json"
+        status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        results = job / "results.h5"
+        row.update(state="missing", error=status.get("error", ""), method="", model="",
+                   layers="", n=0, done=0, failed=0, pending=0, mean_prob=np.nan,
+                   mean_score=np.nan, accuracy=np.nan, run_dir=str(job))
+        if status.get("status") == "failed":
+            row["state"] = "failed"
+        if results.exists():
+            try:
+                with Run(results) as run:
+                    st = run.status
+                    done = st == DONE
+                    row.update(method=run.method, model=run.model, layers=",".join(run.layers),
+                               n=len(st), done=int(done.sum()), failed=int((st == FAILED).sum()),
+                               pending=int((st == PENDING).sum()))
+                    if done.any():
+                        cls, prob = run.predictions
+                        _, score = run.targets
+                        row["mean_prob"] = float(prob[done, 0].mean())
+                        row["mean_score"] = float(score[done].mean())
+                        labeled = done & (run.labels >= 0)
+                        if labeled.any():
+                            row["accuracy"] = float((cls[labeled, 0] == run.labels[labeled]).mean())
+                if row["state"] != "failed":
+                    row["state"] = "done" if row["pending"] == 0 else "incomplete"
+            except StoreError as e:
+                row.update(state="failed", error=str(e))
+        return row
+
+    def _table(self, jobs: list[Path]) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([self._job_row(j) for j in jobs])
+
+    @property
+    def failed(self) -> Any:
+        """Rows of jobs that did not finish (failed, incomplete or without results)."""
+        return self.table[self.table["state"] != "done"]
+
+    def run(self, job: int | str) -> Run:
+        """Open one job's results, by job number."""
+        rows = self.table[self.table["job"] == job]
+        if rows.empty:
+            raise StoreError(f"no job {job!r} in {self.root}; jobs: {list(self.table['job'])}")
+        return Run(Path(rows.iloc[0]["run_dir"]) / "results.h5")
+
+    def runs(self) -> Iterator[tuple[Any, Run]]:
+        """(table row, opened Run) for every job with results; each Run closes after its turn."""
+        for _, row in self.table.iterrows():
+            if row["state"] in ("done", "incomplete"):
+                with Run(Path(row["run_dir"]) / "results.h5") as run:
+                    yield row, run
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        counts = self.table["state"].value_counts().to_dict()
+        return f"Sweep({str(self.root)!r}, jobs={len(self)}, {counts})"
+
+
+def load_sweep(root: str | os.PathLike) -> Sweep:
+    """Open a multirun folder (``multirun/<date>/<time>``) as one table over its jobs."""
+    return Sweep(root)

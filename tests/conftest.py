@@ -11,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+import pipeline.config  # noqa: F401  (registers the config schemas with Hydra)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # Fast defaults for pipeline tests: a random-init resnet18 on 64x64 inputs.
