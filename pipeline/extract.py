@@ -103,7 +103,9 @@ def results_name(shard: int, num_shards: int) -> str:
 def auto_workers(n_images: int, batch_size: int) -> int:
     if n_images <= batch_size:
         return 0  # starting workers costs more than decoding one batch
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    # The CPUs this process may use (a SLURM allocation, taskset), not the whole node's.
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    return max(1, min(8, cpus - 1))
 
 
 class Normalize(torch.nn.Module):
