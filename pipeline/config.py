@@ -102,6 +102,7 @@ class CamsweepConfig:
     batch_size: int = 16
     num_workers: int | None = None  # null: chosen from the CPU count and dataset size
     precision: str = "fp32"
+    channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on GPUs)
     target: Any = "pred"  # pred | label | class index
     topk: int = 5
     run_dir: str | None = None
@@ -157,7 +158,8 @@ def validate(cfg: DictConfig) -> None:
         _choice("method.dtype", cfg.method.dtype, ("float16", "float32"))
         _choice("method.pool", cfg.method.pool, ("none", "avg"))
     target = cfg.target
-    if not (isinstance(target, int) and not isinstance(target, bool)) and target not in TARGET_MODES:
+    is_class = isinstance(target, int) and not isinstance(target, bool)
+    if not is_class and target not in TARGET_MODES:
         raise ConfigError(unknown("target", target, (*TARGET_MODES, "<class index>")))
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")

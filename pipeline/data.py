@@ -22,10 +22,10 @@ from torch.utils.data import Dataset
 from .errors import ConfigError, DataError
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
-CROP_RATIO = 0.875
+CROP_RATIO = 0.875  # ImageNet evaluation: resize to 256, center crop 224
 _T = Image.Transpose
 _EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
-                   5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}  # ImageNet evaluation: resize to 256, center crop 224
+                   5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,9 @@ def shard_of(cfg: Any) -> tuple[int, int]:
             env = os.environ
             if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) == cfg.num_shards:
                 return int(env["SLURM_PROCID"]), cfg.num_shards
-            raise ConfigError(f"data.num_shards={cfg.num_shards} needs data.shard=0..{cfg.num_shards - 1}")
+            raise ConfigError(
+                f"data.num_shards={cfg.num_shards} needs data.shard=0..{cfg.num_shards - 1}"
+            )
         return cfg.shard, cfg.num_shards
     ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
     if cfg.num_shards is None and ntasks > 1 and "SLURM_PROCID" in os.environ:
@@ -185,7 +187,9 @@ def open_image(path: str, draft_size: int | None = None) -> tuple[Image.Image, t
     return rgb, (full_h, full_w)
 
 
-def input_box(size: tuple[int, int], image_size: int, resize: str) -> tuple[float, float, float, float]:
+def input_box(
+    size: tuple[int, int], image_size: int, resize: str
+) -> tuple[float, float, float, float]:
     """The region (y0, x0, y1, x1) of the original image that the model sees."""
     h, w = size
     if resize == "square":

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import validate
-from .data import ImageDataset, build_records, collate, shard_of, shard_range
+from .data import ImageDataset, Record, build_records, collate, shard_of, shard_range
 from .errors import ConfigError, DataError, StoreError, unknown
-from .methods import Method, build_method, target_fn
+from .methods import METHODS, Method, build_method, target_fn
 from .models import build_model, reshape_transform, resolve_layers
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Config keys that decide the numbers in a results file; others (batch_size, device,
 # num_workers, ...) may change between an interrupted run and its resume.
 RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision")
+NOT_MAPS = ("predictions", "targets", "activations", "images")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -152,36 +153,52 @@ def _open_or_create(path: Path, cfg: DictConfig, make: Any) -> None:
     make()
 
 
-def extract(cfg: DictConfig, run_dir: Path) -> Summary:
-    """Compute the configured method for every pending image of the run's results file."""
+@dataclass
+class Job:
+    """Everything the batch loop needs, prepared once."""
+
+    cfg: DictConfig
+    path: Path  # the results file (or shard file)
+    records: list[Record]
+    start: int  # global index of the file's first row
+    method: Method
+    normalize: Normalize
+    device: torch.device
+    n_classes: int
+    categories: list[str] | None
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> Job:
+    """Check the config, build model, method and data, and create or reopen the file."""
     validate(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
     model.to(device)
-    method_name = cfg.method.name
-    layers = {} if method_name == "saliency" else resolve_layers(model, cfg.model.target_layers)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    method_cls = METHODS[cfg.method.name]
+    layers = resolve_layers(model, cfg.model.target_layers) if method_cls.uses_layers else {}
     records = build_records(cfg.data)
     if not records:
         raise DataError("the dataset has no images")
     shard, num_shards = shard_of(cfg.data)
     start, stop = shard_range(len(records), shard, num_shards)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / results_name(shard, num_shards)
-
+    size = cfg.data.image_size
+    n_classes = _n_classes(model, size, device)
+    if isinstance(cfg.target, int) and not 0 <= cfg.target < n_classes:
+        raise ConfigError(f"target={cfg.target} is not a class of this model (0..{n_classes - 1})")
     method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
                           topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision])
     normalize = Normalize(info.mean, info.std).to(device)
-    size = cfg.data.image_size
-    target = cfg.target
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / results_name(shard, num_shards)
 
     def make() -> None:
         with method:
             layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)))
-        if isinstance(target, int) and not 0 <= target < (n := _n_classes(model, size, device)):
-            raise ConfigError(f"target={target} is not a class index of this model (0..{n - 1})")
         attrs = {
-            "method": method_name, "model": cfg.model.name,
+            "method": cfg.method.name, "model": cfg.model.name,
             "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
             "fingerprint": fingerprint(cfg), "image_size": size,
             "resize": cfg.data.resize or "none", "shard": shard, "num_shards": num_shards,
@@ -195,7 +212,18 @@ def extract(cfg: DictConfig, run_dir: Path) -> Summary:
                        np.arange(start, stop), layout, attrs)
 
     _open_or_create(path, cfg, make)
-    return _run_batches(cfg, path, records, start, method, normalize, device, info.categories)
+    return Job(cfg, path, records, start, method, normalize, device, n_classes, info.categories)
+
+
+def extract(cfg: DictConfig, run_dir: Path) -> Summary:
+    """Compute the configured method for every pending image of the run's results file."""
+    job = prepare(cfg, run_dir)
+    writer = ResultsWriter(job.path)
+    try:
+        skipped = _run_batches(job, writer)
+        return _summarize(writer.file, job.path, skipped, job.categories)
+    finally:
+        writer.close()
 
 
 def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
@@ -203,56 +231,76 @@ def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
         return int(model(torch.zeros(1, 3, size, size, device=device)).shape[1])
 
 
-def _run_batches(cfg: DictConfig, path: Path, records: list, start: int, method: Method,
-                 normalize: Normalize, device: torch.device,
-                 categories: list[str] | None) -> Summary:
-    writer = ResultsWriter(path)
+def _run_batches(job: Job, writer: ResultsWriter) -> int:
+    """Process the file's pending rows; returns how many were done before."""
+    cfg, device, start = job.cfg, job.device, job.start
+    pending = writer.pending_rows()
+    skipped = len(writer.file["images/status"]) - len(pending)
+    dataset = ImageDataset(job.records, start + pending, cfg.data.image_size, cfg.data.resize)
+    workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
+        len(dataset), cfg.batch_size)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    background = BackgroundWriter(writer)
+    failed = 0
+    bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",
+               unit="img", dynamic_ncols=True, disable=None)
     try:
-        rows = writer.pending_rows()
-        n_rows = len(writer.file["images/status"])
-        skipped = n_rows - len(rows)
-        dataset = ImageDataset(records, start + rows, cfg.data.image_size, cfg.data.resize)
-        workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-            len(dataset), cfg.batch_size)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                            collate_fn=collate, pin_memory=device.type == "cuda")
-        background = BackgroundWriter(writer)
-        failed = 0
-        bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {path.parent.name}",
-                   unit="img", dynamic_ncols=True, disable=None)
-        try:
-            with method:
-                for batch in loader:
-                    errors = {int(i) - start: e for i, e in zip(batch["index"], batch["error"],
-                                                               strict=True) if e}
-                    if cfg.target == "label":
-                        for i, lab in zip(batch["index"], batch["label"], strict=True):
-                            if lab < 0 and int(i) - start not in errors:
-                                errors[int(i) - start] = "target=label but the image has no label"
-                    ok = torch.tensor([int(i) - start not in errors for i in batch["index"]])
-                    arrays: dict[str, np.ndarray] = {}
-                    if ok.any():
-                        x = normalize(batch["pixels"][ok].to(device, non_blocking=True))
-                        out = method(x, target_fn(cfg.target, batch["label"][ok]))
-                        maps = [v for k, v in out.items() if k.split("/")[0] in
-                                ("gradcam", "saliency")]
-                        if maps:
-                            finite = torch.stack([v.flatten(1).isfinite().all(1) for v in maps])
-                            out["images/nonfinite"] = (~finite.all(0)).to(torch.uint8)
-                        # The one host sync per batch: hand finished arrays to the writer.
-                        arrays = {k: v.cpu().numpy() for k, v in out.items()}
-                        arrays["images/size"] = batch["size"][ok].numpy()
-                        arrays["images/box"] = batch["box"][ok].numpy()
-                    background.put((batch["index"][ok] - start).numpy(), arrays, errors)
-                    failed += len(errors)
-                    bar.update(len(batch["index"]))
-                    bar.set_postfix(failed=failed, refresh=False)
-        finally:
-            bar.close()
-            background.close()
-        return _summarize(writer.file, path, skipped, categories)
+        with job.method:
+            for batch in loader:
+                rows = batch["index"] - start
+                errors = _batch_errors(rows, batch, cfg.target, job.n_classes)
+                ok = torch.tensor([int(r) not in errors for r in rows])
+                arrays: dict[str, np.ndarray] = {}
+                if ok.any():
+                    # Copy the whole (pinned) batch, select on the device: indexing on the
+                    # host first would make an unpinned copy and a blocking transfer.
+                    x = batch["pixels"].to(device, non_blocking=True)
+                    if not ok.all():
+                        x = x[ok.to(device, non_blocking=True)]
+                    x = job.normalize(x)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = job.method(x, target_fn(cfg.target, batch["label"][ok]))
+                    out["images/nonfinite"] = _nonfinite(out)
+                    # The one host sync per batch: hand finished arrays to the writer.
+                    arrays = {k: v.cpu().numpy() for k, v in out.items()}
+                    arrays["images/size"] = batch["size"][ok].numpy()
+                    arrays["images/box"] = batch["box"][ok].numpy()
+                background.put(rows[ok].numpy(), arrays, errors)
+                failed += len(errors)
+                bar.update(len(rows))
+                bar.set_postfix(failed=failed, refresh=False)
     finally:
-        writer.close()
+        bar.close()
+        background.close()
+    return skipped
+
+
+def _batch_errors(rows: torch.Tensor, batch: dict[str, Any], target: Any,
+                  n_classes: int) -> dict[int, str]:
+    """Row -> reason for the images of a batch that cannot be explained."""
+    errors = {int(r): e for r, e in zip(rows, batch["error"], strict=True) if e}
+    if target == "label":
+        for r, lab in zip(rows.tolist(), batch["label"].tolist(), strict=True):
+            if r in errors:
+                continue
+            if lab < 0:
+                errors[r] = "target=label but the image has no label"
+            elif lab >= n_classes:
+                errors[r] = f"label {lab} is not a class of this model (0..{n_classes - 1})"
+    return errors
+
+
+def _nonfinite(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1 for images whose maps hold NaN/inf (flagged in the file, not a crash)."""
+    maps = [v for k, v in out.items() if k.split("/")[0] not in NOT_MAPS
+            and not k.split("/")[0].endswith("_weights")]
+    n = next(iter(out.values())).shape[0]
+    if not maps:
+        return torch.zeros(n, dtype=torch.uint8, device=next(iter(out.values())).device)
+    finite = torch.stack([v.flatten(1).isfinite().all(1) for v in maps])
+    return (~finite.all(0)).to(torch.uint8)
 
 
 def _summarize(f: h5py.File, path: Path, skipped: int, categories: list[str] | None) -> Summary:

@@ -38,7 +38,7 @@ def imagenet_categories() -> list[str]:
 
 
 class EfficientNetLite0(nn.Module):
-    """The pretrained EfficientNet-Lite0 of ``efficientnet-lite-pytorch``, laid out like torchvision.
+    """The pretrained EfficientNet-Lite0 of ``efficientnet-lite-pytorch``, in torchvision's layout.
 
     The package reuses one ReLU6 module for the stem and the head, so no module's output is
     the final feature map. Here ``features`` = stem, 16 blocks, head (each with its own ReLU6),

@@ -63,7 +63,8 @@ def _preallocated(group: h5py.Group, name: str, n: int, row_shape: tuple[int, ..
 def _dims(path: str, ndim: int) -> list[str]:
     dims = DIMS.get(path) or DIMS.get(path.split("/")[0], [])
     if len(dims) != ndim:  # e.g. pooled activations (image, channel)
-        dims = (dims[:ndim] if len(dims) > ndim else dims + [f"d{i}" for i in range(len(dims), ndim)])
+        extra = [f"d{i}" for i in range(len(dims), ndim)]
+        dims = dims[:ndim] if len(dims) > ndim else dims + extra
     return dims
 
 
@@ -122,7 +123,8 @@ def _walk(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
 
 def check_format(f: h5py.File, path: str | os.PathLike) -> None:
     if f.attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is not a camsweep results file (format={f.attrs.get('format')!r})")
+        fmt = f.attrs.get("format")
+        raise StoreError(f"{path} is not a camsweep results file (format={fmt!r})")
     version = int(f.attrs.get("format_version", -1))
     if version > FORMAT_VERSION:
         raise StoreError(

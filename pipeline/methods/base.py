@@ -41,6 +41,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = True
+    uses_layers: ClassVar[bool] = True  # False: works on the input, target_layers unused
 
     def __init__(
         self,
@@ -96,10 +97,8 @@ class Method(ABC):
             logits = self.model(x)
         logits = logits.float()
         prob, cls = logits.detach().softmax(1).topk(min(self.topk, logits.shape[1]), dim=1)
+        # Targets are checked on the host before the batch (no device sync here).
         target = choose(logits.detach())
-        if (target < 0).any() or (target >= logits.shape[1]).any():
-            bad = target[(target < 0) | (target >= logits.shape[1])][0].item()
-            raise ValueError(f"target class {bad} outside 0..{logits.shape[1] - 1}")
         score = logits.gather(1, target[:, None]).squeeze(1)
         out = {
             "predictions/class": cls.int(),
