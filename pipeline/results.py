@@ -54,7 +54,9 @@ class Run:
 
     @property
     def categories(self) -> list[str]:
-        return [str(c) for c in self.file.attrs.get("categories", [])]
+        """Class names, index = class (empty when the model has none)."""
+        value = self.file.attrs.get("categories", "[]")
+        return [str(c) for c in (json.loads(value) if isinstance(value, str) else value)]
 
     def __len__(self) -> int:
         return int(self.file["images/status"].shape[0])

@@ -97,3 +97,5 @@ def test_run_table(tmp_path, run_cfg):
         assert list(t["status"].astype(str)) == ["done"] * 6
         assert len(t) == 6 and (t["pred"] == r.predictions[0][:, 0]).all()
         assert "done=6" in repr(r)
+        assert len(r.categories) == 1000 and r.categories[281] == "tabby"
+        assert (t["pred_name"] == [r.categories[c] for c in t["pred"]]).all()
