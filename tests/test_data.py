@@ -1,0 +1,148 @@
+"""Datasets: ImageNet val layouts, globs, shards, decoding of odd images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import photo, write_images
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pipeline.data import (
+    ImageDataset,
+    build_records,
+    input_box,
+    open_image,
+    shard_of,
+    shard_range,
+)
+from pipeline.errors import DataError
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
+
+
+def data_cfg(**kw):
+    base = {"name": "imagenet_val", "pattern": None, "root": None, "labels": None,
+            "synsets": None, "limit": None, "shard": None, "num_shards": None}
+    return OmegaConf.create({**base, **kw})
+
+
+def synsets(path, wnids):
+    path.write_text("".join(f"{w} some name, other name\n" for w in wnids))
+
+
+def test_class_folders_with_synset_mapping(tmp_path):
+    root = tmp_path / "val"
+    for i, w in enumerate(WNIDS[::-1]):  # folder order must not matter
+        write_images(root / w, 2, start=10 * i)
+    synsets(tmp_path / "LOC_synset_mapping.txt", ["n00000000", *WNIDS])  # beside the root
+    recs = build_records(data_cfg(root=str(root)))
+    assert [(r.path.split("/")[-2], r.label) for r in recs] == [
+        ("n01440764", 1), ("n01440764", 1), ("n01443537", 2), ("n01443537", 2),
+        ("n01484850", 3), ("n01484850", 3)]
+
+
+def test_class_folders_without_mapping_need_all_classes(tmp_path):
+    root = tmp_path / "val"
+    for w in WNIDS:
+        write_images(root / w, 1)
+    with pytest.raises(DataError, match="names 3 of the 1000 classes.*data.synsets"):
+        build_records(data_cfg(root=str(root)))
+    # Numbered folders are class indices as they are.
+    root2 = tmp_path / "val2"
+    write_images(root2 / "281", 1)
+    write_images(root2 / "7", 1)
+    assert sorted(r.label for r in build_records(data_cfg(root=str(root2)))) == [7, 281]
+
+
+def test_flat_folder_with_loc_val_solution(tmp_path):
+    root = tmp_path / "val"
+    write_images(root, 3)
+    (root / "img000.jpg").rename(root / "ILSVRC2012_val_00000001.JPEG")
+    (root / "img001.jpg").rename(root / "ILSVRC2012_val_00000002.JPEG")
+    (root / "img002.jpg").rename(root / "ILSVRC2012_val_00000003.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n"
+        "ILSVRC2012_val_00000002,n01484850 10 20 30 40 n01484850 1 2 3 4\n"
+        "ILSVRC2012_val_00000001,n01443537 5 6 7 8\n")
+    synsets(tmp_path / "LOC_synset_mapping.txt", WNIDS)
+    recs = build_records(data_cfg(root=str(root)))
+    assert [r.label for r in recs] == [1, 2, -1]  # third image has no row: unknown
+
+
+def test_flat_folder_with_labels_file(tmp_path):
+    root = tmp_path / "val"
+    write_images(root, 3)
+    (tmp_path / "labels.txt").write_text("img002.jpg 5\nimg000.jpg 3\n")
+    recs = build_records(data_cfg(root=str(root), labels=str(tmp_path / "labels.txt")))
+    assert [r.label for r in recs] == [3, -1, 5]
+    (tmp_path / "plain.txt").write_text("9\n8\n7\n")  # one label per line, sorted files
+    recs = build_records(data_cfg(root=str(root), labels=str(tmp_path / "plain.txt")))
+    assert [r.label for r in recs] == [9, 8, 7]
+
+
+def test_flat_folder_without_labels_is_an_error(tmp_path):
+    write_images(tmp_path / "val", 2)
+    with pytest.raises(DataError, match="flat folder without labels"):
+        build_records(data_cfg(root=str(tmp_path / "val")))
+
+
+def test_glob_is_recursive_sorted_and_limited(tmp_path):
+    write_images(tmp_path / "a" / "b", 2)
+    write_images(tmp_path / "a", 1, start=5)
+    recs = build_records(data_cfg(name="glob", pattern=f"{tmp_path}/**/*.jpg", limit=2))
+    assert [r.path.removeprefix(str(tmp_path)) for r in recs] == ["/a/b/img000.jpg",
+                                                                  "/a/b/img001.jpg"]
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 3), (7, 2), (2, 3), (50_000, 16)])
+def test_shards_tile_the_dataset(n, k):
+    ranges = [shard_range(n, i, k) for i in range(k)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_from_config_and_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert shard_of(data_cfg(shard=1, num_shards=3)) == (1, 3)
+    assert shard_of(data_cfg()) == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert shard_of(data_cfg()) == (2, 4)
+    assert shard_of(data_cfg(num_shards=4)) == (2, 4)
+
+
+def test_decoding_odd_images(tmp_path):
+    Image.fromarray(photo(1)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    im, size = open_image(str(tmp_path / "cmyk.jpg"))
+    assert im.mode == "RGB" and size == (80, 96)
+    assert np.abs(np.asarray(im, dtype=int) - photo(1)).mean() < 8  # same picture
+    deep = (photo(2)[..., 1].astype(np.uint16) * 257)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    im, _ = open_image(str(tmp_path / "deep.png"))
+    np.testing.assert_array_equal(np.asarray(im)[..., 0], photo(2)[..., 1])  # scaled, not clipped
+    # EXIF orientation 6 (rotate 90 cw): the upright image is returned, size swapped.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo(3)).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    im, size = open_image(str(tmp_path / "rot.jpg"))
+    assert im.size == (80, 96) and size == (96, 80)
+
+
+def test_draft_decoding_of_big_jpegs_matches_full_decoding(tmp_path):
+    big = np.kron(photo(4, 100, 150), np.ones((8, 8, 1), np.uint8))  # 800x1200
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    recs = build_records(data_cfg(name="glob", pattern=f"{tmp_path}/*.jpg"))
+    item = ImageDataset(recs, np.arange(1), 64, "square")[0]
+    full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((64, 64), Image.BILINEAR)
+    diff = np.abs(item["pixels"].permute(1, 2, 0).numpy().astype(int) - np.asarray(full))
+    assert diff.mean() < 3 and item["size"].tolist() == [800, 1200]
+
+
+def test_input_boxes():
+    assert input_box((300, 400), 224, "square") == (0, 0, 300, 400)
+    y0, x0, y1, x1 = input_box((300, 400), 224, "center_crop")
+    assert (y1 - y0, x1 - x0) == (262.5, 262.5) and (y0 + y1) / 2 == 150 and (x0 + x1) / 2 == 200
