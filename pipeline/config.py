@@ -103,6 +103,7 @@ class CamsweepConfig:
     num_workers: int | None = None  # null: chosen from the CPU count and dataset size
     precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on GPUs)
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     target: Any = "pred"  # pred | label | class index
     topk: int = 5
     run_dir: str | None = None

@@ -22,7 +22,7 @@ from .config import validate
 from .data import ImageDataset, Record, build_records, collate, shard_of, shard_range
 from .errors import ConfigError, DataError, StoreError, unknown
 from .methods import METHODS, Method, build_method, target_fn
-from .models import build_model, reshape_transform, resolve_layers
+from .models import build_model, compile_model, reshape_transform, resolve_layers
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     shard, num_shards = shard_of(cfg.data)
     start, stop = shard_range(len(records), shard, num_shards)
     size = cfg.data.image_size
+    if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
+        model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
     if isinstance(cfg.target, int) and not 0 <= cfg.target < n_classes:
         raise ConfigError(f"target={cfg.target} is not a class of this model (0..{n_classes - 1})")

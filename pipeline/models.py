@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch import nn
 
 from .errors import ConfigError, unknown
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDED = "efficientnet_lite0"
@@ -155,6 +157,23 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
         std = tuple(cfg.std)
     model.eval().requires_grad_(False)
     return model, ModelInfo(name=cfg.name, mean=tuple(mean), std=tuple(std), categories=categories)
+
+
+def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``torch.compile`` the model and compile it now, on ``example``; on failure say so and
+    run eagerly (same numbers, only slower).
+
+    Hooks stay on the original submodules, which the compiled module still calls.
+    """
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(example)
+        return compiled
+    except Exception as e:  # no compiler toolchain, unsupported op, ...
+        log.warning("compile=true: torch.compile failed (%s: %s); running eagerly",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return model
 
 
 def _num_classes(model: nn.Module) -> int | None:

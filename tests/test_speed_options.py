@@ -1,0 +1,74 @@
+"""Speed options change speed, not results: channels_last, compile, bf16 autocast."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+from torch import nn
+
+from pipeline.extract import extract
+from pipeline.methods import GradCAM, target_fn
+from pipeline.models import compile_model, resolve_layers
+from pipeline.results import load_run
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval().requires_grad_(False)
+
+
+def test_channels_last_gives_the_same_maps(tmp_path, image_dir):
+    base = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
+            "model.target_layers=[layer3,layer4]")
+    extract(compose_cfg(*base), tmp_path / "a")
+    extract(compose_cfg(*base, "channels_last=true"), tmp_path / "b")
+    with load_run(tmp_path / "a") as a, load_run(tmp_path / "b") as b:
+        for layer in ("layer3", "layer4"):
+            np.testing.assert_allclose(a.cams(layer), b.cams(layer), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_maps():
+    model = small_net()
+    layers = resolve_layers(model, ["2"])
+    x = torch.randn(3, 3, 16, 16)
+    with GradCAM(model, layers) as m:
+        ref = m(x, target_fn("pred"))
+    compiled = compile_model(model, x[:1])
+    assert compiled is not model  # really compiled here (gcc is available)
+    with GradCAM(compiled, layers) as m:
+        out = m(x, target_fn("pred"))
+    torch.testing.assert_close(out["gradcam/2"], ref["gradcam/2"], rtol=1e-4, atol=1e-6)
+    assert not model[2]._forward_hooks
+
+
+def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = small_net()
+    with caplog.at_level(logging.WARNING):
+        assert compile_model(model, torch.zeros(1, 3, 8, 8)) is model
+    assert "torch.compile failed (RuntimeError: no C++ compiler); running eagerly" in caplog.text
+
+
+def test_bf16_autocast_maps_agree_with_fp32(tmp_path, image_dir):
+    """bf16 keeps 8 bits of mantissa: normalized maps agree to a few percent."""
+    base = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg")
+    extract(compose_cfg(*base), tmp_path / "fp32")
+    extract(compose_cfg(*base, "precision=bf16"), tmp_path / "bf16")
+    with load_run(tmp_path / "fp32") as a, load_run(tmp_path / "bf16") as b:
+        assert (a.targets[0] == b.targets[0]).all()
+        for x, y in zip(a.cams("layer4"), b.cams("layer4"), strict=True):
+            nx = (x - x.min()) / (x.max() - x.min() + 1e-7)
+            ny = (y - y.min()) / (y.max() - y.min() + 1e-7)
+            assert np.abs(nx - ny).max() < 0.1
