@@ -16,7 +16,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, unknown
 
-METHODS = ("gradcam", "saliency", "activations")
+METHODS = ("gradcam", "saliency", "activations", "gradcampp", "xgradcam", "layercam", "hirescam",
+           "scorecam", "eigencam", "smoothgrad", "integrated_gradients", "guided_backprop",
+           "guided_gradcam")
+# Options of the method family, checked by validate (the methods check them again).
+IG_INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                   "riemann_trapezoid")
+IG_BASELINES = ("zero", "mean", "blur")
+INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 STAGES = ("all", "extract", "render", "merge")
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -70,6 +77,75 @@ class ActivationsConfig(MethodConfig):
 
 
 @dataclass
+class GradCAMPlusPlusConfig(MethodConfig):
+    name: str = "gradcampp"
+    save_weights: bool = True  # also store the channel weights under /gradcampp_weights
+
+
+@dataclass
+class XGradCAMConfig(MethodConfig):
+    name: str = "xgradcam"
+    save_weights: bool = True  # also store the channel weights under /xgradcam_weights
+
+
+@dataclass
+class LayerCAMConfig(MethodConfig):
+    name: str = "layercam"  # element-wise weights: no per-channel weights to store
+
+
+@dataclass
+class HiResCAMConfig(MethodConfig):
+    name: str = "hirescam"  # element-wise weights: no per-channel weights to store
+
+
+@dataclass
+class ScoreCAMConfig(MethodConfig):
+    name: str = "scorecam"
+    batch_masks: int = 64  # masked inputs per forward pass (bounds memory)
+    save_weights: bool = True  # also store the softmaxed scores under /scorecam_weights
+
+
+@dataclass
+class EigenCAMConfig(MethodConfig):
+    name: str = "eigencam"
+    save_weights: bool = True  # also store the first principal direction under /eigencam_weights
+
+
+@dataclass
+class SmoothGradConfig(MethodConfig):
+    name: str = "smoothgrad"
+    samples: int = 50  # noisy copies per image
+    sigma: float = 0.15  # noise std as a fraction of each image's range (max - min)
+    batch_samples: int = 32  # noisy inputs per forward pass (bounds memory)
+    seed: int = 0  # the noise is drawn once from this seed: reproducible, batch-independent
+    save_attribution: bool = False  # also store the signed (N, C, H, W) mean gradient
+
+
+@dataclass
+class IntegratedGradientsConfig(MethodConfig):
+    name: str = "integrated_gradients"
+    steps: int = 50
+    integration: str = "gausslegendre"  # gausslegendre | riemann_{left,right,middle,trapezoid}
+    baseline: str = "zero"  # zero (the normalization mean) | mean (image's colour) | blur
+    blur_sigma: float = 10.0  # baseline=blur: Gaussian sigma in pixels
+    batch_steps: int = 32  # path points per forward pass (bounds memory)
+    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution
+
+
+@dataclass
+class GuidedBackpropConfig(MethodConfig):
+    name: str = "guided_backprop"
+    save_attribution: bool = False  # also store the signed (N, C, H, W) guided gradient
+
+
+@dataclass
+class GuidedGradCAMConfig(MethodConfig):
+    name: str = "guided_gradcam"
+    interpolate_mode: str = "nearest"  # how the CAM is upsampled (Captum's default)
+    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution per layer
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     pattern: str | None = None  # glob: e.g. photos/**/*.jpg (recursive)
@@ -78,6 +154,7 @@ class DataConfig:
     synsets: str | None = None  # LOC_synset_mapping.txt: wnid order = class index
     image_size: int = 224
     resize: str | None = "square"  # square | center_crop | null (native size, batch 1)
+    decode: str = "cpu"  # cpu: PIL in DataLoader workers | device: JPEGs on the run's device
     limit: int | None = None  # first k images only
     shard: int | None = None
     num_shards: int | None = None
@@ -121,6 +198,10 @@ def register_configs() -> None:
     cs.store(group="method", name="gradcam_schema", node=GradCAMConfig)
     cs.store(group="method", name="saliency_schema", node=SaliencyConfig)
     cs.store(group="method", name="activations_schema", node=ActivationsConfig)
+    for node in (GradCAMPlusPlusConfig, XGradCAMConfig, LayerCAMConfig, HiResCAMConfig,
+                 ScoreCAMConfig, EigenCAMConfig, SmoothGradConfig, IntegratedGradientsConfig,
+                 GuidedBackpropConfig, GuidedGradCAMConfig):
+        cs.store(group="method", name=f"{node.name}_schema", node=node)
 
 
 def _run_dir(run_dir: str | None, default: str) -> str:
@@ -151,6 +232,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("method", cfg.method.name, METHODS)
     _choice("data", cfg.data.name, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
+    _choice("data.decode", cfg.data.decode, ("cpu", "device"))
     if cfg.data.resize is not None:
         _choice("data.resize", cfg.data.resize, RESIZES)
     if cfg.model.reshape is not None:
@@ -158,6 +240,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.method.name == "activations":
         _choice("method.dtype", cfg.method.dtype, ("float16", "float32"))
         _choice("method.pool", cfg.method.pool, ("none", "avg"))
+    _validate_method_family(cfg.method)
     target = cfg.target
     is_class = isinstance(target, int) and not isinstance(target, bool)
     if not is_class and target not in TARGET_MODES:
@@ -174,6 +257,30 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.shard={cfg.data.shard} needs data.num_shards > shard (got {n})"
             )
+
+
+def _validate_method_family(method: DictConfig) -> None:
+    """Enumerated and numeric options of the CAM and input-gradient methods."""
+    name = method.name
+    if name == "integrated_gradients":
+        _choice("method.integration", method.integration, IG_INTEGRATIONS)
+        _choice("method.baseline", method.baseline, IG_BASELINES)
+        low = 1 if method.integration == "gausslegendre" else 2
+        if method.steps < low:
+            raise ConfigError(f"method.steps must be >= {low} for {method.integration}, "
+                              f"got {method.steps}")
+        if method.blur_sigma <= 0:
+            raise ConfigError(f"method.blur_sigma must be > 0, got {method.blur_sigma}")
+    if name == "guided_gradcam":
+        _choice("method.interpolate_mode", method.interpolate_mode, INTERPOLATE_MODES)
+    if name == "smoothgrad":
+        if method.samples < 1:
+            raise ConfigError(f"method.samples must be >= 1, got {method.samples}")
+        if method.sigma < 0:
+            raise ConfigError(f"method.sigma must be >= 0, got {method.sigma}")
+    for key in ("batch_masks", "batch_samples", "batch_steps"):
+        if key in method and method[key] < 1:
+            raise ConfigError(f"method.{key} must be >= 1, got {method[key]}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

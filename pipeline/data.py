@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -203,7 +204,7 @@ class ImageDataset(Dataset):
     """Items: index, uint8 pixels (3, S, S), original size, input box, label, error."""
 
     def __init__(self, records: list[Record], indices: np.ndarray, image_size: int,
-                 resize: str | None) -> None:
+                 resize: str | None, decode: str = "cpu") -> None:
         if resize is None:
             raise ConfigError(
                 "data.resize=null (native resolution) is not supported yet; use square or "
@@ -213,6 +214,7 @@ class ImageDataset(Dataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.size = image_size
         self.resize = resize
+        self.decode = decode  # "device": plain JPEGs travel as bytes, decoded by the loop
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -221,9 +223,11 @@ class ImageDataset(Dataset):
         index = int(self.indices[i])
         rec = self.records[index]
         s = self.size
-        item = {"index": index, "label": rec.label, "error": "",
+        item = {"index": index, "label": rec.label, "error": "", "jpeg": None,
                 "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
                 "pixels": torch.zeros(3, s, s, dtype=torch.uint8)}
+        if self.decode == "device" and self._jpeg_bytes(rec.path, item):
+            return item
         try:
             im, (h, w) = open_image(rec.path, draft_size=s)
             box = input_box((h, w), s, self.resize)
@@ -235,8 +239,66 @@ class ImageDataset(Dataset):
             item["size"] = torch.tensor([h, w], dtype=torch.int32)
             item["box"] = torch.tensor(box, dtype=torch.float32)
         except Exception as e:  # any decoder failure is this image's, not the run's
-            item["error"] = f"{type(e).__name__}: {e}"[:250] or type(e).__name__
+            item["error"] = _reason(e)
         return item
+
+    def _jpeg_bytes(self, path: str, item: dict[str, Any]) -> bool:
+        """Put an upright baseline RGB/gray JPEG's bytes into ``item`` for decoding on the
+        device; anything else (PNG, CMYK, EXIF-rotated, unreadable) goes the PIL way."""
+        try:
+            with Image.open(path) as im:
+                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return False
+                if im.getexif().get(0x0112, 1) != 1:
+                    return False
+                w, h = im.size
+            data = torchvision.io.read_file(path)
+        except Exception:
+            return False
+        item["jpeg"] = data
+        item["size"] = torch.tensor([h, w], dtype=torch.int32)
+        item["box"] = torch.tensor(input_box((h, w), self.size, self.resize), dtype=torch.float32)
+        return True
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:250] or type(e).__name__
+
+
+def decode_on_device(
+    batch: dict[str, Any], pixels: torch.Tensor, image_size: int
+) -> dict[int, str]:
+    """Decode the batch's JPEG bytes on ``pixels.device`` (nvJPEG on a GPU) into ``pixels``,
+    cropped to each box and resized with antialiasing as PIL does. Returns position ->
+    reason for the JPEGs that do not decode."""
+    todo = [i for i, data in enumerate(batch["jpeg"]) if data is not None]
+    if not todo:
+        return {}
+    device = pixels.device
+    mode = torchvision.io.ImageReadMode.RGB
+    try:
+        images = torchvision.io.decode_jpeg([batch["jpeg"][i] for i in todo], mode=mode,
+                                            device=device)
+    except RuntimeError:  # one bad file fails the whole call: decode one by one to find it
+        images = []
+        for i in todo:
+            try:
+                images.append(torchvision.io.decode_jpeg(batch["jpeg"][i], mode=mode,
+                                                         device=device))
+            except RuntimeError as e:
+                images.append(_reason(e))
+    errors: dict[int, str] = {}
+    for i, image in zip(todo, images, strict=True):
+        if isinstance(image, str):
+            errors[i] = image
+            continue
+        y0, x0, y1, x1 = batch["box"][i].tolist()
+        crop = image[:, int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))]
+        resized = torch.nn.functional.interpolate(
+            crop[None].float(), size=(image_size, image_size), mode="bilinear",
+            antialias=True, align_corners=False)
+        pixels[i] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    return errors
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -247,4 +309,5 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "size": torch.stack([it["size"] for it in items]),
         "box": torch.stack([it["box"] for it in items]),
         "error": [it["error"] for it in items],
+        "jpeg": [it["jpeg"] for it in items],
     }

@@ -19,7 +19,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import validate
-from .data import ImageDataset, Record, build_records, collate, shard_of, shard_range
+from .data import (
+    ImageDataset,
+    Record,
+    build_records,
+    collate,
+    decode_on_device,
+    shard_of,
+    shard_range,
+)
 from .errors import ConfigError, DataError, StoreError, unknown
 from .methods import METHODS, Method, build_method, target_fn
 from .models import build_model, compile_model, reshape_transform, resolve_layers
@@ -238,7 +246,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     cfg, device, start = job.cfg, job.device, job.start
     pending = writer.pending_rows()
     skipped = len(writer.file["images/status"]) - len(pending)
-    dataset = ImageDataset(job.records, start + pending, cfg.data.image_size, cfg.data.resize)
+    dataset = ImageDataset(job.records, start + pending, cfg.data.image_size, cfg.data.resize,
+                           cfg.data.decode)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
@@ -251,13 +260,15 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
         with job.method:
             for batch in loader:
                 rows = batch["index"] - start
+                # Copy the whole (pinned) batch and select on the device: indexing on the
+                # host first would make an unpinned copy and a blocking transfer.
+                x = batch["pixels"].to(device, non_blocking=True)
+                for pos, reason in decode_on_device(batch, x, cfg.data.image_size).items():
+                    batch["error"][pos] = reason
                 errors = _batch_errors(rows, batch, cfg.target, job.n_classes)
                 ok = torch.tensor([int(r) not in errors for r in rows])
                 arrays: dict[str, np.ndarray] = {}
                 if ok.any():
-                    # Copy the whole (pinned) batch, select on the device: indexing on the
-                    # host first would make an unpinned copy and a blocking transfer.
-                    x = batch["pixels"].to(device, non_blocking=True)
                     if not ok.all():
                         x = x[ok.to(device, non_blocking=True)]
                     x = job.normalize(x)

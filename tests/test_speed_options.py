@@ -72,3 +72,20 @@ def test_bf16_autocast_maps_agree_with_fp32(tmp_path, image_dir):
             nx = (x - x.min()) / (x.max() - x.min() + 1e-7)
             ny = (y - y.min()) / (y.max() - y.min() + 1e-7)
             assert np.abs(nx - ny).max() < 0.1
+
+
+def test_decode_on_device_matches_pil_decoding(tmp_path, bad_dir):
+    """data.decode=device: torchvision's decoder (nvJPEG on a GPU, libjpeg-turbo here),
+    crop and antialiased resize on the device; PNG, CMYK and broken files as before."""
+    base = (*TINY, "data=glob", f"data.pattern={bad_dir}/*", "method=activations",
+            "method.dtype=float32", "model.target_layers=[conv1]", "data.resize=center_crop")
+    cpu = extract(compose_cfg(*base), tmp_path / "cpu")
+    dev = extract(compose_cfg(*base, "data.decode=device"), tmp_path / "dev")
+    assert (cpu.done, cpu.failed) == (dev.done, dev.failed) == (7, 3)
+    with load_run(tmp_path / "cpu") as a, load_run(tmp_path / "dev") as b:
+        assert (a.status == b.status).all()
+        np.testing.assert_array_equal(a.sizes, b.sizes)
+        done = a.done
+        # Same pixels up to the resampler's rounding of the crop box: conv1 outputs close.
+        diff = np.abs(a.activations("conv1")[done] - b.activations("conv1")[done])
+        assert diff.mean() < 0.05 * np.abs(a.activations("conv1")[done]).mean()
