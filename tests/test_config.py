@@ -48,7 +48,7 @@ def test_misspelled_key_fails_at_compose_time():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["model=resnet43"], "unknown model 'resnet43'; did you mean 'resnet34'"),
-    (["method=gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'?"),
+    (["method=gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
     (["data=imagenet"], "unknown data 'imagenet'; did you mean 'imagenet_val'?"),
     (["-m", "model=resnet34,resnet5"], "unknown model 'resnet5'"),
     (["batchsize=3"], "unknown config key 'batchsize'; did you mean 'batch_size'?"),
