@@ -27,9 +27,13 @@ def target_fn(target: Any, labels: torch.Tensor | None = None) -> TargetFn:
             raise ValueError("target=label needs labels")
         return lambda logits: labels.to(logits.device)
     cls = int(target)
-    return lambda logits: torch.full(
-        (logits.shape[0],), cls, dtype=torch.long, device=logits.device
-    )
+
+    def fixed(logits: torch.Tensor) -> torch.Tensor:
+        if not 0 <= cls < logits.shape[1]:  # shapes are on the host: no device sync
+            raise ValueError(f"target class {cls} outside 0..{logits.shape[1] - 1}")
+        return torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
+
+    return fixed
 
 
 class Method(ABC):
