@@ -41,6 +41,15 @@ DIMS = {
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
     "gradcam": ["image", "h", "w"], "gradcam_weights": ["image", "channel"],
     "saliency": ["image", "height", "width"], "activations": ["image", "channel", "h", "w"],
+    # The method family: CAMs at the layer's resolution, input maps at the input's.
+    **{g: ["image", "h", "w"] for g in ("gradcampp", "xgradcam", "layercam", "hirescam",
+                                        "scorecam", "eigencam")},
+    **{f"{g}_weights": ["image", "channel"] for g in ("gradcampp", "xgradcam", "scorecam",
+                                                      "eigencam")},
+    **{g: ["image", "height", "width"] for g in ("smoothgrad", "integrated_gradients",
+                                                 "guided_backprop", "guided_gradcam")},
+    **{f"{g}_attribution": ["image", "channel", "height", "width"]
+       for g in ("smoothgrad", "integrated_gradients", "guided_backprop", "guided_gradcam")},
 }
 
 

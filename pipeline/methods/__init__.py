@@ -7,10 +7,24 @@ from typing import Any
 from ..errors import ConfigError, unknown
 from .activations import Activations
 from .base import Method, target_fn
-from .gradcam import GradCAM, cam_from_gradients
+from .eigencam import EigenCAM
+from .gradcam import GradCAM, GradientCAM, cam_from_gradients
+from .gradcampp import GradCAMPlusPlus
+from .guided_backprop import GuidedBackprop
+from .guided_gradcam import GuidedGradCAM
+from .hirescam import HiResCAM
+from .integrated_gradients import IntegratedGradients
+from .layercam import LayerCAM
 from .saliency import Saliency
+from .scorecam import ScoreCAM
+from .smoothgrad import SmoothGrad
+from .xgradcam import XGradCAM
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (GradCAM, Saliency, Activations)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    GradCAM, Saliency, Activations,
+    GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, ScoreCAM, EigenCAM,
+    SmoothGrad, IntegratedGradients, GuidedBackprop, GuidedGradCAM,
+)}
 
 
 def build_method(cfg: Any, model, layers, **kwargs) -> Method:
@@ -22,4 +36,6 @@ def build_method(cfg: Any, model, layers, **kwargs) -> Method:
 
 
 __all__ = ["METHODS", "Method", "GradCAM", "Saliency", "Activations", "build_method",
-           "cam_from_gradients", "target_fn"]
+           "cam_from_gradients", "target_fn", "GradientCAM", "GradCAMPlusPlus", "XGradCAM",
+           "LayerCAM", "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad", "IntegratedGradients",
+           "GuidedBackprop", "GuidedGradCAM"]

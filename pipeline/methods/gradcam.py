@@ -1,6 +1,13 @@
-"""Grad-CAM (Selvaraju et al.): channel weights from spatially averaged gradients."""
+"""Grad-CAM (Selvaraju et al.) and the base of every gradient-weighted CAM.
+
+:class:`GradientCAM` holds the mechanics (one forward, one ``autograd.grad`` for all target
+layers); Grad-CAM and its variants (``gradcampp.py``, ``xgradcam.py``, ``layercam.py``,
+``hirescam.py``, ``guided_gradcam.py``) override how a layer's map is made.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -19,17 +26,37 @@ def cam_from_gradients(
     return cam, alpha
 
 
-class GradCAM(Method):
-    """All target layers from one forward and one ``torch.autograd.grad`` per batch."""
+class GradientCAM(Method):
+    """Base of the gradient-weighted CAMs: one forward, one ``torch.autograd.grad`` per batch.
 
-    name = "gradcam"
+    The gradients of the target scores to every target layer come from a single
+    ``autograd.grad`` call; subclasses only say how a layer's activations and gradients make
+    a map, by overriding :meth:`weights` (channel weights, torchcam style) or :meth:`combine`
+    (element-wise methods such as LayerCAM and HiResCAM, which have no channel weights).
+    Maps are stored under ``"<name>/<layer>"`` at the layer's resolution, not normalized, and
+    channel weights under ``"<name>_weights/<layer>"``.
+    """
 
-    def __init__(self, *args, save_weights: bool = True, **kwargs) -> None:
+    def __init__(self, *args: Any, save_weights: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_weights = save_weights
 
-    def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
-        score, out = self.forward(x, choose)
+    def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) activations and dY/dA -> channel weights (N, C)."""
+        return gradient.mean(dim=(2, 3))
+
+    def combine(
+        self, activation: torch.Tensor, gradient: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(CAM (N, h, w), channel weights (N, C) or None): ReLU(sum_c w_c A_c) by default."""
+        alpha = self.weights(activation, gradient)
+        cam = torch.einsum("nc,nchw->nhw", alpha, activation).clamp_min_(0)
+        return cam, alpha
+
+    def layer_gradients(
+        self, score: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(layer, A, dY/dA) per target layer, float32 and reshaped, from one backward pass."""
         assert self.recorder is not None
         names = list(self.layers)
         missing = [n for n in names if n not in self.recorder.outputs]
@@ -38,12 +65,30 @@ class GradCAM(Method):
         acts = [self.recorder.outputs[n] for n in names]
         # Images are independent, so d(sum of scores)/dA gives each image its own gradient.
         grads = torch.autograd.grad(score.sum(), acts)
+        out = []
         for name, act, grad in zip(names, acts, grads, strict=True):
             act, grad = act.detach().float(), grad.float()
             if self.reshape is not None:
                 act, grad = self.reshape(act), self.reshape(grad)
-            cam, alpha = cam_from_gradients(act, grad)
-            out[f"gradcam/{name}"] = cam
-            if self.save_weights:
-                out[f"gradcam_weights/{name}"] = alpha
+            out.append((name, act, grad))
         return out
+
+    def layer_cams(
+        self, score: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Layer -> (CAM, channel weights or None) for every target layer."""
+        return {name: self.combine(act, grad) for name, act, grad in self.layer_gradients(score)}
+
+    def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
+        score, out = self.forward(x, choose)
+        for name, (cam, weights) in self.layer_cams(score).items():
+            out[f"{self.name}/{name}"] = cam
+            if self.save_weights and weights is not None:
+                out[f"{self.name}_weights/{name}"] = weights
+        return out
+
+
+class GradCAM(GradientCAM):
+    """Grad-CAM: alpha_c = spatial mean of dY/dA_c (see :func:`cam_from_gradients`)."""
+
+    name = "gradcam"
