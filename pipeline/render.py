@@ -26,12 +26,15 @@ import numpy as np
 
 from .data import open_image
 from .errors import ConfigError
+from .methods import METHODS
 from .store import DONE, open_results
 
 log = logging.getLogger(__name__)
 
 PICTURES = "pictures"
-GROUPS = ("gradcam", "saliency", "activations")
+# Group (= method name) -> how its maps are drawn: "cam" overlays, "input" saliency-style
+# panels, "activations" grids.
+KINDS = {name: cls.kind for name, cls in METHODS.items()}
 MIN_TILE = 48  # activation tiles are upscaled (nearest) to at least this many pixels
 SEPARATOR = 2  # pixels between activation tiles and between saliency panels
 SEPARATOR_RGB = (255, 255, 255)
@@ -464,7 +467,7 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
         if skipped:
             log.info("render: %d of %d rows are not done (pending or failed); skipped",
                      skipped, len(status))
-        maps = [(group, layer, ds) for group in GROUPS for layer, ds in _layer_datasets(f, group)]
+        maps = [(group, layer, ds) for group in KINDS for layer, ds in _layer_datasets(f, group)]
         if not len(rows) or not maps:
             log.warning("render: nothing to draw in %s (%d done rows, %d maps)",
                         run_dir / "results.h5", len(rows), len(maps))
@@ -500,17 +503,19 @@ def _draw(
     size: np.ndarray, image_weight: float, grid_channels: int, labels: _Labels, noted: set[str],
 ) -> tuple[np.ndarray | None, list[str]]:
     """One picture and its title parts for one row of one stored map (None to skip)."""
-    if group == "gradcam":
+    kind = KINDS[group]
+    if kind == "cam":
         cam = ds[row]
         if photo is not None:
             picture = overlay_cam(photo, cam, box, image_weight, outline=True)
         else:
             h, w = _box_hw(size, box)
             picture = cam_alone(cam, h or cam.shape[0], w or cam.shape[1])
-        return picture, [*labels.parts(row), f"[{layer}]"]
-    if group == "saliency":
+        return picture, [*labels.parts(row), f"[{group} {layer}]"]
+    if kind == "input":
         picture = saliency_picture(ds[row], photo, box, _box_hw(size, box))
-        return picture, [*labels.parts(row), "[saliency]"]
+        where = group if layer == "input" else f"{group} {layer}"
+        return picture, [*labels.parts(row), f"[{where}]"]
     # activations: (C, h, w) maps, or (C,) when pooled at extraction
     channels = ds.shape[1] if ds.ndim > 1 else 0
     if ds.ndim == 4:

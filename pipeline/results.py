@@ -121,15 +121,18 @@ class Run:
         return g[layer] if rows is None else g[layer][rows]
 
     def cams(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
-        """Grad-CAM maps (N, h, w) at the layer's resolution, not normalized."""
-        return self._array("gradcam", layer or self.layers[0], rows)
+        """The run's CAMs (N, h, w) at the layer's resolution, not normalized (Grad-CAM,
+        Grad-CAM++, Score-CAM, ... whichever method made the file)."""
+        return self._array(self.method, layer or self.layers[0], rows)
 
     def weights(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
-        """Grad-CAM channel weights alpha (N, C)."""
-        return self._array("gradcam_weights", layer or self.layers[0], rows)
+        """The CAM's channel weights (N, C), for the methods that have them."""
+        return self._array(f"{self.method}_weights", layer or self.layers[0], rows)
 
     def saliency(self, rows: Any = slice(None)) -> np.ndarray:
-        return self._array("saliency", "input", rows)
+        """The input-resolution map (N, H, W) of an input-gradient method (saliency,
+        SmoothGrad, Integrated Gradients, Guided Backprop)."""
+        return self._array(self.method, "input", rows)
 
     def activations(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
         return self._array("activations", layer or self.layers[0], rows)

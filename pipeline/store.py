@@ -113,7 +113,7 @@ def create_results(
                 group_name, _, name = key.partition("/")
                 group = f.require_group(group_name)
                 ds = _preallocated(group, name, n, tuple(shape), dtype)
-                if group_name in ("gradcam", "gradcam_weights", "activations"):
+                if group_name not in ("images", "targets", "predictions") and name != "input":
                     ds.attrs["layer"] = name
             for key, ds in _walk(f):
                 ds.attrs["dims"] = json.dumps(_dims(key, ds.ndim))

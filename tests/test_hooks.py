@@ -195,3 +195,29 @@ def test_swin_gradcam_matches_pgc():
     assert out["gradcam/features"].shape == (3, 4, 4)
     assert out["gradcam_weights/features"].shape == (3, 32)
     assert (out["gradcam/features"].amax(dim=(1, 2)) > 0).all()
+
+
+def test_misused_layers_fail_with_a_clear_message():
+    class SideBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+            self.side = nn.Conv2d(3, 4, 3)  # computed, never used by the output
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.side(x)
+            return self.head(self.body(x).mean((2, 3)))
+
+    model = SideBranch().eval().requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="does not depend on layer 'side'"), \
+            GradCAM(model, resolve_layers(model, ["body", "side"])) as m:
+        m(x, target_fn("pred"))
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32)
+    vit.eval().requires_grad_(False)
+    layers = resolve_layers(vit, ["encoder.layers.encoder_layer_0.ln_1"])
+    with pytest.raises(ConfigError, match="need model.reshape=vit"), GradCAM(vit, layers) as m:
+        m(torch.randn(1, 3, 32, 32), target_fn("pred"))
+    assert not model.side._forward_hooks and not vit.encoder._forward_hooks

@@ -13,6 +13,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 class Activations(Method):
     name = "activations"
     needs_grad = False
+    kind = "activations"
 
     def __init__(
         self,

@@ -46,6 +46,9 @@ class Method(ABC):
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = True
     uses_layers: ClassVar[bool] = True  # False: works on the input, target_layers unused
+    # What the stored maps are, for readers and pictures: "cam" (N, h, w) per layer at the
+    # layer's resolution, "input" (N, H, W) at the input's, or "activations".
+    kind: ClassVar[str] = "cam"
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .base import Batch, Method, TargetFn
 
 
@@ -64,12 +65,18 @@ class GradientCAM(Method):
             raise RuntimeError(f"target layers {missing} were not called in the forward pass")
         acts = [self.recorder.outputs[n] for n in names]
         # Images are independent, so d(sum of scores)/dA gives each image its own gradient.
-        grads = torch.autograd.grad(score.sum(), acts)
+        grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
         out = []
         for name, act, grad in zip(names, acts, grads, strict=True):
+            if grad is None:
+                raise ConfigError(f"the score does not depend on layer {name!r} (a side branch "
+                                  f"whose output is not used?); choose another target layer")
             act, grad = act.detach().float(), grad.float()
             if self.reshape is not None:
                 act, grad = self.reshape(act), self.reshape(grad)
+            if act.ndim != 4:
+                raise ConfigError(f"layer {name!r} outputs shape {tuple(act.shape)}, not "
+                                  f"(N, C, h, w); token models need model.reshape=vit|nhwc")
             out.append((name, act, grad))
         return out
 

@@ -30,6 +30,8 @@ class GuidedGradCAM(GuidedHooksMixin, GradientCAM):
     could only serve both with ``retain_graph`` (which we do not use) or a doubled batch.
     """
 
+    kind = "input"
+
     name = "guided_gradcam"
 
     def __init__(

@@ -30,6 +30,7 @@ class InputGradient(Method):
     """Works on the input: no target layers, no layer hooks."""
 
     uses_layers = False
+    kind = "input"
 
     def __init__(self, *args: Any, save_attribution: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -10,6 +10,7 @@ from .base import Batch, Method, TargetFn
 class Saliency(Method):
     name = "saliency"
     uses_layers = False
+    kind = "input"
 
     def make_recorder(self) -> None:
         return None  # works on the input, no layer hooks
