@@ -66,6 +66,9 @@ DefMemPerCPU=$(( MEM / CPUS ))
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+# Reject impossible requests (e.g. more CPUs than the node has) at submit time
+# instead of leaving them PENDING forever (a hung sweep in CI).
+EnforcePartLimits=ALL
 # A DOWN node comes back by itself once slurmd registers with a valid config.
 ReturnToService=2
 SlurmdTimeout=60
