@@ -29,7 +29,7 @@ DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZES = ("square", "center_crop")
 RESHAPES = ("vit", "nhwc", "swin")
-TARGET_MODES = ("pred", "label")
+TARGET_MODES = ("pred", "label", "topk")
 
 
 @dataclass
@@ -181,7 +181,7 @@ class CamsweepConfig:
     precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on GPUs)
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
-    target: Any = "pred"  # pred | label | class index
+    target: Any = "pred"  # pred | label | topk (maps for the `topk` best classes) | class index
     topk: int = 5
     run_dir: str | None = None
     overwrite: bool = False
@@ -245,6 +245,9 @@ def validate(cfg: DictConfig) -> None:
     is_class = isinstance(target, int) and not isinstance(target, bool)
     if not is_class and target not in TARGET_MODES:
         raise ConfigError(unknown("target", target, (*TARGET_MODES, "<class index>")))
+    if target == "topk" and cfg.method.name == "activations":
+        raise ConfigError("target=topk has no effect on method=activations (they do not depend "
+                          "on a class); use target=pred")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.topk < 1:

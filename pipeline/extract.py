@@ -29,7 +29,7 @@ from .data import (
     shard_range,
 )
 from .errors import ConfigError, DataError, StoreError, unknown
-from .methods import METHODS, Method, build_method, target_fn
+from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import build_model, compile_model, reshape_transform, resolve_layers
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
@@ -129,9 +129,18 @@ class Normalize(torch.nn.Module):
         return (pixels.float() - self.shift) * self.scale
 
 
-def probe_layout(method: Method, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], Any]]:
+def explain(method: Method, x: torch.Tensor, target: Any, labels: torch.Tensor | None,
+            topk: int) -> dict[str, torch.Tensor]:
+    """The method on one batch, for the configured target (top-k adds a class axis)."""
+    if target == "topk":
+        return explain_topk(method, x, topk)
+    return method(x, target_fn(target, labels))
+
+
+def probe_layout(method: Method, x: torch.Tensor, target: Any,
+                 topk: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-image shape and dtype of every array the method returns, from one tiny batch."""
-    out = method(x, target_fn("pred"))
+    out = explain(method, x, "topk" if target == "topk" else "pred", None, topk)
     return {k: (tuple(v.shape[1:]), np.dtype(str(v.dtype).removeprefix("torch.")))
             for k, v in out.items()}
 
@@ -196,6 +205,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
+    if cfg.target == "topk" and cfg.topk > n_classes:
+        raise ConfigError(f"target=topk with topk={cfg.topk}: the model has {n_classes} classes")
     if isinstance(cfg.target, int) and not 0 <= cfg.target < n_classes:
         raise ConfigError(f"target={cfg.target} is not a class of this model (0..{n_classes - 1})")
     method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
@@ -206,7 +217,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
 
     def make() -> None:
         with method:
-            layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)))
+            layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)),
+                                  cfg.target, cfg.topk)
         attrs = {
             "method": cfg.method.name, "model": cfg.model.name,
             "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
@@ -274,7 +286,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     x = job.normalize(x)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    out = job.method(x, target_fn(cfg.target, batch["label"][ok]))
+                    out = explain(job.method, x, cfg.target, batch["label"][ok], cfg.topk)
                     out["images/nonfinite"] = _nonfinite(out)
                     # The one host sync per batch: hand finished arrays to the writer.
                     arrays = {k: v.cpu().numpy() for k, v in out.items()}

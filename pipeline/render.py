@@ -386,15 +386,17 @@ class _Labels:
             return f"{cls} {self.categories[cls]}"
         return str(cls)
 
-    def parts(self, row: int) -> list[str]:
-        cls = int(self.target[row])
+    def parts(self, row: int, k: int | None = None) -> list[str]:
+        """Title parts; ``k`` picks the k-th explained class of a target=topk run."""
+        cls = int(self.target[row] if k is None else self.target[row, k])
         parts = [self.name(cls)]
         if self.pred is not None and self.prob is not None:
             hit = np.flatnonzero(self.pred[row] == cls)
             if hit.size:
                 parts.append(f"p={float(self.prob[row, hit[0]]):.2f}")
             else:  # e.g. target=label, not in the top k: the logit is what we have
-                parts.append(f"logit={float(self.score[row]):.2f}")
+                score = self.score[row] if k is None else self.score[row, k]
+                parts.append(f"logit={float(score):.2f}")
             if self.pred.shape[1] and int(self.pred[row, 0]) != cls:
                 parts.append(f"(top-1: {self.name(int(self.pred[row, 0]))} "
                              f"{float(self.prob[row, 0]):.2f})")
@@ -483,14 +485,15 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
         for row in rows:
             photo, box = (_load_photo(paths[row], sizes[row], boxes[row]) if needs_photo
                           else (None, boxes[row]))
-            for group, layer, ds in maps:
+            for group, layer, ds, k in _pictures(maps):
                 picture, caption = _draw(group, layer, ds, int(row), photo, box, sizes[row],
-                                         image_weight, grid_channels, labels, noted)
+                                         image_weight, grid_channels, labels, noted, k)
                 if picture is None:
                     continue
                 if title:
                     picture = add_title(picture, caption)
-                target = out_dir / picture_name(paths[row], int(row), digits, layer, group)
+                shown = layer if k is None else f"{layer}-top{k + 1}"
+                target = out_dir / picture_name(paths[row], int(row), digits, shown, group)
                 if target.resolve().parent != real_out:  # names are sanitized; belt and braces
                     raise RuntimeError(f"refusing to write {target} outside {out_dir}")
                 _write(target, picture)
@@ -498,24 +501,39 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
     return written
 
 
+def _pictures(maps: list[tuple[str, str, h5py.Dataset]]) -> list[tuple[Any, ...]]:
+    """(group, layer, dataset, k) per picture of a row: maps of a target=topk run carry a
+    class axis, (N, k, h, w), and get one picture per explained class."""
+    out: list[tuple[Any, ...]] = []
+    for group, layer, ds in maps:
+        if KINDS[group] != "activations" and ds.ndim == 4:
+            out += [(group, layer, ds, k) for k in range(ds.shape[1])]
+        else:
+            out.append((group, layer, ds, None))
+    return out
+
+
 def _draw(
     group: str, layer: str, ds: h5py.Dataset, row: int, photo: np.ndarray | None, box: Any,
     size: np.ndarray, image_weight: float, grid_channels: int, labels: _Labels, noted: set[str],
+    k: int | None = None,
 ) -> tuple[np.ndarray | None, list[str]]:
-    """One picture and its title parts for one row of one stored map (None to skip)."""
+    """One picture and its title parts for one row of one stored map (None to skip); ``k``
+    selects the class of a target=topk map."""
     kind = KINDS[group]
+    index = row if k is None else (row, k)
     if kind == "cam":
-        cam = ds[row]
+        cam = ds[index]
         if photo is not None:
             picture = overlay_cam(photo, cam, box, image_weight, outline=True)
         else:
             h, w = _box_hw(size, box)
             picture = cam_alone(cam, h or cam.shape[0], w or cam.shape[1])
-        return picture, [*labels.parts(row), f"[{group} {layer}]"]
+        return picture, [*labels.parts(row, k), f"[{group} {layer}]"]
     if kind == "input":
-        picture = saliency_picture(ds[row], photo, box, _box_hw(size, box))
+        picture = saliency_picture(ds[index], photo, box, _box_hw(size, box))
         where = group if layer == "input" else f"{group} {layer}"
-        return picture, [*labels.parts(row), f"[{where}]"]
+        return picture, [*labels.parts(row, k), f"[{where}]"]
     # activations: (C, h, w) maps, or (C,) when pooled at extraction
     channels = ds.shape[1] if ds.ndim > 1 else 0
     if ds.ndim == 4:

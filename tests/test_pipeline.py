@@ -182,3 +182,26 @@ def test_lite0_explains_the_cat():
 def test_torchvision_model_classes():
     m = torchvision.models.resnet18()
     assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 20
+
+
+def test_topk_target_stores_a_map_per_class(tmp_path, image_dir):
+    pattern = f"data.pattern={image_dir}/*.jpg"
+    extract(compose_cfg(*TINY, "data=glob", pattern, "target=topk", "topk=3"), tmp_path / "k")
+    with load_run(tmp_path / "k") as run:
+        cams, (cls, _) = run.cams("layer4"), run.predictions
+        tcls, tscore = run.targets
+        assert cams.shape == (6, 3, 2, 2) and tcls.shape == (6, 3) and tscore.shape == (6, 3)
+        np.testing.assert_array_equal(tcls, cls[:, :3])  # the k best classes, best first
+        assert (np.diff(tscore, axis=1) <= 0).all()
+        done = cams.copy()
+    # Each class's map equals a run that explains that class alone.
+    for k in range(3):
+        cls_k = int(tcls[0, k])
+        extract(compose_cfg(*TINY, "data=glob", pattern, f"target={cls_k}", "data.limit=1"),
+                tmp_path / f"c{k}")
+        with load_run(tmp_path / f"c{k}") as one:
+            np.testing.assert_allclose(one.cams("layer4")[0], done[0, k], rtol=1e-4, atol=1e-6)
+    from pipeline.render import render_run
+
+    written = render_run(tmp_path / "k")
+    assert len(written) == 6 * 3 and any("layer4-top2" in p.name for p in written)

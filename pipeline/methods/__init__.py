@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import ConfigError, unknown
 from .activations import Activations
-from .base import Method, target_fn
+from .base import Method, explain_topk, target_fn
 from .eigencam import EigenCAM
 from .gradcam import GradCAM, GradientCAM, cam_from_gradients
 from .gradcampp import GradCAMPlusPlus
@@ -36,6 +36,7 @@ def build_method(cfg: Any, model, layers, **kwargs) -> Method:
 
 
 __all__ = ["METHODS", "Method", "GradCAM", "Saliency", "Activations", "build_method",
+           "explain_topk",
            "cam_from_gradients", "target_fn", "GradientCAM", "GradCAMPlusPlus", "XGradCAM",
            "LayerCAM", "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad", "IntegratedGradients",
            "GuidedBackprop", "GuidedGradCAM"]

@@ -36,6 +36,24 @@ def target_fn(target: Any, labels: torch.Tensor | None = None) -> TargetFn:
     return fixed
 
 
+def explain_topk(method: Method, x: torch.Tensor, k: int) -> Batch:
+    """Maps for each image's k best classes, for any method, from one call.
+
+    Every image is repeated k times (image-major), replica j explains the j-th class of the
+    first replica's top k; outputs get a class axis: (N, k, ...). Predictions stay (N, topk).
+    """
+    n = x.shape[0]
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        # All replicas of an image share the classes of its first one, so near-ties in
+        # floating point cannot give one image two orders.
+        return logits.view(n, k, -1)[:, 0].topk(k, dim=1).indices.flatten()
+
+    out = method(x.repeat_interleave(k, dim=0), choose)
+    return {key: v[::k] if key.startswith("predictions/") else v.unflatten(0, (n, k))
+            for key, v in out.items()}
+
+
 class Method(ABC):
     """A context manager around a model whose call maps an input batch to stored arrays.
 
