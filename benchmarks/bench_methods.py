@@ -1,0 +1,562 @@
+#!/usr/bin/env python
+"""Throughput and peak memory of camsweep's methods beside pytorch-grad-cam and Captum.
+
+One run measures every (model, batch, method) cell on the same synthetic input and the same
+target classes, so the ratios in the summary come from one run on one machine:
+
+    python benchmarks/bench_methods.py                 # CPU: resnet34/50, batch 1, 8, 32
+    python benchmarks/bench_methods.py --quick         # resnet34, batch 1 and 8, short
+    python benchmarks/bench_methods.py --device cuda --precision bf16   # GPU defaults
+
+Each cell runs in a fresh child process (forked from a server that has imported torch once),
+so no cell inherits another's allocator state, retained graphs or caches, and its peak memory
+can be read cleanly: on CPU the peak resident set size above the resident size just before
+the first call (Linux VmHWM after resetting it through /proc/self/clear_refs); on CUDA
+``torch.cuda.max_memory_allocated`` above the memory allocated before the first call.
+Results: a Markdown table on stdout and ``benchmarks/results/methods-<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from _common import (
+    RESULTS_DIR,
+    busy_warning,
+    fmt,
+    fmt_ratio,
+    machine_info,
+    machine_lines,
+    markdown_table,
+    resolve_device,
+    time_calls,
+    write_results,
+)
+
+# Method names as they appear in the tables; "ours" are camsweep's classes.
+FORWARD = "forward"
+OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS = "gradcam", "saliency", "activations-fp16"
+PGC_GRADCAM = "pgc-gradcam"
+CAPTUM_GRADCAM, CAPTUM_SALIENCY = "captum-layergradcam", "captum-saliency"
+METHODS = (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS, PGC_GRADCAM, CAPTUM_GRADCAM,
+           CAPTUM_SALIENCY)
+# Which of our maps each peer's map is compared with.
+COMPARED_WITH = {PGC_GRADCAM: OURS_GRADCAM, CAPTUM_GRADCAM: OURS_GRADCAM,
+                 CAPTUM_SALIENCY: OURS_SALIENCY}
+
+# Target layer and token reshape per model (as the shipped conf/model/*.yaml).
+MODELS: dict[str, tuple[str, str | None]] = {
+    "resnet18": ("layer4", None),
+    "resnet34": ("layer4", None),
+    "resnet50": ("layer4", None),
+    "vgg16": ("features", None),
+    "mobilenet_v3_large": ("features", None),
+    "efficientnet_b0": ("features", None),
+    "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", "vit"),
+}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMAGE_SIZE = 224
+SEED = 0
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    model: str
+    batch: int
+    method: str
+    device: str
+    precision: str
+    classes: tuple[int, ...]  # the target class of each image, from one plain forward
+    warmup: int
+    min_repeats: int
+    min_time: float
+    max_time: float
+    agree_images: int  # how many images' maps to send back for the agreement check
+    threads: int | None
+
+
+# --------------------------------------------------------------------------- inputs, models
+
+
+def synthetic_images(n: int, seed: int = SEED) -> torch.Tensor:
+    """(n, 3, 224, 224) standard-normal "normalized images"; image i is the same for every n."""
+    return torch.stack([
+        torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed + i))
+        for i in range(n)
+    ])
+
+
+def build(name: str, frozen: bool) -> torch.nn.Module:
+    """Random-init weights, equal in every process (seeded). Ours: frozen parameters, as
+    ``pipeline.models.build_model`` makes them; the peers need parameters that require grad
+    (equal to ``copy.deepcopy(model).requires_grad_(True)``)."""
+    torch.manual_seed(SEED)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    if not head.weight.any():
+        # torchvision zero-initializes ViT's head: every gradient, and so every map, would
+        # be zero, and the agreement check vacuous.
+        with torch.no_grad():
+            head.weight.normal_(0, 0.01)
+    return model.requires_grad_(not frozen)
+
+
+def predicted_classes(name: str, n: int, device: torch.device) -> tuple[int, ...]:
+    """Top-1 classes of the first ``n`` synthetic images: the targets every method explains."""
+    model = build(name, frozen=True).to(device)
+    out = []
+    with torch.inference_mode():
+        for chunk in synthetic_images(n).split(32):
+            out += model(chunk.to(device)).argmax(1).tolist()
+    return tuple(out)
+
+
+def pgc_vit_reshape(t: torch.Tensor, height: int = 14, width: int = 14) -> torch.Tensor:
+    """pytorch-grad-cam's ViT example: drop the class token, tokens to a (C, h, w) map."""
+    return t[:, 1:, :].reshape(t.size(0), height, width, t.size(2)).permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Peak memory a block of calls needs above what was in use when it started."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.how = ""
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.how = "torch.cuda.max_memory_allocated above the allocation before the calls"
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            # Hand freed heap pages back, so the calls cannot reuse memory that the baseline
+            # counts but nothing holds (it would hide part of their need).
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.how = "peak RSS (VmHWM, reset before the calls) above RSS before the calls"
+        except OSError:
+            self.how = "peak RSS of the process (ru_maxrss) above RSS before the calls"
+        self.base = _proc_status_kib("VmRSS") * 1024
+
+    def stop(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.how.startswith("peak RSS (VmHWM"):
+            peak = _proc_status_kib("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_mib": max(0, peak - self.base) / MIB, "baseline_mib": self.base / MIB,
+                "peak_total_mib": peak / MIB}
+
+
+# --------------------------------------------------------------------------- one cell
+
+MapFn = Callable[[Any], np.ndarray | None]
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
+
+def _first(out: torch.Tensor, k: int) -> np.ndarray:
+    return out[:k].detach().float().cpu().numpy()
+
+
+def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes: torch.Tensor,
+                 stack: contextlib.ExitStack) -> tuple[Callable[[], Any], MapFn]:
+    """The call to time, and how to get the first images' raw maps from its result."""
+    from pipeline.methods import Activations, GradCAM, Saliency
+    from pipeline.models import reshape_transform, resolve_layers
+
+    layer, reshape_kind = MODELS[spec.model]
+    k = spec.agree_images
+    dtype = PRECISIONS[spec.precision]
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return classes  # the same classes for every method (they equal the top-1 here)
+
+    if spec.method in (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS):
+        model = build(spec.model, frozen=True).to(device)
+        layers = resolve_layers(model, [layer])
+        reshape = reshape_transform(reshape_kind)
+        if spec.method == FORWARD:
+            def forward() -> torch.Tensor:
+                with torch.inference_mode(), _autocast(device, spec.precision):
+                    return model(x)
+            return forward, lambda out: None
+        if spec.method == OURS_GRADCAM:
+            m = stack.enter_context(GradCAM(model, layers, reshape=reshape, autocast_dtype=dtype))
+            return lambda: m(x, choose), lambda out: _first(out[f"gradcam/{layer}"], k)
+        if spec.method == OURS_SALIENCY:
+            m = stack.enter_context(Saliency(model, {}, autocast_dtype=dtype))
+            return lambda: m(x, choose), lambda out: _first(out["saliency/input"], k)
+        m = stack.enter_context(Activations(model, layers, dtype="float16", reshape=reshape,
+                                            autocast_dtype=dtype))
+        return lambda: m(x, choose), lambda out: None
+
+    model = build(spec.model, frozen=False).to(device)
+    module = dict(model.named_modules())[layer]
+    if spec.method == PGC_GRADCAM:
+        from pytorch_grad_cam import GradCAM as PGCGradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cam = PGCGradCAM(model=model, target_layers=[module],
+                         reshape_transform=pgc_vit_reshape if reshape_kind == "vit" else None)
+        # Not `with cam:` -- its __exit__ swallows IndexError.
+        stack.callback(cam.activations_and_grads.release)
+        targets = [ClassifierOutputTarget(c) for c in spec.classes[: spec.batch]]
+
+        def pgc() -> np.ndarray:
+            with _autocast(device, spec.precision):
+                return cam(input_tensor=x, targets=targets)
+        return pgc, lambda out: np.asarray(out[:k], dtype=np.float32)
+
+    from captum.attr import LayerGradCam
+    from captum.attr import Saliency as CaptumSaliency
+
+    if spec.method == CAPTUM_GRADCAM:
+        if reshape_kind is not None:
+            raise NotImplementedError("Captum's LayerGradCam has no reshape for token outputs")
+        lgc = LayerGradCam(model, module)
+
+        def captum_gradcam() -> torch.Tensor:
+            with _autocast(device, spec.precision):
+                # relu_attributions: Grad-CAM's ReLU (Captum leaves it off by default).
+                return lgc.attribute(x, target=classes, relu_attributions=True)
+        return captum_gradcam, lambda out: _first(out[:, 0], k)
+    if spec.method == CAPTUM_SALIENCY:
+        sal = CaptumSaliency(model)
+
+        def captum_saliency() -> torch.Tensor:
+            with _autocast(device, spec.precision):
+                return sal.attribute(x, target=classes, abs=True)
+        return captum_saliency, lambda out: _first(out.amax(dim=1), k)
+    raise ValueError(f"unknown method {spec.method!r}; valid: {', '.join(METHODS)}")
+
+
+def run_cell(spec: CellSpec) -> dict[str, Any]:
+    """Time one (model, batch, method) cell and measure its peak memory; plain data back."""
+    result: dict[str, Any] = {"model": spec.model, "batch": spec.batch, "method": spec.method,
+                              "precision": spec.precision, "error": None, "maps": None}
+    # Captum's note that it made the input require grad, once per cell: not news here.
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    try:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        result["threads"] = torch.get_num_threads()
+        device = torch.device(spec.device)
+        x = synthetic_images(spec.batch).to(device)
+        classes = torch.tensor(spec.classes[: spec.batch], device=device)
+        with contextlib.ExitStack() as stack:
+            call, maps_of = prepare_call(spec, device, x, classes, stack)
+            memory = PeakMemory(device)
+            memory.start()
+            # The first call's maps are kept (a few small arrays) for the agreement check.
+            result["maps"] = maps_of(call())
+            timing = time_calls(call, device, max(0, spec.warmup - 1), spec.min_repeats,
+                                spec.min_time, spec.max_time)
+            result["memory"] = memory.stop() | {"how": memory.how}
+        result["timing"] = timing.as_dict() | {"warmup": spec.warmup}
+        result["images_per_s"] = spec.batch / timing.median
+    except Exception as e:  # reported in the table; the other cells go on
+        result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        result["traceback"] = traceback.format_exc()
+    return result
+
+
+@contextlib.contextmanager
+def _runner(in_process: bool) -> Iterator[Callable[[CellSpec], dict[str, Any]]]:
+    """Run each cell in a fresh process forked from a server that imported torch once."""
+    if in_process:
+        yield run_cell
+        return
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "torch", "torchvision", "numpy"])
+
+    def in_child(spec: CellSpec) -> dict[str, Any]:
+        try:
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                return pool.submit(run_cell, spec).result()
+        except BrokenProcessPool as e:  # killed, e.g. out of memory
+            return {**asdict(spec), "error": f"child process died: {e}", "maps": None}
+
+    yield in_child
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def pgc_normalize(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What pytorch-grad-cam does to one layer's CAM before returning it: ReLU, per-image
+    min-max (with its 1e-7), bilinear resize (cv2) to the input, then its layer aggregation
+    (ReLU, mean over layers, min-max again)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    scaled = scale_cam_image(np.maximum(raw, 0), (size[1], size[0]))
+    return scale_cam_image(np.maximum(scaled[:, None], 0).mean(axis=1))
+
+
+def minmax(maps: np.ndarray) -> np.ndarray:
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    return (maps - lo) / np.where(span > 0, span, 1)
+
+
+def agreement(method: str, maps: np.ndarray, ours: np.ndarray) -> float | None:
+    """Max |difference| of a peer's map and ours after the same normalization; None where
+    all our maps are flat (all zero, say), which would make any agreement vacuous."""
+    if not (ours.max(axis=(1, 2)) > ours.min(axis=(1, 2))).any():
+        return None
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    if method == PGC_GRADCAM:  # its output is already normalized
+        return float(np.abs(maps - pgc_normalize(ours, size)).max())
+    if method == CAPTUM_GRADCAM:
+        return float(np.abs(pgc_normalize(maps, size) - pgc_normalize(ours, size)).max())
+    return float(np.abs(minmax(maps) - minmax(ours)).max())
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ratio(by: dict[str, dict[str, Any]], a: str, b: str, field: str) -> float | None:
+    """``field`` of method ``a`` over that of method ``b``, where both were measured."""
+    def get(m: str) -> float | None:
+        value = by.get(m, {})
+        for part in field.split("."):
+            value = value.get(part, {}) if isinstance(value, dict) else {}
+        return value if isinstance(value, (int, float)) else None
+
+    va, vb = get(a), get(b)
+    return va / vb if va is not None and vb else None
+
+
+def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, batch): the ratios the design's performance targets speak of."""
+    out = []
+    for key in dict.fromkeys((c["model"], c["batch"]) for c in cells):
+        by = {c["method"]: c for c in cells if (c["model"], c["batch"]) == key}
+        speed, mem = "images_per_s", "memory.peak_mib"
+        out.append({
+            "model": key[0], "batch": key[1],
+            "gradcam_vs_forward": _ratio(by, OURS_GRADCAM, FORWARD, speed),
+            "gradcam_vs_pgc": _ratio(by, OURS_GRADCAM, PGC_GRADCAM, speed),
+            "gradcam_vs_captum": _ratio(by, OURS_GRADCAM, CAPTUM_GRADCAM, speed),
+            "saliency_vs_captum": _ratio(by, OURS_SALIENCY, CAPTUM_SALIENCY, speed),
+            "gradcam_memory_vs_pgc": _ratio(by, OURS_GRADCAM, PGC_GRADCAM, mem),
+            "gradcam_memory_vs_captum": _ratio(by, OURS_GRADCAM, CAPTUM_GRADCAM, mem),
+            "saliency_memory_vs_captum": _ratio(by, OURS_SALIENCY, CAPTUM_SALIENCY, mem),
+            **{f"max_abs_diff_{m}": by.get(m, {}).get("max_abs_diff") for m in COMPARED_WITH},
+        })
+    return out
+
+
+def fmt_memory_ratio(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}× " + ("✓" if value < 1 else "✗")
+
+
+def fmt_diff(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1e} " + ("✓" if value <= 1e-5 else "✗")
+
+
+def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str, Any]],
+           summary: list[dict[str, Any]]) -> str:
+    forward = {(c["model"], c["batch"]): c.get("images_per_s") for c in cells
+               if c["method"] == FORWARD}
+    rows = []
+    for c in cells:
+        ips, ref = c.get("images_per_s"), forward.get((c["model"], c["batch"]))
+        mem = c.get("memory", {}).get("peak_mib")
+        timing = c.get("timing", {})
+        rows.append([
+            c["model"], c["batch"], c["method"],
+            fmt(ips, 2) if not c.get("error") else f"error: {c['error']}",
+            fmt_ratio(ips / ref if ips and ref else None),
+            fmt(mem, 0), fmt(timing.get("median_s"), 3), timing.get("repeats", "—"),
+            fmt(timing.get("own_cores"), 1), fmt(timing.get("other_cores"), 1),
+            fmt_diff(c.get("max_abs_diff")) if c["method"] in COMPARED_WITH else "",
+        ])
+    cell_table = markdown_table(
+        ["model", "batch", "method", "images/s", "÷ forward", "peak MiB", "s/call (median)",
+         "repeats", "own cores", "others", "max abs Δ vs ours"], rows, "llll" + "r" * 7)
+    srows = [[
+        s["model"], s["batch"],
+        fmt_ratio(s["gradcam_vs_forward"], 0.95), fmt_ratio(s["gradcam_vs_pgc"], 3.0),
+        fmt_ratio(s["gradcam_vs_captum"]), fmt_ratio(s["saliency_vs_captum"], 1.0),
+        fmt_memory_ratio(s["gradcam_memory_vs_pgc"]),
+        fmt_memory_ratio(s["gradcam_memory_vs_captum"]),
+        fmt_memory_ratio(s["saliency_memory_vs_captum"]),
+    ] for s in summary]
+    summary_table = markdown_table(
+        ["model", "batch", "Grad-CAM ÷ forward (≥ 0.95)", "Grad-CAM ÷ pgc (≥ 3)",
+         "Grad-CAM ÷ Captum", "saliency ÷ Captum (≥ 1)", "Grad-CAM mem ÷ pgc (< 1)",
+         "Grad-CAM mem ÷ Captum (< 1)", "saliency mem ÷ Captum (< 1)"], srows, "ll" + "r" * 7)
+    lines = [
+        f"# Method throughput and memory ({info['device']}, {settings['precision']})", "",
+        *machine_lines(info),
+        f"- input: synthetic {IMAGE_SIZE}x{IMAGE_SIZE}, random-init weights (seed {SEED}); "
+        f"targets: the top-1 class of a plain forward, the same for every method",
+        f"- timing: {settings['warmup']} warm-up call(s) (batch 1: {settings['warmup_batch1']}),"
+        f" then at least {settings['min_repeats']} calls and {settings['min_time']} s "
+        f"(at most {settings['max_time']} s); images/s = batch / median seconds per call",
+        f"- memory: {settings['memory_how']}",
+        f"- total wall time {settings['wall_s']:.0f} s",
+        *busy_warning([c.get("timing", {}).get("other_cores") for c in cells]), "",
+        "## Ratios against the design targets", "", summary_table, "",
+        "## All cells", "", cell_table, "",
+        "`max abs Δ vs ours`: the peer's map against ours for the first "
+        f"{settings['agree_images']} images after the same normalization (Grad-CAM: "
+        "pytorch-grad-cam's ReLU, per-image min-max, bilinear resize to the input; saliency: "
+        "per-image min-max of max over channels of |dY/dx|).",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast dtype for every method (bf16/fp16 meant for GPUs)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS),
+                   help="default: resnet34 resnet50 (CPU); + vit_b_16 (CUDA)")
+    p.add_argument("--batches", nargs="+", type=int,
+                   help="default: 1 8 32 (CPU); 64 128 256 (CUDA)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: resnet34, batch 1 and 8, short timings")
+    p.add_argument("--warmup", type=int, help="warm-up calls per cell (default 1; batch 1: 3)")
+    p.add_argument("--repeats", type=int, help="minimum timed calls per cell (default 3)")
+    p.add_argument("--min-time", type=float, help="minimum timed seconds per cell (default 2)")
+    p.add_argument("--max-time", type=float,
+                   help="stop repeating a cell after this many seconds (default 30)")
+    p.add_argument("--agree-images", type=int, default=8,
+                   help="images whose maps are compared across libraries")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run cells in this process (no clean CPU memory figures); for debugging")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON + Markdown")
+    p.add_argument("--name", help="file stem (default methods-<device>[-<precision>][-quick])")
+    return p.parse_args(argv)
+
+
+def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: torch.device
+                  ) -> list[dict[str, Any]]:
+    """Every (model, batch, method) cell, in that order, each printed when done."""
+    cells: list[dict[str, Any]] = []
+    with _runner(args.in_process) as run:
+        for model in settings["models"]:
+            classes = predicted_classes(model, max(settings["batches"]), device)
+            for batch in settings["batches"]:
+                for method in args.methods:
+                    spec = CellSpec(
+                        model, batch, method, str(device), args.precision, classes,
+                        settings["warmup_batch1"] if batch == 1 else settings["warmup"],
+                        settings["min_repeats"], settings["min_time"], settings["max_time"],
+                        min(args.agree_images, batch), args.threads)
+                    t0 = time.perf_counter()
+                    cell = run(spec)
+                    cells.append(cell)
+                    what = (f"error: {cell['error']}" if cell.get("error") else
+                            f"{cell['images_per_s']:8.2f} images/s, peak "
+                            f"{cell['memory']['peak_mib']:7.0f} MiB, "
+                            f"{cell['timing']['repeats']} repeats")
+                    print(f"{model:>10} batch {batch:>3} {method:<20} {what}  "
+                          f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+                    if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
+                        print(cell["traceback"], file=sys.stderr)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models or (["resnet34"] if args.quick else
+                             ["resnet34", "resnet50"] + (["vit_b_16"] if cuda else []))
+    batches = args.batches or ([1, 8] if args.quick else [64, 128, 256] if cuda else [1, 8, 32])
+    quick = args.quick
+    settings: dict[str, Any] = {
+        "models": models, "batches": batches, "methods": args.methods,
+        "precision": args.precision, "quick": quick, "agree_images": args.agree_images,
+        "warmup": args.warmup if args.warmup is not None else 1,
+        "warmup_batch1": args.warmup if args.warmup is not None else (2 if quick else 3),
+        "min_repeats": args.repeats or (2 if quick else 3),
+        "min_time": args.min_time if args.min_time is not None else (0.3 if quick else 2.0),
+        "max_time": args.max_time if args.max_time is not None else (10.0 if quick else 30.0),
+        "isolation": "in-process" if args.in_process else "fresh process per cell",
+    }
+    info = machine_info(device)
+    print("\n".join(machine_lines(info)), flush=True)
+    t_start = time.perf_counter()
+    cells = measure_cells(args, settings, device)
+    settings["wall_s"] = time.perf_counter() - t_start
+    settings["memory_how"] = next((c["memory"]["how"] for c in cells if "memory" in c), "—")
+    info["load_average_end"] = list(os.getloadavg())
+
+    ours = {(c["model"], c["batch"], c["method"]): c.get("maps") for c in cells}
+    for c in cells:
+        ref = ours.get((c["model"], c["batch"], COMPARED_WITH.get(c["method"], "")))
+        if c["method"] in COMPARED_WITH and c.get("maps") is not None and ref is not None:
+            c["max_abs_diff"] = agreement(c["method"], c["maps"], ref)
+    for c in cells:
+        c.pop("maps", None)
+    summary = summarize(cells)
+    markdown = report(info, settings, cells, summary)
+    print("\n" + markdown)
+    stem = args.name or "-".join(
+        [f"methods-{device.type}"] + ([args.precision] if args.precision != "fp32" else [])
+        + (["quick"] if quick else []))
+    payload = {"benchmark": "methods", "machine": info, "settings": settings,
+               "summary": summary, "cells": cells}
+    paths = write_results(stem, payload, markdown, args.out)
+    print(f"\nwrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
