@@ -64,6 +64,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         written = render_run(run_dir, cfg.render)
         log.info("%d pictures -> %s", len(written), run_dir / "pictures")
         result["pictures"] = len(written)
+    if stage == "evaluate":
+        from .evaluate import evaluate
+
+        scored = evaluate(cfg, run_dir)
+        for line in scored.lines():
+            log.info(line)
+        result.update(evaluated=scored.evaluated, metrics=str(scored.path))
+    if stage == "report":
+        from .report import report
+
+        page = report(run_dir, cfg)
+        log.info("report -> %s", page)
+        result["report"] = str(page)
     return result
 
 
@@ -80,7 +93,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         result = run(cfg, run_dir)
     except CamsweepError as e:
-        _write_status(run_dir, {"status": "failed", "error": str(e), "stage": cfg.stage})
+        if cfg.stage in ("all", "extract"):  # a refused render/evaluate leaves results intact
+            _write_status(run_dir, {"status": "failed", "error": str(e), "stage": cfg.stage})
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", e)
@@ -89,8 +103,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BaseException as e:
-        _write_status(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                "stage": cfg.stage})
+        if cfg.stage in ("all", "extract"):
+            _write_status(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                    "stage": cfg.stage})
         raise
     result["status"] = "ok"
     if cfg.stage in ("all", "extract"):

@@ -24,7 +24,7 @@ IG_INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_mi
                    "riemann_trapezoid")
 IG_BASELINES = ("zero", "mean", "blur")
 INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
-STAGES = ("all", "extract", "render", "merge")
+STAGES = ("all", "extract", "render", "merge", "evaluate", "report")
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZES = ("square", "center_crop")
@@ -169,11 +169,46 @@ class RenderConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """stage=evaluate: metrics of the stored maps (see pipeline/evaluate.py for definitions)."""
+
+    # deletion, insertion, confidence (Average Drop / Increase), road, pointing, sanity
+    metrics: list[str] = field(default_factory=lambda: [
+        "deletion", "insertion", "confidence", "road", "pointing", "sanity"])
+    maps: list[str] | None = None  # stored maps to score, e.g. [gradcam/layer4]; null: all
+    score: str = "prob"  # prob (softmax of the target class) | logit
+    steps: int = 50  # deletion/insertion curve points: k/steps of the pixels (RISE: 224)
+    deletion_baseline: str = "zero"  # zero (normalization mean) | mean (image colour) | blur
+    insertion_baseline: str = "blur"  # RISE's substrates: zero for deletion, blur for insertion
+    blur_sigma: float = 5.0  # RISE's gkern(11, 5)
+    blur_size: int = 11
+    road_percentiles: list[float] = field(default_factory=lambda: [
+        10, 20, 30, 40, 50, 60, 70, 80, 90])  # percent of pixels removed
+    road_noise: float = 0.01  # std of the noise added to imputed pixels (normalized units)
+    boxes: str | None = None  # CSV file,xmin,ymin,xmax,ymax; imagenet_val: LOC_val_solution.csv
+    tolerance: float = 15.0  # pointing game tolerance, original-image pixels
+    sanity_layers: list[str] | None = None  # layers to randomize, top first; null: automatic
+    sanity_depth: int = 2  # automatic units: modules with parameters down to this depth
+    sanity_max_steps: int | None = None  # randomize only the top k units
+    batch_points: int = 64  # perturbed inputs per forward pass (bounds memory)
+    limit: int | None = None  # evaluate only the first k done images
+    seed: int = 0  # randomized weights and ROAD noise
+    overwrite: bool = False  # replace existing /metrics without asking
+
+
+@dataclass
+class ReportConfig:
+    max_images: int = 24  # images in a run report's gallery (the first done rows)
+
+
+@dataclass
 class CamsweepConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING
     data: DataConfig = MISSING
     render: RenderConfig = field(default_factory=RenderConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     stage: str = "all"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16

@@ -102,6 +102,8 @@ class Run:
 
         cls, prob = self.predictions
         tcls, tscore = self.targets
+        if tcls.ndim == 2:  # target=topk: the table shows the first explained class
+            tcls, tscore = tcls[:, 0], tscore[:, 0]
         cats = self.categories
         return pd.DataFrame({
             "path": self.paths, "label": self.labels,
@@ -205,9 +207,12 @@ class Sweep:
         status_file = job / "camsweep.json"
         status = json.loads(status_file.read_text()) if status_file.exists() else {}
         results = job / "results.h5"
-        row.update(state="missing", error=status.get("error", ""), method="", model="",
-                   layers="", n=0, done=0, failed=0, pending=0, mean_prob=np.nan,
-                   mean_score=np.nan, accuracy=np.nan, run_dir=str(job))
+        # Swept `model=`/`method=` columns keep their values for jobs without results.
+        for key in ("method", "model", "layers"):
+            row.setdefault(key, "")
+        row.update(state="missing", error=status.get("error", ""), n=0, done=0, failed=0,
+                   pending=0, mean_prob=np.nan, mean_score=np.nan, accuracy=np.nan,
+                   run_dir=str(job))
         if status.get("status") == "failed":
             row["state"] = "failed"
         if results.exists():

@@ -1,0 +1,508 @@
+"""Evaluate: each metric on a case with a known answer, parity with pytorch-grad-cam's ROAD
+imputation, and the stage end to end (metrics in the same file, extraction untouched)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_cfg, write_images
+from torch import nn
+
+from pipeline import evaluate as E
+from pipeline.cli import run
+from pipeline.data import input_box
+from pipeline.errors import ConfigError, DataError, StoreError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny tensor ops; on a shared CI machine, OpenMP threads that
+    wait for each other at every op cost far more than they bring. One thread here, and the
+    setting is put back for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class RegionMean(nn.Module):
+    """Two logits: the mean of channel 0 over a fixed region, and 0. Its score is a known
+    linear function of the pixels, so deletion and insertion curves are known exactly."""
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("region", region.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x[:, 0] * self.region).sum((1, 2)) / self.region.sum()
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def bottom_half(side: int = 16) -> torch.Tensor:
+    region = torch.zeros(side, side)
+    region[side // 2:] = 1
+    return region
+
+
+def curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, mode: str, steps: int,
+           score: str = "logit", baseline: str = "zero") -> torch.Tensor:
+    scorer = E.Scorer(model, score, chunk=32)
+    target = torch.zeros(len(x), dtype=torch.long)
+    base = E.make_baseline(x, baseline)
+    return E.perturbation_curves(scorer, x, maps, target, base, steps, mode)
+
+
+# -- deletion and insertion --------------------------------------------------------------------
+
+def test_constant_map_removes_rows_from_the_top_and_has_the_documented_auc():
+    """Ties break in raster order: a constant map deletes row by row from the top. With a
+    score reading the bottom half of a 16x16 image of ones, deletion keeps the score for
+    the first half of the curve and then falls linearly: AUC 3/4; insertion mirrors: 1/4."""
+    model = RegionMean(bottom_half())
+    x = torch.ones(2, 3, 16, 16)
+    flat = torch.full((2, 16, 16), 0.7)
+    deletion = curves(model, x, flat, "deletion", steps=16)
+    expected = torch.tensor([1.0] * 9 + [(16 - k) / 8 for k in range(9, 17)])
+    torch.testing.assert_close(deletion[0], expected)
+    torch.testing.assert_close(E.curve_auc(deletion), torch.full((2,), 0.75))
+    insertion = curves(model, x, flat, "insertion", steps=16)
+    torch.testing.assert_close(E.curve_auc(insertion), torch.full((2,), 0.25))
+    # Softmax probability of logits (s, 0) is sigmoid(s): the same curve through sigmoid.
+    prob = curves(model, x, flat, "deletion", steps=16, score="prob")
+    torch.testing.assert_close(prob[0], torch.sigmoid(expected))
+
+
+def test_a_map_of_the_region_deletes_it_first():
+    """The region (half of the pixels) as the map: deletion falls to 0 at half the pixels
+    (AUC = 1/4, half the region's share), insertion rises there (AUC = 3/4)."""
+    region = bottom_half()
+    model = RegionMean(region)
+    x = torch.ones(1, 3, 16, 16)
+    best = region[None].clone()
+    assert E.curve_auc(curves(model, x, best, "deletion", 16)).item() == pytest.approx(0.25)
+    assert E.curve_auc(curves(model, x, best, "insertion", 16)).item() == pytest.approx(0.75)
+    # The known first/last point is taken as given, not recomputed.
+    scorer = E.Scorer(model, "logit")
+    c = E.perturbation_curves(scorer, x, best, torch.zeros(1, dtype=torch.long),
+                              torch.zeros_like(x), 4, "deletion", original=torch.tensor([9.0]))
+    assert c[0, 0].item() == 9.0 and c[0, -1].item() == 0.0
+
+
+def test_random_maps_score_chance_level():
+    """Random maps remove a random set of pixels: the expected score after removing a
+    fraction f is 1 - f for a linear score, so both AUCs average 1/2."""
+    gen = torch.Generator().manual_seed(0)
+    region = (torch.rand(16, 16, generator=gen) < 0.3).float()
+    model = RegionMean(region)
+    x = torch.ones(64, 3, 16, 16)
+    maps = torch.rand(64, 16, 16, generator=gen)
+    for mode in ("deletion", "insertion"):
+        auc = E.curve_auc(curves(model, x, maps, mode, steps=16))
+        assert auc.mean().item() == pytest.approx(0.5, abs=0.02), mode
+
+
+def test_saliency_ranks_break_ties_in_raster_order_and_put_nan_last():
+    maps = torch.tensor([[[1.0, 2.0], [2.0, math.nan]]])
+    assert E.saliency_ranks(maps).tolist() == [[2, 0, 1, 3]]
+
+
+def test_baselines():
+    x = torch.randn(2, 3, 24, 24)
+    assert torch.equal(E.make_baseline(x, "zero"), torch.zeros_like(x))
+    torch.testing.assert_close(E.make_baseline(x, "mean")[:, :, 5, 7], x.mean((2, 3)))
+    flat = torch.full((1, 3, 24, 24), 2.0)
+    blurred = E.make_baseline(flat, "blur")
+    # A constant stays constant away from the borders (RISE pads with zeros).
+    torch.testing.assert_close(blurred[..., 5:19, 5:19], flat[..., 5:19, 5:19])
+    assert blurred[0, 0, 0, 0] < 2.0
+    with pytest.raises(ConfigError, match="unknown baseline 'gray'"):
+        E.make_baseline(x, "gray")
+
+
+def test_blur_kernel_is_rises_gkern():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1
+    k1 = E.rise_kernel(11, 5.0).numpy()
+    np.testing.assert_allclose(np.outer(k1, k1), ndimage.gaussian_filter(delta, 5), atol=1e-7)
+
+
+# -- Average Drop / Increase in Confidence -----------------------------------------------------
+
+def test_confidence_terms_on_known_cases():
+    model = RegionMean(torch.ones(8, 8))
+    scorer = E.Scorer(model, "prob")
+    target = torch.zeros(2, dtype=torch.long)
+    # Image 0: ones with a constant map -> normalized to zeros -> input x 0 -> logit 0.
+    # Image 1: +1 on top, -1 below (logit 0); a map of the top keeps only the +1 half.
+    x = torch.ones(2, 3, 8, 8)
+    x[1, :, 4:] = -1
+    maps = torch.zeros(2, 8, 8)
+    maps[0] = 3.0
+    maps[1, :4] = 5.0
+    original = scorer(x, target)
+    out = E.explanation_confidence(scorer, x, maps, target, original)
+    p0 = torch.sigmoid(torch.tensor(1.0))
+    torch.testing.assert_close(out["explanation_score"], torch.sigmoid(torch.tensor([0.0, 0.5])))
+    torch.testing.assert_close(out["drop"][0], (p0 - 0.5) / (p0 + 1e-7))
+    assert out["drop"][1].item() == 0.0
+    assert out["increase"].tolist() == [0.0, 1.0]
+
+
+# -- ROAD --------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
+    road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 20, 18, generator=gen).cumsum(-1)
+    keep = (torch.rand(2, 20, 18, generator=gen) > 0.6).float()
+    keep[1] = 1
+    keep[1, 3:15, 2:12] = 0  # one large hole
+    ours = E.linear_impute(x, keep)
+    for i in range(2):
+        ref = road.NoisyLinearImputer(noise=0)(x[i], keep[i])
+        torch.testing.assert_close(ours[i], ref, atol=2e-4, rtol=0)
+    assert torch.equal(ours[keep[:, None].expand_as(x) > 0], x[keep[:, None].expand_as(x) > 0])
+
+
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+def test_road_equals_pytorch_grad_cam_without_noise():
+    """Our batched ROAD (noise off) against pytorch-grad-cam's per-image MoRF/LeRF metrics
+    with the same percentiles (theirs: 100 - removed) on a small random network."""
+    road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    pc = pytest.importorskip("pytorch_grad_cam.metrics.perturbation_confidence")
+    targets_mod = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(24, 5)).eval()
+    x = torch.randn(3, 3, 14, 14)
+    maps = E.normalize_maps(torch.rand(3, 14, 14))
+    target = torch.tensor([0, 3, 4])
+    removed = [20.0, 70.0]
+    morf, lerf = E.road_scores(E.Scorer(model, "prob"), x, maps, target, removed, noise=0.0)
+    targets = [targets_mod.ClassifierOutputSoftmaxTarget(int(t)) for t in target]
+    for j, q in enumerate(removed):
+        for ours, remover in ((morf, pc.RemoveMostRelevantFirst),
+                              (lerf, pc.RemoveLeastRelevantFirst)):
+            metric = pc.PerturbationConfidenceMetric(
+                remover(100 - q, road.NoisyLinearImputer(noise=0)))
+            ref = metric(x, maps.numpy(), targets, model, return_diff=False)
+            np.testing.assert_allclose(ours[:, j].numpy(), ref, atol=1e-4)
+
+
+def test_road_of_a_constant_image_is_zero():
+    """Linear imputation of a constant image is that constant: nothing changes, whatever the
+    map, so MoRF = LeRF = the original score."""
+    model = RegionMean(torch.ones(12, 12))
+    x = torch.full((2, 3, 12, 12), 0.8)
+    maps = E.normalize_maps(torch.rand(2, 12, 12))
+    scorer = E.Scorer(model, "logit")
+    morf, lerf = E.road_scores(scorer, x, maps, torch.zeros(2, dtype=torch.long), [10, 50, 90],
+                               noise=0.0, seeds=torch.arange(2))
+    torch.testing.assert_close(morf, torch.full_like(morf, 0.8))
+    torch.testing.assert_close(lerf, morf)
+
+
+def test_road_noise_does_not_depend_on_the_batch():
+    model = RegionMean(torch.ones(10, 10))
+    scorer = E.Scorer(model, "logit")
+    x = torch.randn(3, 3, 10, 10)
+    maps = E.normalize_maps(torch.rand(3, 10, 10))
+    target = torch.zeros(3, dtype=torch.long)
+    seeds = torch.tensor([7, 8, 9])
+    whole = E.road_scores(scorer, x, maps, target, [50], 0.05, seeds)[0]
+    alone = E.road_scores(scorer, x[2:], maps[2:], target[2:], [50], 0.05, seeds[2:])[0]
+    torch.testing.assert_close(whole[2:], alone)
+
+
+def test_road_masks_follow_pytorch_grad_cams_percentile_rule():
+    maps = torch.arange(10.0).view(1, 2, 5) / 9
+    morf, lerf = E.road_masks(maps, 30.0)  # their percentile 70
+    thr = np.percentile(maps.numpy(), 70)
+    assert torch.equal(morf, maps < thr)
+    assert morf.sum().item() == 7 and lerf.sum().item() == 7
+    assert not lerf[0, 0, 0] and lerf[0, 1, 4]  # LeRF drops the least relevant pixels
+
+
+# -- pointing game -----------------------------------------------------------------------------
+
+def test_a_map_equal_to_the_box_hits_with_all_its_energy():
+    """A 128 x 192 photo squashed to 64 x 64 (2 and 3 photo pixels per input pixel); the
+    box x 30..120, y 20..80 covers input rows 10..39 and columns 10..39 exactly."""
+    seen = torch.tensor([input_box((128, 192), 64, "square")], dtype=torch.float32)
+    boxes = E.pad_boxes([[(30.0, 20.0, 120.0, 80.0)]])
+    box_map = torch.zeros(1, 64, 64)
+    box_map[0, 10:40, 10:40] = 1.0
+    hit, energy = E.pointing_game(box_map, seen, boxes)
+    assert hit.item() == 1.0 and energy.item() == pytest.approx(1.0)
+    # A peak outside the box: 14 photo pixels from it is still a hit, 20 is not.
+    peak = torch.zeros(1, 64, 64)
+    peak[0, 25, 44] = 1.0  # column 44 -> x = 133.5: 13.5 px right of the box
+    assert E.pointing_game(peak, seen, boxes)[0].item() == 1.0
+    peak = torch.zeros(1, 64, 64)
+    peak[0, 25, 46] = 1.0  # x = 139.5: 19.5 px away
+    hit, energy = E.pointing_game(peak, seen, boxes)
+    assert hit.item() == 0.0 and energy.item() == 0.0
+    # No boxes: NaN, not a miss.
+    hit, energy = E.pointing_game(box_map, seen, E.pad_boxes([[]]))
+    assert math.isnan(hit.item()) and math.isnan(energy.item())
+
+
+def test_pointing_game_follows_the_center_crop_box():
+    """center_crop: the model saw a 175 x 175 square in the middle of a 300 x 200 photo."""
+    seen_box = input_box((300, 200), 35, "center_crop")  # y0=62.5, x0=12.5, 5 px per pixel
+    seen = torch.tensor([seen_box], dtype=torch.float32)
+    box_map = torch.zeros(1, 35, 35)
+    box_map[0, 4:10, 20:30] = 2.0  # rows 4..9, columns 20..29
+    y0, x0 = seen_box[0], seen_box[1]
+    boxes = E.pad_boxes([[(x0 + 100, y0 + 20, x0 + 150, y0 + 50), (0.0, 0.0, 1.0, 1.0)]])
+    hit, energy = E.pointing_game(box_map, seen, boxes)
+    assert hit.item() == 1.0 and energy.item() == pytest.approx(1.0)
+
+
+def test_box_files(tmp_path):
+    csv_file = tmp_path / "boxes.csv"
+    csv_file.write_text("file,xmin,ymin,xmax,ymax\na.jpg,1,2,3,4\nsub/b.jpg,5,6,7,8\n"
+                        "sub/b.jpg,0,0,1,1\n")
+    table = E.read_boxes_csv(csv_file)
+    got = E.match_boxes(["/data/x/a.jpg", "/data/sub/b.jpg", "/data/other/b.jpg"], table)
+    assert got == [[(1, 2, 3, 4)], [(5, 6, 7, 8), (0, 0, 1, 1)], []]
+    loc = tmp_path / "LOC_val_solution.csv"
+    loc.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 111 108 "
+                   "441 193 n01751748 10 20 30 40 \n")
+    boxes = E.match_boxes(["/v/ILSVRC2012_val_00000001.JPEG"], E.read_imagenet_boxes(loc),
+                          by_stem=True)
+    assert boxes == [[(111, 108, 441, 193), (10, 20, 30, 40)]]
+    (tmp_path / "bad.csv").write_text("path,x0\n")
+    with pytest.raises(DataError, match="header must name"):
+        E.read_boxes_csv(tmp_path / "bad.csv")
+
+
+# -- sanity check ------------------------------------------------------------------------------
+
+def test_ranks_and_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 4, (5, 40), generator=gen).float()  # many ties
+    b = torch.randn(5, 40, generator=gen)
+    np.testing.assert_array_equal(E.rankdata(a).numpy(),
+                                  np.stack([stats.rankdata(r) for r in a.numpy()]))
+    ref = [stats.spearmanr(a[i], b[i]).statistic for i in range(5)]
+    np.testing.assert_allclose(E.spearman(a, b).numpy(), ref, atol=1e-6)
+    assert math.isnan(E.spearman(torch.ones(1, 9), b[:1, :9]).item())
+
+
+class Scale(nn.Module):
+    """Multiplies the logits by a parameter; its re-initialization sets it to 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(()))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.a.fill_(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.a
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 4)
+        self.scale = Scale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.fc(self.pool(self.relu(self.conv(x))).flatten(1)))
+
+
+def test_cascading_randomization_from_the_top_with_known_answers():
+    """Units come top first (by call order, reversed). Randomizing the logit scale only
+    multiplies the Grad-CAM map by 2: rank correlation exactly 1. Randomizing the classifier
+    then changes the map; the original weights come back afterwards."""
+    from pipeline.methods import GradCAM
+
+    torch.manual_seed(0)
+    model = TinyNet().eval().requires_grad_(False)
+    x = torch.randn(4, 3, 8, 8)
+    units = E.randomization_units(model, x[:1])
+    assert list(units) == ["scale", "fc", "conv"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = torch.tensor([0, 1, 2, 3])
+    randomizer = E.CascadingRandomization(units, seed=5)
+    with GradCAM(model, {"conv": model.conv}) as cam:
+        stored = cam(x, lambda _logits: target)["gradcam/conv"]
+        rho = []
+        for name in units:
+            randomizer.randomize(name)
+            rho.append(E.spearman(stored, cam(x, lambda _logits: target)["gradcam/conv"]))
+        randomizer.restore()
+        again = cam(x, lambda _logits: target)["gradcam/conv"]
+    torch.testing.assert_close(rho[0], torch.ones(4))
+    assert (rho[1] < 0.99).all()
+    torch.testing.assert_close(again, stored)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # The same seed gives the same randomized weights (every batch sees the same networks).
+    other = E.CascadingRandomization(units, seed=5)
+    assert all(torch.equal(other.random["fc"][k], randomizer.random["fc"][k])
+               for k in randomizer.random["fc"])
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+def _datasets(path: Path, skip: str = "metrics") -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[...]) if isinstance(v, h5py.Dataset)
+                     and not k.startswith(skip) else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """5 photos and a broken file, Grad-CAM of a random resnet18 at two layers."""
+    root = tmp_path_factory.mktemp("evaluate")
+    images = root / "images"
+    write_images(images, 5, size=(96, 128))
+    (images / "broken.jpg").write_text("not an image")
+    (root / "boxes.csv").write_text("file,xmin,ymin,xmax,ymax\nimg001.jpg,10,10,60,50\n"
+                                    "img003.jpg,0,0,128,96\n")
+    base = (*TINY, "data=glob", f"data.pattern={images}/*.jpg",
+            "model.target_layers=[layer3,layer4]")
+    run(compose_cfg(*base, "stage=extract"), root / "run")
+    return root, base
+
+
+def test_evaluate_writes_metrics_into_the_results_file(tiny_run):
+    root, base = tiny_run
+    run_dir = root / "run"
+    before = _datasets(run_dir / "results.h5")
+    options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=4",
+               "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=3",
+               f"evaluate.boxes={root}/boxes.csv")
+    result = run(compose_cfg(*base, *options), run_dir)
+    assert result["evaluated"] == 5
+    path = run_dir / "results.h5"
+    with h5py.File(path) as f:
+        m = f["metrics"]
+        status = f["images/status"][:]
+        assert float(m.attrs["score_check_max_abs_diff"]) < 1e-3  # images and model reproduced
+        assert m.attrs["sanity_layers"] == '["fc", "layer4.1", "layer4.0"]'
+        for layer in ("layer3", "layer4"):
+            g = m[f"gradcam/{layer}"]
+            assert g.attrs["layer"] == layer
+            shapes = {k: g[k].shape for k in g}
+            assert shapes["deletion"] == shapes["insertion"] == (6, 5)
+            assert shapes["road_morf"] == (6, 1) and shapes["sanity_spearman"] == (6, 3)
+            done = status == 1
+            for key in ("deletion_auc", "insertion_auc", "drop", "increase", "road"):
+                values = g[key][:]
+                assert np.isfinite(values[done]).all() and np.isnan(values[~done]).all(), key
+            hits = g["pointing_hit"][:]
+            assert np.isfinite(hits).sum() == 2  # two images have boxes
+            assert np.nanmax(np.abs(g["sanity_spearman"][:])) <= 1 + 1e-6
+            assert g["deletion"].attrs["dims"] == '["image", "step"]'
+    assert not (run_dir / E.PARTIAL).exists()
+    after = _datasets(path)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+    # An existing /metrics is never replaced silently.
+    with pytest.raises(StoreError, match=r"already has /metrics \(from .*\); pass "
+                                         "evaluate.overwrite=true"):
+        run(compose_cfg(*base, *options), run_dir)
+    result = run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=2",
+                             "evaluate.metrics=[deletion]", "evaluate.overwrite=true"), run_dir)
+    with h5py.File(path) as f:
+        assert sorted(f["metrics/gradcam/layer4"]) == ["deletion", "deletion_auc"]
+        assert f["metrics/gradcam/layer4/deletion"].shape == (6, 3)
+
+
+def test_evaluate_resumes_from_its_partial_file(tiny_run, tmp_path):
+    """A killed evaluation leaves the side file; the rerun computes only what is missing and
+    gives the same numbers."""
+    import shutil
+
+    root, base = tiny_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir)
+    with h5py.File(run_dir / "results.h5", "r+") as f:
+        if "metrics" in f:
+            del f["metrics"]
+    options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=3",
+               "evaluate.metrics=[deletion,confidence]", "batch_size=2")
+    run(compose_cfg(*base, *options), run_dir)
+    with h5py.File(run_dir / "results.h5") as f:
+        clean = f["metrics/gradcam/layer3/deletion"][:]
+    with h5py.File(run_dir / "results.h5", "r+") as f:
+        del f["metrics"]
+    # Pretend the first run died after its first batch: keep that batch in the side file.
+    cfg = compose_cfg(*base, *options)
+    partial_rows = np.array([1, 2])
+    setup = E._setup(cfg, run_dir / "results.h5", torch.device("cpu"), [])
+    settings = E._settings(cfg, setup, [])
+    layout = E._layout(settings, setup.maps, ["deletion", "confidence"], 0)
+    side = E._Partial(run_dir / E.PARTIAL, setup.n, settings, layout)
+    side.write(partial_rows, {"gradcam/layer3/deletion": np.full((2, 4), 42.0, np.float32)})
+    side.close()
+    result = run(cfg, run_dir)
+    assert result["evaluated"] == 3  # rows 1 and 2 were done
+    with h5py.File(run_dir / "results.h5") as f:
+        resumed = f["metrics/gradcam/layer3/deletion"][:]
+    np.testing.assert_array_equal(resumed[3:], clean[3:])
+    assert (resumed[partial_rows] == 42.0).all()  # taken from the side file, not recomputed
+
+
+def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
+    root, base = tiny_run
+    with pytest.raises(ConfigError, match="unknown evaluate.maps entry 'gradcam/layer5'; "
+                                          "did you mean 'gradcam/layer4' or 'gradcam/layer3'"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={root}/run",
+                        "evaluate.maps=[gradcam/layer5]", "evaluate.overwrite=true"),
+            root / "run")
+    with pytest.raises(ConfigError, match="unknown evaluate metric 'delition'"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={root}/run",
+                        "evaluate.metrics=[delition]"), root / "run")
+    act = tmp_path / "act"
+    run(compose_cfg(*base, "stage=extract", "method=activations", "data.limit=2"), act)
+    with pytest.raises(StoreError, match="holds no attribution maps"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={act}"), act)
+
+
+def test_topk_runs_are_scored_per_class(tmp_path, image_dir):
+    """target=topk stores k maps per image; each (image, class) is scored as the run that
+    explains that class alone would be."""
+    common = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=2")
+    metrics = ("evaluate.metrics=[deletion,confidence,road,sanity]", "evaluate.steps=4",
+               "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=2")
+    top = tmp_path / "top"
+    run(compose_cfg(*common, "stage=extract", "target=topk", "topk=2"), top)
+    run(compose_cfg(*common, "stage=evaluate", f"run_dir={top}", *metrics), top)
+    with h5py.File(top / "results.h5") as f:
+        cls = f["targets/class"][:]
+        g = f["metrics/gradcam/layer4"]
+        assert g["deletion"].shape == (2, 2, 5) and g["sanity_spearman"].shape == (2, 2, 2)
+        assert g["deletion"].attrs["dims"] == '["image", "class", "step"]'
+        assert f["metrics/score"].shape == (2, 2)
+        by_class = {k: g[k][0, 1] for k in ("deletion_auc", "drop", "road", "sanity_spearman")}
+    one = tmp_path / "one"
+    run(compose_cfg(*common, "stage=extract", f"target={int(cls[0, 1])}", "data.limit=1"), one)
+    run(compose_cfg(*common, "stage=evaluate", f"run_dir={one}", *metrics), one)
+    with h5py.File(one / "results.h5") as f:
+        g = f["metrics/gradcam/layer4"]
+        for key, value in by_class.items():
+            np.testing.assert_allclose(g[key][0], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    summary = E.summarize(h5py.File(top / "results.h5"))
+    assert summary[0].n == 2 and np.isfinite(summary[0].figures["deletion_auc"])

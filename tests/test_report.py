@@ -1,0 +1,229 @@
+"""Report: the HTML pages of a run and of a sweep, opened in a real headless Chromium (no
+console errors, every picture there, a screenshot that is not blank)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY, compose_cfg, write_images
+
+from pipeline.cli import run
+from pipeline.errors import CamsweepError, StoreError
+from pipeline.report import report
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser",
+                                                "google-chrome")) if p), None)
+NO_CHROMIUM = ("CHROMIUM IS NOT INSTALLED: the report pages were not checked in a browser. "
+               "Install it (Debian/Ubuntu: apt-get install -y chromium) to run this test.")
+EVALUATE = ("evaluate.steps=4", "evaluate.road_percentiles=[30,70]",
+            "evaluate.sanity_max_steps=4")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny tensor ops; on a shared CI machine, OpenMP threads that
+    wait for each other at every op cost far more than they bring. One thread here, and the
+    setting is put back for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Links(HTMLParser):
+    """Every src/href of a page, and the classes of its table rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.row_classes: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        for key in ("src", "href"):
+            if a.get(key):
+                self.links.append(str(a[key]))
+        self.images += tag == "img"
+        if tag == "tr":
+            self.row_classes.append(a.get("class") or "")
+
+
+def check_links(index: Path) -> Links:
+    parser = Links()
+    parser.feed(index.read_text(encoding="utf-8"))
+    for link in parser.links:
+        if link.startswith("data:"):
+            continue
+        assert "://" not in link and not link.startswith("/"), f"non-relative link {link}"
+        assert (index.parent / link).is_file(), f"{link} referenced but missing"
+    return parser
+
+
+def browse(index: Path, tmp: Path) -> tuple[list[str], np.ndarray]:
+    """Open the page in headless Chromium: its console lines and a 1280 x 2000 screenshot."""
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
+    shot = tmp / f"{index.parent.parent.name}-screenshot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}",
+           "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+           "--window-size=1280,2000", index.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return console, cv2.imread(str(shot), cv2.IMREAD_COLOR)
+
+
+def assert_clean(console: list[str], images: int) -> None:
+    """Only the page's own all-clear line: no uncaught error, no missing picture."""
+    expected = f"camsweep-report: {images} of {images} pictures loaded"
+    assert any(expected in line for line in console), console
+    noise = [line for line in console if expected not in line]
+    assert not noise, noise
+
+
+def assert_not_blank(shot: np.ndarray) -> None:
+    gray = cv2.cvtColor(shot, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    assert gray.std() > 25, gray.std()  # a blank or one-colour page has std near 0
+    colourful = np.abs(shot.astype(int) - shot.mean(2, keepdims=True)).max(2) > 40
+    assert colourful.mean() > 0.02  # overlays and plots, not only text
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> Path:
+    """Grad-CAM at two layers of a random resnet18, evaluated (boxes for two images), with
+    one undecodable file."""
+    root = tmp_path_factory.mktemp("report")
+    images = root / "images"
+    write_images(images, 4, size=(150, 200))
+    (images / "zz-broken.jpg").write_bytes(b"")
+    (root / "boxes.csv").write_text("file,xmin,ymin,xmax,ymax\nimg000.jpg,40,30,150,120\n"
+                                    "img002.jpg,0,0,90,80\n")
+    base = (*TINY, "data=glob", f"data.pattern={images}/*.jpg",
+            "model.target_layers=[layer3,layer4]")
+    run_dir = root / "run"
+    run(compose_cfg(*base, "stage=extract"), run_dir)
+    run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}", *EVALUATE,
+                    f"evaluate.boxes={root}/boxes.csv"), run_dir)
+    return run_dir
+
+
+def test_run_report_in_a_browser(evaluated_run, tmp_path):
+    index = report(evaluated_run, compose_cfg(*TINY))
+    assert index == evaluated_run / "report" / "index.html"
+    text = index.read_text()
+    parser = check_links(index)
+    # Gallery: 4 images x 2 layers drawn by render_run (made now: there were none), two plots.
+    assert len(list((evaluated_run / "pictures").glob("*.png"))) == 8
+    assert parser.images == 8 + 2
+    assert "plots/faithfulness.svg" in text and "plots/sanity.svg" in text
+    assert "failed" in parser.row_classes  # the broken file, marked
+    assert "zz-broken.jpg" in text and "Deletion AUC" in text
+    console, shot = browse(index, tmp_path)
+    assert_clean(console, parser.images)
+    assert_not_blank(shot)
+
+    # Rebuilt from scratch: a stale file of an earlier report does not survive.
+    (evaluated_run / "report" / "img" / "stale.jpg").write_bytes(b"x")
+    report(evaluated_run)
+    assert not (evaluated_run / "report" / "img" / "stale.jpg").exists()
+
+
+def test_run_report_without_metrics_says_how_to_get_them(tmp_path, image_dir):
+    run_dir = tmp_path / "run"
+    run(compose_cfg(*TINY, "stage=all", "data=glob", f"data.pattern={image_dir}/*.jpg",
+                    "method=saliency"), run_dir)
+    index = report(run_dir)
+    text = index.read_text()
+    assert "No metrics yet" in text and "stage=evaluate" in text
+    check_links(index)
+
+
+def test_topk_run_report_shows_each_class(tmp_path, image_dir):
+    run_dir = tmp_path / "top"
+    common = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=2")
+    run(compose_cfg(*common, "stage=extract", "target=topk", "topk=2"), run_dir)
+    run(compose_cfg(*common, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=2",
+                    "evaluate.metrics=[deletion,confidence]"), run_dir)
+    index = report(run_dir)
+    parser = check_links(index)
+    assert parser.images == 2 * 2 + 1  # 2 images x 2 classes, and the curves
+    text = index.read_text()
+    assert "top-1 " in text and "top-2 " in text and "del " in text
+
+
+def _job(sweep: Path, job: int, overrides: list[str]) -> Path:
+    folder = sweep / str(job)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A multirun folder as Hydra leaves it: resnet18 at layer3 and layer4, resnet34 at
+    layer4 (all evaluated), and a job that failed on a misspelled layer."""
+    root = tmp_path_factory.mktemp("sweep")
+    images = root / "images"
+    write_images(images, 3, size=(120, 160))
+    sweep = root / "multirun"
+    jobs = [("resnet18", "layer3"), ("resnet18", "layer4"), ("resnet34", "layer4"),
+            ("resnet18", "layer9")]
+    for job, (model, layer) in enumerate(jobs):
+        overrides = [f"model={model}", f"model.target_layers=[{layer}]"]
+        folder = _job(sweep, job, overrides)
+        base = (*TINY, *overrides, "data=glob", f"data.pattern={images}/*.jpg")
+        try:
+            run(compose_cfg(*base, "stage=extract"), folder)
+        except CamsweepError as e:  # what pipeline.cli.main records for a failed job
+            (folder / "camsweep.json").write_text(json.dumps({"status": "failed",
+                                                              "error": str(e)}))
+            continue
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={folder}",
+                        "evaluate.metrics=[deletion,insertion,confidence]",
+                        "evaluate.steps=4"), folder)
+    report(sweep / "1")  # one job has its own report, linked from the sweep's
+    return sweep
+
+
+def test_sweep_report_in_a_browser(sweep_dir, tmp_path):
+    index = report(sweep_dir)
+    assert index == sweep_dir / "report" / "index.html"
+    text = index.read_text()
+    parser = check_links(index)
+    assert (sweep_dir / "report" / "plots" / "vs_layer.svg").is_file()
+    assert (sweep_dir / "report" / "plots" / "vs_model.svg").is_file()
+    assert parser.images == 2
+    assert parser.row_classes.count("failed") == 1
+    assert "unknown layer &#x27;layer9&#x27;" in text and "FAILED" in text
+    assert "../1/report/index.html" in parser.links
+    console, shot = browse(index, tmp_path)
+    assert_clean(console, parser.images)
+    assert_not_blank(shot)
+
+
+@pytest.mark.slow
+def test_report_stage_through_run_py(sweep_dir, tmp_path):
+    """``python run.py stage=report run_dir=<multirun>``, as a user types it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=report",
+                           f"run_dir={sweep_dir}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report -> {sweep_dir}/report/index.html" in proc.stdout + proc.stderr
+
+
+def test_report_refuses_a_folder_that_is_neither(tmp_path):
+    with pytest.raises(StoreError, match="neither a run"):
+        report(tmp_path)
