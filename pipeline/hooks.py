@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+_H = TypeVar("_H", bound="HookSet")
 
-class LayerRecorder:
+
+class HookSet:
+    """Forward hooks registered on ``__enter__`` and removed on exit, also when the body or
+    the registration itself raises. Subclasses say which hook goes on which module."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def hooks(self) -> Iterable[tuple[nn.Module, Callable[..., torch.Tensor | None]]]:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        try:
+            for module, hook in self.hooks():
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class LayerRecorder(HookSet):
     """Context manager that records the outputs of named modules during forward passes.
 
     ``for_grad=True`` (Grad-CAM): each hook keeps a tensor to differentiate against and
@@ -34,11 +71,14 @@ class LayerRecorder:
         for_grad: bool,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        super().__init__()
         self.layers = dict(layers)
         self.for_grad = for_grad
         self.transform = transform
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[RemovableHandle] = []
+
+    def hooks(self) -> Iterable[tuple[nn.Module, Callable[..., torch.Tensor | None]]]:
+        return [(module, self._hook(name)) for name, module in self.layers.items()]
 
     def _hook(self, name: str) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor | None:
@@ -55,28 +95,9 @@ class LayerRecorder:
 
         return hook
 
-    def __enter__(self) -> LayerRecorder:
-        try:
-            for name, module in self.layers.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
-
     def remove(self) -> None:
         """Remove every hook and drop recorded tensors."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self.outputs.clear()
 
     def clear(self) -> None:

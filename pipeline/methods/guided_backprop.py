@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError
+from ..hooks import HookSet
 from .base import Batch, Method, TargetFn
 from .input_gradient import InputGradient
 
 
-class GuidedReLUs:
+class GuidedReLUs(HookSet):
     """Forward hooks on every ``nn.ReLU`` module that, while :meth:`guiding`, make the
     backward pass through that ReLU pass only positive gradients.
 
@@ -40,34 +40,18 @@ class GuidedReLUs:
                 f"has none (its activations: {', '.join(kinds) or 'none found'}); "
                 "use saliency, smoothgrad or integrated_gradients"
             )
+        super().__init__()
         self.active = False
-        self._handles: list[RemovableHandle] = []
 
     def _hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
         if self.active and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda grad: grad.clamp_min(0))
 
-    def __enter__(self) -> GuidedReLUs:
-        try:
-            for module in self.modules:
-                self._handles.append(module.register_forward_hook(self._hook))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
+    def hooks(self) -> list[tuple[nn.Module, Any]]:
+        return [(module, self._hook) for module in self.modules]
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self.active = False
 
     @contextmanager
