@@ -7,6 +7,8 @@ target classes, so the ratios in the summary come from one run on one machine:
     python benchmarks/bench_methods.py                 # CPU: resnet34/50, batch 1, 8, 32
     python benchmarks/bench_methods.py --quick         # resnet34, batch 1 and 8, short
     python benchmarks/bench_methods.py --device cuda --precision bf16   # GPU defaults
+    python benchmarks/bench_methods.py --family        # + the other methods and their peers
+                                                       # (resnet18, 112x112, batch 4)
 
 Each cell runs in a fresh child process (forked from a server that has imported torch once),
 so no cell inherits another's allocator state, retained graphs or caches, and its peak memory
@@ -59,9 +61,36 @@ PGC_GRADCAM = "pgc-gradcam"
 CAPTUM_GRADCAM, CAPTUM_SALIENCY = "captum-layergradcam", "captum-saliency"
 METHODS = (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS, PGC_GRADCAM, CAPTUM_GRADCAM,
            CAPTUM_SALIENCY)
-# Which of our maps each peer's map is compared with.
+# The family (off by default; --family or --methods): each of our other methods, built as
+# pipeline.methods builds it (METHODS[name](model, layers, **options)), beside its peer.
+# Options are small so that a CPU run stays short, and each peer gets the same work.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "gradcampp": {}, "xgradcam": {}, "layercam": {}, "hirescam": {},
+    "scorecam": {"batch_masks": 64},  # pgc ScoreCAM: batch_size = 64
+    "eigencam": {},
+    # Captum NoiseTunnel(Saliency): nt_samples=8, stdevs = 0.15 x the image's value range
+    "smoothgrad": {"samples": 8, "sigma": 0.15, "batch_samples": 32},
+    # Captum IntegratedGradients: n_steps=16, gausslegendre, zero baseline,
+    # internal_batch_size = 32 (the same inputs per forward pass)
+    "integrated_gradients": {"steps": 16, "batch_steps": 32},
+    "guided_backprop": {}, "guided_gradcam": {},
+}
+# Our method -> its peer (pytorch-grad-cam for the CAMs, Captum for the rest).
+FAMILY_PEERS = {
+    "gradcampp": "pgc-gradcampp", "xgradcam": "pgc-xgradcam", "layercam": "pgc-layercam",
+    "hirescam": "pgc-hirescam", "scorecam": "pgc-scorecam", "eigencam": "pgc-eigencam",
+    "smoothgrad": "captum-smoothgrad", "integrated_gradients": "captum-integrated-gradients",
+    "guided_backprop": "captum-guided-backprop", "guided_gradcam": "captum-guided-gradcam",
+}
+FAMILY = tuple(m for pair in FAMILY_PEERS.items() for m in pair)
+ALL_METHODS = METHODS + FAMILY
+# Family defaults (Score-CAM alone is 512 forward passes per image at resnet's layer4).
+FAMILY_MODELS, FAMILY_IMAGE_SIZE, FAMILY_BATCHES, FAMILY_QUICK_BATCHES = (
+    ["resnet18"], 112, [4], [2])
+# Which of our maps each peer's map is compared with. SmoothGrad only at batch 1 (see
+# `agreement`): Captum takes one noise level per input tensor, ours one per image.
 COMPARED_WITH = {PGC_GRADCAM: OURS_GRADCAM, CAPTUM_GRADCAM: OURS_GRADCAM,
-                 CAPTUM_SALIENCY: OURS_SALIENCY}
+                 CAPTUM_SALIENCY: OURS_SALIENCY, **{p: o for o, p in FAMILY_PEERS.items()}}
 
 # Target layer and token reshape per model (as the shipped conf/model/*.yaml).
 MODELS: dict[str, tuple[str, str | None]] = {
@@ -93,15 +122,17 @@ class CellSpec:
     max_time: float
     agree_images: int  # how many images' maps to send back for the agreement check
     threads: int | None
+    image_size: int = IMAGE_SIZE
 
 
 # --------------------------------------------------------------------------- inputs, models
 
 
-def synthetic_images(n: int, seed: int = SEED) -> torch.Tensor:
-    """(n, 3, 224, 224) standard-normal "normalized images"; image i is the same for every n."""
+def synthetic_images(n: int, seed: int = SEED, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(n, 3, size, size) standard-normal "normalized images"; image i is the same for every
+    n."""
     return torch.stack([
-        torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed + i))
+        torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed + i))
         for i in range(n)
     ])
 
@@ -121,12 +152,13 @@ def build(name: str, frozen: bool) -> torch.nn.Module:
     return model.requires_grad_(not frozen)
 
 
-def predicted_classes(name: str, n: int, device: torch.device) -> tuple[int, ...]:
+def predicted_classes(name: str, n: int, device: torch.device, size: int = IMAGE_SIZE
+                      ) -> tuple[int, ...]:
     """Top-1 classes of the first ``n`` synthetic images: the targets every method explains."""
     model = build(name, frozen=True).to(device)
     out = []
     with torch.inference_mode():
-        for chunk in synthetic_images(n).split(32):
+        for chunk in synthetic_images(n, size=size).split(32):
             out += model(chunk.to(device)).argmax(1).tolist()
     return tuple(out)
 
@@ -134,6 +166,13 @@ def predicted_classes(name: str, n: int, device: torch.device) -> tuple[int, ...
 def pgc_vit_reshape(t: torch.Tensor, height: int = 14, width: int = 14) -> torch.Tensor:
     """pytorch-grad-cam's ViT example: drop the class token, tokens to a (C, h, w) map."""
     return t[:, 1:, :].reshape(t.size(0), height, width, t.size(2)).permute(0, 3, 1, 2)
+
+
+def pgc_reshape(kind: str | None, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if kind != "vit":
+        return None
+    side = size // 16
+    return lambda t: pgc_vit_reshape(t, side, side)
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -212,6 +251,10 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     def choose(logits: torch.Tensor) -> torch.Tensor:
         return classes  # the same classes for every method (they equal the top-1 here)
 
+    if spec.method in FAMILY_OPTIONS:
+        return prepare_family_ours(spec, device, x, choose, stack)
+    if spec.method in FAMILY:
+        return prepare_family_peer(spec, device, x, classes, stack)
     if spec.method in (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS):
         model = build(spec.model, frozen=True).to(device)
         layers = resolve_layers(model, [layer])
@@ -238,7 +281,7 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         cam = PGCGradCAM(model=model, target_layers=[module],
-                         reshape_transform=pgc_vit_reshape if reshape_kind == "vit" else None)
+                         reshape_transform=pgc_reshape(reshape_kind, spec.image_size))
         # Not `with cam:` -- its __exit__ swallows IndexError.
         stack.callback(cam.activations_and_grads.release)
         targets = [ClassifierOutputTarget(c) for c in spec.classes[: spec.batch]]
@@ -271,6 +314,103 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     raise ValueError(f"unknown method {spec.method!r}; valid: {', '.join(METHODS)}")
 
 
+def prepare_family_ours(spec: CellSpec, device: torch.device, x: torch.Tensor,
+                        choose: Callable[[torch.Tensor], torch.Tensor],
+                        stack: contextlib.ExitStack) -> tuple[Callable[[], Any], MapFn]:
+    """One of our other methods, as ``pipeline.methods.build_method`` makes it."""
+    from pipeline.methods import METHODS as OUR_METHODS
+    from pipeline.models import reshape_transform, resolve_layers
+
+    layer, reshape_kind = MODELS[spec.model]
+    cls = OUR_METHODS[spec.method]
+    model = build(spec.model, frozen=True).to(device)
+    layers = resolve_layers(model, [layer]) if cls.uses_layers else {}
+    m = stack.enter_context(cls(model, layers, reshape=reshape_transform(reshape_kind),
+                                autocast_dtype=PRECISIONS[spec.precision],
+                                **FAMILY_OPTIONS[spec.method]))
+    key = f"{spec.method}/{layer if cls.uses_layers else 'input'}"
+    return lambda: m(x, choose), lambda out: _first(out[key], spec.agree_images)
+
+
+def prepare_family_peer(spec: CellSpec, device: torch.device, x: torch.Tensor,
+                        classes: torch.Tensor, stack: contextlib.ExitStack
+                        ) -> tuple[Callable[[], Any], MapFn]:
+    """The peer of one of our other methods, with the same options."""
+    layer, reshape_kind = MODELS[spec.model]
+    k = spec.agree_images
+    model = build(spec.model, frozen=False).to(device)
+    module = dict(model.named_modules())[layer]
+    ours = next(o for o, p in FAMILY_PEERS.items() if p == spec.method)
+    options = FAMILY_OPTIONS[ours]
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        return _autocast(device, spec.precision)
+
+    if spec.method.startswith("pgc-"):
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = {"gradcampp": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
+               "layercam": pgc.LayerCAM, "hirescam": pgc.HiResCAM, "scorecam": pgc.ScoreCAM,
+               "eigencam": pgc.EigenCAM}[ours]
+        cam = cls(model=model, target_layers=[module],
+                  reshape_transform=pgc_reshape(reshape_kind, spec.image_size))
+        if ours == "scorecam":
+            cam.batch_size = options["batch_masks"]
+        stack.callback(cam.activations_and_grads.release)
+        targets = [ClassifierOutputTarget(c) for c in spec.classes[: spec.batch]]
+
+        def pgc_call() -> np.ndarray:
+            with autocast():
+                return cam(input_tensor=x, targets=targets)
+        return pgc_call, lambda out: np.asarray(out[:k], dtype=np.float32)
+
+    import captum.attr as ca
+
+    def channel_max(out: torch.Tensor) -> np.ndarray:  # our reduction: max_c |attribution|
+        return _first(out.abs().amax(dim=1), k)
+
+    if ours == "smoothgrad":
+        nt = ca.NoiseTunnel(ca.Saliency(model))
+        flat = x.flatten(1)
+        # One noise level per input tensor in Captum: the images' mean of ours (equal to
+        # ours for a single image, where the noise itself is made identical too).
+        stdev = float(options["sigma"] * (flat.amax(1) - flat.amin(1)).mean())
+        per_pass = max(1, options["batch_samples"] // spec.batch)
+
+        def captum_smoothgrad() -> torch.Tensor:
+            torch.manual_seed(0)  # our noise bank's draws, for a single image (seed 0)
+            with autocast():
+                return nt.attribute(x, nt_type="smoothgrad", nt_samples=options["samples"],
+                                    nt_samples_batch_size=per_pass, stdevs=stdev,
+                                    target=classes, abs=False)
+        return captum_smoothgrad, channel_max
+    if ours == "integrated_gradients":
+        ig = ca.IntegratedGradients(model)
+
+        def captum_ig() -> torch.Tensor:
+            with autocast():
+                return ig.attribute(x, target=classes, n_steps=options["steps"],
+                                    method="gausslegendre",
+                                    internal_batch_size=options["batch_steps"])
+        return captum_ig, channel_max
+    if ours == "guided_backprop":
+        gbp = ca.GuidedBackprop(model)
+
+        def captum_gbp() -> torch.Tensor:
+            with autocast():
+                return gbp.attribute(x, target=classes)
+        return captum_gbp, channel_max
+    if reshape_kind is not None:
+        raise NotImplementedError("Captum's GuidedGradCam has no reshape for token outputs")
+    ggc = ca.GuidedGradCam(model, module)
+
+    def captum_ggc() -> torch.Tensor:
+        with autocast():
+            return ggc.attribute(x, target=classes)
+    return captum_ggc, channel_max
+
+
 def run_cell(spec: CellSpec) -> dict[str, Any]:
     """Time one (model, batch, method) cell and measure its peak memory; plain data back."""
     result: dict[str, Any] = {"model": spec.model, "batch": spec.batch, "method": spec.method,
@@ -282,7 +422,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             torch.set_num_threads(spec.threads)
         result["threads"] = torch.get_num_threads()
         device = torch.device(spec.device)
-        x = synthetic_images(spec.batch).to(device)
+        x = synthetic_images(spec.batch, size=spec.image_size).to(device)
         classes = torch.tensor(spec.classes[: spec.batch], device=device)
         with contextlib.ExitStack() as stack:
             call, maps_of = prepare_call(spec, device, x, classes, stack)
@@ -339,13 +479,19 @@ def minmax(maps: np.ndarray) -> np.ndarray:
     return (maps - lo) / np.where(span > 0, span, 1)
 
 
-def agreement(method: str, maps: np.ndarray, ours: np.ndarray) -> float | None:
+def agreement(method: str, maps: np.ndarray, ours: np.ndarray, size: int = IMAGE_SIZE,
+              batch: int = 1) -> float | None:
     """Max |difference| of a peer's map and ours after the same normalization; None where
-    all our maps are flat (all zero, say), which would make any agreement vacuous."""
+    all our maps are flat (all zero, say), which would make any agreement vacuous, and for
+    SmoothGrad on more than one image: Captum takes one noise level per input tensor (ours is
+    per image) and draws the noise of all images at once, so only a single image's noise can
+    be made the same (seed 0, our noise bank's draws)."""
     if not (ours.max(axis=(1, 2)) > ours.min(axis=(1, 2))).any():
         return None
-    size = (IMAGE_SIZE, IMAGE_SIZE)
-    if method == PGC_GRADCAM:  # its output is already normalized
+    if method == FAMILY_PEERS["smoothgrad"] and batch != 1:
+        return None
+    size = (size, size)
+    if method == PGC_GRADCAM or method.startswith("pgc-"):  # its output is normalized
         return float(np.abs(maps - pgc_normalize(ours, size)).max())
     if method == CAPTUM_GRADCAM:
         return float(np.abs(pgc_normalize(maps, size) - pgc_normalize(ours, size)).max())
@@ -387,6 +533,25 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def pair_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, batch) and family method: ours ÷ peer in images/s and peak memory."""
+    out = []
+    for key in dict.fromkeys((c["model"], c["batch"]) for c in cells):
+        by = {c["method"]: c for c in cells if (c["model"], c["batch"]) == key}
+        for ours, peer in FAMILY_PEERS.items():
+            if ours not in by and peer not in by:
+                continue
+            out.append({
+                "model": key[0], "batch": key[1], "ours": ours, "peer": peer,
+                "ours_images_per_s": by.get(ours, {}).get("images_per_s"),
+                "peer_images_per_s": by.get(peer, {}).get("images_per_s"),
+                "speed_ratio": _ratio(by, ours, peer, "images_per_s"),
+                "memory_ratio": _ratio(by, ours, peer, "memory.peak_mib"),
+                "max_abs_diff": by.get(peer, {}).get("max_abs_diff"),
+            })
+    return out
+
+
 def fmt_memory_ratio(value: float | None) -> str:
     if value is None:
         return "—"
@@ -400,7 +565,7 @@ def fmt_diff(value: float | None) -> str:
 
 
 def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str, Any]],
-           summary: list[dict[str, Any]]) -> str:
+           summary: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
     forward = {(c["model"], c["batch"]): c.get("images_per_s") for c in cells
                if c["method"] == FORWARD}
     rows = []
@@ -431,10 +596,33 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
         ["model", "batch", "Grad-CAM ÷ forward (≥ 0.95)", "Grad-CAM ÷ pgc (≥ 3)",
          "Grad-CAM ÷ Captum", "saliency ÷ Captum (≥ 1)", "Grad-CAM mem ÷ pgc (< 1)",
          "Grad-CAM mem ÷ Captum (< 1)", "saliency mem ÷ Captum (< 1)"], srows, "ll" + "r" * 7)
+    size = settings.get("image_size", IMAGE_SIZE)
+    pair_table = markdown_table(
+        ["model", "batch", "ours", "peer", "ours images/s", "peer images/s",
+         "ours ÷ peer images/s", "ours ÷ peer peak mem (< 1)", "max abs Δ vs ours"],
+        [[p["model"], p["batch"], p["ours"], p["peer"], fmt(p["ours_images_per_s"], 2),
+          fmt(p["peer_images_per_s"], 2), fmt_ratio(p["speed_ratio"]),
+          fmt_memory_ratio(p["memory_ratio"]),
+          "" if p["max_abs_diff"] is None and p["ours"] == "smoothgrad" and p["batch"] != 1
+          else fmt_diff(p["max_abs_diff"])] for p in pairs or []], "llll" + "r" * 5)
+    base = {OURS_GRADCAM, OURS_SALIENCY, PGC_GRADCAM, CAPTUM_GRADCAM, CAPTUM_SALIENCY}
+    options = ", ".join(f"{m} {o}" for m, o in FAMILY_OPTIONS.items()
+                        if o and any(c["method"] == m for c in cells))
+    family_part = [
+        "## Ours ÷ peer (the other methods)", "", pair_table, "",
+        f"Options: {options or 'defaults'}; each peer gets the same (pytorch-grad-cam "
+        "ScoreCAM batch_size = batch_masks; Captum NoiseTunnel nt_samples = samples, stdevs = "
+        "sigma x the value range; IntegratedGradients n_steps = steps, gausslegendre, "
+        "internal_batch_size = batch_steps). Δ: pytorch-grad-cam CAMs against ours after its "
+        "normalization (as Grad-CAM); Captum's attributions and ours as max over channels "
+        "of |attribution|, min-max per image. SmoothGrad's Δ only at batch 1: Captum takes one "
+        "noise level per input tensor (ours: per image) and draws all images' noise at once, "
+        "so only a single image's noise can be made identical (blank otherwise).", "",
+    ] if pairs else []
     lines = [
         f"# Method throughput and memory ({info['device']}, {settings['precision']})", "",
         *machine_lines(info),
-        f"- input: synthetic {IMAGE_SIZE}x{IMAGE_SIZE}, random-init weights (seed {SEED}); "
+        f"- input: synthetic {size}x{size}, random-init weights (seed {SEED}); "
         f"targets: the top-1 class of a plain forward, the same for every method",
         f"- timing: {settings['warmup']} warm-up call(s) (batch 1: {settings['warmup_batch1']}),"
         f" then at least {settings['min_repeats']} calls and {settings['min_time']} s "
@@ -442,7 +630,9 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
         f"- memory: {settings['memory_how']}",
         f"- total wall time {settings['wall_s']:.0f} s",
         *busy_warning([c.get("timing", {}).get("other_cores") for c in cells]), "",
-        "## Ratios against the design targets", "", summary_table, "",
+        *(["## Ratios against the design targets", "", summary_table, ""]
+          if any(c["method"] in base for c in cells) else []),
+        *family_part,
         "## All cells", "", cell_table, "",
         "`max abs Δ vs ours`: the peer's map against ours for the first "
         f"{settings['agree_images']} images after the same normalization (Grad-CAM: "
@@ -465,7 +655,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: resnet34 resnet50 (CPU); + vit_b_16 (CUDA)")
     p.add_argument("--batches", nargs="+", type=int,
                    help="default: 1 8 32 (CPU); 64 128 256 (CUDA)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, metavar="METHOD",
+                   help=f"of: {' '.join(ALL_METHODS)}; default: {' '.join(METHODS)}")
+    p.add_argument("--family", action="store_true",
+                   help="add our other methods and their peers (" + ", ".join(
+                       f"{o} / {q}" for o, q in FAMILY_PEERS.items()) + "); with any of them "
+                   f"selected the defaults are {' '.join(FAMILY_MODELS)}, "
+                   f"{FAMILY_IMAGE_SIZE}x{FAMILY_IMAGE_SIZE}, batch "
+                   f"{' '.join(map(str, FAMILY_BATCHES))} (quick: "
+                   f"{' '.join(map(str, FAMILY_QUICK_BATCHES))})")
+    p.add_argument("--image-size", type=int,
+                   help=f"input side (default {IMAGE_SIZE}; family: {FAMILY_IMAGE_SIZE})")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: resnet34, batch 1 and 8, short timings")
     p.add_argument("--warmup", type=int, help="warm-up calls per cell (default 1; batch 1: 3)")
@@ -489,14 +689,15 @@ def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: to
     cells: list[dict[str, Any]] = []
     with _runner(args.in_process) as run:
         for model in settings["models"]:
-            classes = predicted_classes(model, max(settings["batches"]), device)
+            classes = predicted_classes(model, max(settings["batches"]), device,
+                                        settings["image_size"])
             for batch in settings["batches"]:
-                for method in args.methods:
+                for method in settings["methods"]:
                     spec = CellSpec(
                         model, batch, method, str(device), args.precision, classes,
                         settings["warmup_batch1"] if batch == 1 else settings["warmup"],
                         settings["min_repeats"], settings["min_time"], settings["max_time"],
-                        min(args.agree_images, batch), args.threads)
+                        min(args.agree_images, batch), args.threads, settings["image_size"])
                     t0 = time.perf_counter()
                     cell = run(spec)
                     cells.append(cell)
@@ -504,7 +705,7 @@ def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: to
                             f"{cell['images_per_s']:8.2f} images/s, peak "
                             f"{cell['memory']['peak_mib']:7.0f} MiB, "
                             f"{cell['timing']['repeats']} repeats")
-                    print(f"{model:>10} batch {batch:>3} {method:<20} {what}  "
+                    print(f"{model:>10} batch {batch:>3} {method:<27} {what}  "
                           f"[{time.perf_counter() - t0:.1f} s]", flush=True)
                     if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
                         print(cell["traceback"], file=sys.stderr)
@@ -517,12 +718,23 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = args.models or (["resnet34"] if args.quick else
-                             ["resnet34", "resnet50"] + (["vit_b_16"] if cuda else []))
-    batches = args.batches or ([1, 8] if args.quick else [64, 128, 256] if cuda else [1, 8, 32])
+    methods = list(args.methods or METHODS)
+    if args.family:
+        methods += [m for m in FAMILY if m not in methods]
+    family = any(m in FAMILY for m in methods)
+    if family:
+        models = args.models or FAMILY_MODELS
+        batches = args.batches or (FAMILY_QUICK_BATCHES if args.quick else FAMILY_BATCHES)
+    else:
+        models = args.models or (["resnet34"] if args.quick else
+                                 ["resnet34", "resnet50"] + (["vit_b_16"] if cuda else []))
+        batches = args.batches or ([1, 8] if args.quick else [64, 128, 256] if cuda
+                                   else [1, 8, 32])
     quick = args.quick
     settings: dict[str, Any] = {
-        "models": models, "batches": batches, "methods": args.methods,
+        "models": models, "batches": batches, "methods": methods,
+        "image_size": args.image_size or (FAMILY_IMAGE_SIZE if family else IMAGE_SIZE),
+        "family_options": {m: o for m, o in FAMILY_OPTIONS.items() if m in methods},
         "precision": args.precision, "quick": quick, "agree_images": args.agree_images,
         "warmup": args.warmup if args.warmup is not None else 1,
         "warmup_batch1": args.warmup if args.warmup is not None else (2 if quick else 3),
@@ -543,17 +755,20 @@ def main(argv: list[str] | None = None) -> None:
     for c in cells:
         ref = ours.get((c["model"], c["batch"], COMPARED_WITH.get(c["method"], "")))
         if c["method"] in COMPARED_WITH and c.get("maps") is not None and ref is not None:
-            c["max_abs_diff"] = agreement(c["method"], c["maps"], ref)
+            c["max_abs_diff"] = agreement(c["method"], c["maps"], ref,
+                                          settings["image_size"], c["batch"])
     for c in cells:
         c.pop("maps", None)
     summary = summarize(cells)
-    markdown = report(info, settings, cells, summary)
+    pairs = pair_rows(cells)
+    markdown = report(info, settings, cells, summary, pairs)
     print("\n" + markdown)
     stem = args.name or "-".join(
-        [f"methods-{device.type}"] + ([args.precision] if args.precision != "fp32" else [])
+        [f"methods-{device.type}"] + (["family"] if family else [])
+        + ([args.precision] if args.precision != "fp32" else [])
         + (["quick"] if quick else []))
     payload = {"benchmark": "methods", "machine": info, "settings": settings,
-               "summary": summary, "cells": cells}
+               "summary": summary, "pairs": pairs, "cells": cells}
     paths = write_results(stem, payload, markdown, args.out)
     print(f"\nwrote {paths[0]} and {paths[1]}")
 
