@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from types import TracebackType
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..hooks import LayerRecorder
+from ..hooks import HookSet, LayerRecorder
 
 # Picks the class to explain per image from the logits, e.g. argmax or the dataset label.
 TargetFn = Callable[[torch.Tensor], torch.Tensor]
@@ -82,13 +82,20 @@ class Method(ABC):
         self.topk = topk
         self.autocast_dtype = autocast_dtype
         self.recorder: LayerRecorder | None = self.make_recorder()
+        self._hooks = ExitStack()
 
     def make_recorder(self) -> LayerRecorder | None:
         return LayerRecorder(self.layers, for_grad=True) if self.layers else None
 
+    def hook_sets(self) -> list[HookSet]:
+        """The hooks this method needs while its ``with`` block lasts."""
+        return [self.recorder] if self.recorder is not None else []
+
     def __enter__(self) -> Method:
-        if self.recorder is not None:
-            self.recorder.__enter__()
+        with ExitStack() as stack:  # a set that fails to register unwinds the ones before
+            for hooks in self.hook_sets():
+                stack.enter_context(hooks)
+            self._hooks = stack.pop_all()
         return self
 
     def __exit__(
@@ -97,8 +104,7 @@ class Method(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
+        self._hooks.close()
 
     def autocast(self, x: torch.Tensor) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -69,25 +68,8 @@ class GuidedHooksMixin(Method):
 
     guided: GuidedReLUs
 
-    def __enter__(self) -> Method:
-        super().__enter__()
-        try:
-            self.guided.__enter__()
-        except BaseException:
-            super().__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.guided.remove()
-        finally:
-            super().__exit__(exc_type, exc, tb)
+    def hook_sets(self) -> list[HookSet]:
+        return [*super().hook_sets(), self.guided]
 
     def guided_gradient(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Guided dY_t/dx (N, C, H, W): one forward and one ``autograd.grad``."""
