@@ -48,6 +48,20 @@ def write_images(folder: Path, n: int, ext: str = "jpg", size: tuple[int, int] =
     return paths
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many tiny tensor ops: on the shared 2-core CI
+    machine, OpenMP threads waiting for each other at every op cost far more than they
+    bring. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the setting is
+    put back for the other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     write_images(tmp_path / "images", 6)

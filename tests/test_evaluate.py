@@ -18,16 +18,7 @@ from pipeline.cli import run
 from pipeline.data import input_box
 from pipeline.errors import ConfigError, DataError, StoreError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny tensor ops; on a shared CI machine, OpenMP threads that
-    wait for each other at every op cost far more than they bring. One thread here, and the
-    setting is put back for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RegionMean(nn.Module):

@@ -59,14 +59,7 @@ GRAD_CAMS = {"gradcampp": (GradCAMPlusPlus, "GradCAMPlusPlus"),
              "hirescam": (HiResCAM, "HiResCAM"), "eigencam": (EigenCAM, "EigenCAM")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These batches are tiny: one intra-op thread is as fast alone and far faster when the
-    2-core test machine is shared (spinning OpenMP threads tripled the CPU time there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str) -> nn.Module:
