@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.cli import check_overrides, main
+from pipeline.config import expand_target_shorthand
 from pipeline.errors import ConfigError
 
 
@@ -16,6 +17,7 @@ def app(cfg: DictConfig):
 
 if __name__ == "__main__":
     try:
+        sys.argv[1:] = expand_target_shorthand(sys.argv[1:])
         check_overrides(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

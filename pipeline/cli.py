@@ -18,7 +18,7 @@ from .errors import CamsweepError, ConfigError, unknown
 
 log = logging.getLogger("camsweep")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "data", "hydra/launcher")
+GROUPS = ("model", "method", "data", "target", "hydra/launcher")
 STATUS_FILE = "camsweep.json"  # per job: outcome and figures, read by load_sweep
 
 

@@ -29,7 +29,7 @@ DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESIZES = ("square", "center_crop")
 RESHAPES = ("vit", "nhwc", "swin")
-TARGET_MODES = ("pred", "label", "topk")
+TARGET_MODES = ("pred", "label", "topk", "class")
 
 
 @dataclass
@@ -50,6 +50,15 @@ class ModelConfig:
     # Input normalization; null takes the model's own.
     mean: list[float] | None = None
     std: list[float] | None = None
+
+
+@dataclass
+class TargetConfig:
+    """Which class each map explains (``conf/target/``)."""
+
+    name: str = "pred"  # pred (top-1) | label (dataset label) | topk | class
+    k: int = 5  # topk: maps for this many best classes per image
+    index: int | None = None  # class: the class index, the same for every image
 
 
 @dataclass
@@ -216,8 +225,8 @@ class CamsweepConfig:
     precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on GPUs)
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
-    target: Any = "pred"  # pred | label | topk (maps for the `topk` best classes) | class index
-    topk: int = 5
+    target: TargetConfig = MISSING
+    topk: int = 5  # predictions (classes, probabilities) stored per image
     run_dir: str | None = None
     overwrite: bool = False
     resume: bool = True
@@ -230,6 +239,7 @@ def register_configs() -> None:
     cs.store(name="camsweep_schema", node=CamsweepConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="target", name="target_schema", node=TargetConfig)
     cs.store(group="method", name="gradcam_schema", node=GradCAMConfig)
     cs.store(group="method", name="saliency_schema", node=SaliencyConfig)
     cs.store(group="method", name="activations_schema", node=ActivationsConfig)
@@ -276,11 +286,8 @@ def validate(cfg: DictConfig) -> None:
         _choice("method.dtype", cfg.method.dtype, ("float16", "float32"))
         _choice("method.pool", cfg.method.pool, ("none", "avg"))
     _validate_method_family(cfg.method)
-    target = cfg.target
-    is_class = isinstance(target, int) and not isinstance(target, bool)
-    if not is_class and target not in TARGET_MODES:
-        raise ConfigError(unknown("target", target, (*TARGET_MODES, "<class index>")))
-    if target == "topk" and cfg.method.name == "activations":
+    target_spec(cfg.target)
+    if cfg.target.name == "topk" and cfg.method.name == "activations":
         raise ConfigError("target=topk has no effect on method=activations (they do not depend "
                           "on a class); use target=pred")
     if cfg.batch_size < 1:
@@ -295,6 +302,35 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.shard={cfg.data.shard} needs data.num_shards > shard (got {n})"
             )
+
+
+def target_spec(target: DictConfig) -> str | int:
+    """``pred``, ``label``, ``topk`` or the class index of ``target=class``, checked."""
+    _choice("target", target.name, TARGET_MODES)
+    if target.name == "topk" and target.k < 1:
+        raise ConfigError(f"target.k must be >= 1, got {target.k}")
+    if target.name != "class":
+        return target.name
+    if target.index is None or target.index < 0:
+        raise ConfigError(f"target=class needs a class index >= 0: target.index=281 "
+                          f"(or short: target=281), got {target.index}")
+    return int(target.index)
+
+
+def expand_target_shorthand(overrides: list[str]) -> list[str]:
+    """``target=281`` (or a sweep ``target=281,285``) -> ``target=class target.index=281``."""
+    out = []
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key != "target" or not any(c.isdigit() for c in value):
+            out.append(arg)
+            continue
+        choices = value.split(",")
+        if not all(c.strip().isdigit() for c in choices):
+            raise ConfigError(f"target={value}: sweep either modes (target=pred,label,topk) or "
+                              f"class indices (target=281,285), not both")
+        out += ["target=class", f"target.index={value}"]
+    return out
 
 
 def _validate_method_family(method: DictConfig) -> None:

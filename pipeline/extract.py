@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
-from .config import validate
+from .config import target_spec, validate
 from .data import (
     ImageDataset,
     Record,
@@ -91,6 +91,10 @@ def fingerprint(cfg: DictConfig) -> str:
     sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
            else cfg[k] for k in RESULT_KEYS}
     sub["data"] = {k: v for k, v in sub["data"].items() if k not in ("shard", "num_shards")}
+    # Only what decides the classes explained: target.k matters for topk alone.
+    sub["target"] = target_spec(cfg.target)
+    if sub["target"] == "topk":
+        sub["target_k"] = cfg.target.k
     return json.dumps(sub, sort_keys=True)
 
 
@@ -129,18 +133,18 @@ class Normalize(torch.nn.Module):
         return (pixels.float() - self.shift) * self.scale
 
 
-def explain(method: Method, x: torch.Tensor, target: Any, labels: torch.Tensor | None,
-            topk: int) -> dict[str, torch.Tensor]:
-    """The method on one batch, for the configured target (top-k adds a class axis)."""
+def explain(method: Method, x: torch.Tensor, target: str | int, labels: torch.Tensor | None,
+            k: int) -> dict[str, torch.Tensor]:
+    """The method on one batch for a :func:`target_spec` target (top-k adds a class axis)."""
     if target == "topk":
-        return explain_topk(method, x, topk)
+        return explain_topk(method, x, k)
     return method(x, target_fn(target, labels))
 
 
-def probe_layout(method: Method, x: torch.Tensor, target: Any,
-                 topk: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+def probe_layout(method: Method, x: torch.Tensor, target: str | int,
+                 k: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-image shape and dtype of every array the method returns, from one tiny batch."""
-    out = explain(method, x, "topk" if target == "topk" else "pred", None, topk)
+    out = explain(method, x, "topk" if target == "topk" else "pred", None, k)
     return {k: (tuple(v.shape[1:]), np.dtype(str(v.dtype).removeprefix("torch.")))
             for k, v in out.items()}
 
@@ -205,10 +209,13 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
-    if cfg.target == "topk" and cfg.topk > n_classes:
-        raise ConfigError(f"target=topk with topk={cfg.topk}: the model has {n_classes} classes")
-    if isinstance(cfg.target, int) and not 0 <= cfg.target < n_classes:
-        raise ConfigError(f"target={cfg.target} is not a class of this model (0..{n_classes - 1})")
+    target = target_spec(cfg.target)
+    if target == "topk" and cfg.target.k > n_classes:
+        raise ConfigError(f"target.k={cfg.target.k}: the model has {n_classes} classes")
+    if cfg.topk > n_classes:
+        raise ConfigError(f"topk={cfg.topk}: the model has {n_classes} classes")
+    if isinstance(target, int) and not target < n_classes:
+        raise ConfigError(f"target={target} is not a class of this model (0..{n_classes - 1})")
     method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
                           topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision])
     normalize = Normalize(info.mean, info.std).to(device)
@@ -218,7 +225,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     def make() -> None:
         with method:
             layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)),
-                                  cfg.target, cfg.topk)
+                                  target, cfg.target.k)
         attrs = {
             "method": cfg.method.name, "model": cfg.model.name,
             "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
@@ -256,6 +263,7 @@ def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
 def _run_batches(job: Job, writer: ResultsWriter) -> int:
     """Process the file's pending rows; returns how many were done before."""
     cfg, device, start = job.cfg, job.device, job.start
+    target = target_spec(cfg.target)
     pending = writer.pending_rows()
     skipped = len(writer.file["images/status"]) - len(pending)
     dataset = ImageDataset(job.records, start + pending, cfg.data.image_size, cfg.data.resize,
@@ -277,7 +285,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                 x = batch["pixels"].to(device, non_blocking=True)
                 for pos, reason in decode_on_device(batch, x, cfg.data.image_size).items():
                     batch["error"][pos] = reason
-                errors = _batch_errors(rows, batch, cfg.target, job.n_classes)
+                errors = _batch_errors(rows, batch, target, job.n_classes)
                 ok = torch.tensor([int(r) not in errors for r in rows])
                 arrays: dict[str, np.ndarray] = {}
                 if ok.any():
@@ -286,7 +294,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     x = job.normalize(x)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    out = explain(job.method, x, cfg.target, batch["label"][ok], cfg.topk)
+                    out = explain(job.method, x, target, batch["label"][ok], cfg.target.k)
                     out["images/nonfinite"] = _nonfinite(out)
                     # The one host sync per batch: hand finished arrays to the writer.
                     arrays = {k: v.cpu().numpy() for k, v in out.items()}

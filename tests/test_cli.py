@@ -78,3 +78,15 @@ def test_existing_run_of_other_config_is_not_overwritten(tmp_path, image_dir):
     with load_run(tmp_path / "run") as run:
         assert run.method == "gradcam" and run.done.all()
     assert "method:\n  name: gradcam" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_class_index_shorthand(tmp_path):
+    """`target=281` on the command line is `target=class target.index=281`."""
+    run_dir = tmp_path / "run"
+    proc = run_py(*TINY, "target=281", "stage=extract", "data.limit=2", f"run_dir={run_dir}",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with load_run(run_dir) as run:
+        assert list(run.targets[0]) == [281, 281]
+        assert "index: 281" in run.attrs["config"]

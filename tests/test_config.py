@@ -8,7 +8,7 @@ from conftest import CONF, TINY, compose_cfg
 from hydra.errors import ConfigCompositionException
 
 from pipeline.cli import check_overrides
-from pipeline.config import validate
+from pipeline.config import expand_target_shorthand, target_spec, validate
 from pipeline.errors import ConfigError, DataError
 from pipeline.extract import extract, resolve_device
 from pipeline.models import build_model, resolve_layers
@@ -20,7 +20,7 @@ def test_default_config():
     cfg = compose_cfg()
     validate(cfg)
     assert cfg.model.name == "efficientnet_lite0" and cfg.method.name == "gradcam"
-    assert cfg.data.name == "samples" and cfg.device == "auto" and cfg.target == "pred"
+    assert cfg.data.name == "samples" and cfg.device == "auto" and cfg.target.name == "pred"
 
 
 @pytest.mark.parametrize("method", ["gradcam", "saliency", "activations"])
@@ -53,6 +53,8 @@ def test_misspelled_key_fails_at_compose_time():
     (["-m", "model=resnet34,resnet5"], "unknown model 'resnet5'"),
     (["batchsize=3"], "unknown config key 'batchsize'; did you mean 'batch_size'?"),
     (["hydra/launcher=slurmm"], "unknown hydra/launcher 'slurmm'"),
+    (["target=pre"], "unknown target 'pre'; did you mean 'pred'?"),
+    (["target=topk,labl"], "unknown target 'labl'; did you mean 'label'?"),
 ])
 def test_bad_override_is_one_line_with_close_matches(argv, message):
     with pytest.raises(ConfigError) as e:
@@ -68,7 +70,9 @@ def test_good_overrides_pass():
 @pytest.mark.parametrize(("override", "message"), [
     ("precision=fp8", "unknown precision 'fp8'"),
     ("stage=rendr", "unknown stage 'rendr'; did you mean 'render'?"),
-    ("target=pre", "unknown target 'pre'; did you mean 'pred'?"),
+    ("target=class", "target=class needs a class index >= 0: target.index=281"),
+    ("target=topk target.k=0", "target.k must be >= 1, got 0"),
+    ("method=activations target=topk", "target=topk has no effect on method=activations"),
     ("method=activations method.dtype=float8", "unknown method.dtype 'float8'"),
     ("data.resize=crop", "unknown data.resize 'crop'"),
     ("batch_size=0", "batch_size must be >= 1"),
@@ -78,6 +82,18 @@ def test_bad_values_fail_validation(override, message):
     cfg = compose_cfg(*override.split())
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_target_group_and_class_shorthand():
+    cfg = compose_cfg("target=topk", "target.k=3")
+    assert (cfg.target.name, cfg.target.k, target_spec(cfg.target)) == ("topk", 3, "topk")
+    argv = expand_target_shorthand(["-m", "target=281,285", "topk=2"])
+    assert argv == ["-m", "target=class", "target.index=281,285", "topk=2"]
+    assert target_spec(compose_cfg(*expand_target_shorthand(["target=281"])).target) == 281
+    assert expand_target_shorthand(["target=label", "model.target_layers=[layer4]"]) == [
+        "target=label", "model.target_layers=[layer4]"]
+    with pytest.raises(ConfigError, match="not both"):
+        expand_target_shorthand(["target=pred,281"])
 
 
 def test_unknown_layer_names_closest(tmp_path):

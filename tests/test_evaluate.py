@@ -479,7 +479,7 @@ def test_topk_runs_are_scored_per_class(tmp_path, image_dir):
     metrics = ("evaluate.metrics=[deletion,confidence,road,sanity]", "evaluate.steps=4",
                "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=2")
     top = tmp_path / "top"
-    run(compose_cfg(*common, "stage=extract", "target=topk", "topk=2"), top)
+    run(compose_cfg(*common, "stage=extract", "target=topk", "target.k=2"), top)
     run(compose_cfg(*common, "stage=evaluate", f"run_dir={top}", *metrics), top)
     with h5py.File(top / "results.h5") as f:
         cls = f["targets/class"][:]
@@ -489,7 +489,8 @@ def test_topk_runs_are_scored_per_class(tmp_path, image_dir):
         assert f["metrics/score"].shape == (2, 2)
         by_class = {k: g[k][0, 1] for k in ("deletion_auc", "drop", "road", "sanity_spearman")}
     one = tmp_path / "one"
-    run(compose_cfg(*common, "stage=extract", f"target={int(cls[0, 1])}", "data.limit=1"), one)
+    run(compose_cfg(*common, "stage=extract", "target=class", f"target.index={int(cls[0, 1])}",
+                    "data.limit=1"), one)
     run(compose_cfg(*common, "stage=evaluate", f"run_dir={one}", *metrics), one)
     with h5py.File(one / "results.h5") as f:
         g = f["metrics/gradcam/layer4"]

@@ -48,7 +48,8 @@ def test_gradcam_run_matches_direct_method_call(tmp_path, image_dir):
 
 
 def test_fixed_target_and_label_target(tmp_path, image_dir):
-    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "target=281")
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "target=class",
+                      "target.index=281")
     extract(cfg, tmp_path / "fixed")
     with load_run(tmp_path / "fixed") as run:
         assert (run.targets[0] == 281).all()
@@ -186,7 +187,7 @@ def test_torchvision_model_classes():
 
 def test_topk_target_stores_a_map_per_class(tmp_path, image_dir):
     pattern = f"data.pattern={image_dir}/*.jpg"
-    extract(compose_cfg(*TINY, "data=glob", pattern, "target=topk", "topk=3"), tmp_path / "k")
+    extract(compose_cfg(*TINY, "data=glob", pattern, "target=topk", "target.k=3"), tmp_path / "k")
     with load_run(tmp_path / "k") as run:
         cams, (cls, _) = run.cams("layer4"), run.predictions
         tcls, tscore = run.targets
@@ -198,8 +199,8 @@ def test_topk_target_stores_a_map_per_class(tmp_path, image_dir):
     # Each class's map equals a run that explains that class alone.
     for k in range(3):
         cls_k = int(tcls[0, k])
-        extract(compose_cfg(*TINY, "data=glob", pattern, f"target={cls_k}", "data.limit=1"),
-                tmp_path / f"c{k}")
+        extract(compose_cfg(*TINY, "data=glob", pattern, "target=class", f"target.index={cls_k}",
+                            "data.limit=1"), tmp_path / f"c{k}")
         with load_run(tmp_path / f"c{k}") as one:
             np.testing.assert_allclose(one.cams("layer4")[0], done[0, k], rtol=1e-4, atol=1e-6)
     from pipeline.render import render_run

@@ -148,7 +148,7 @@ def test_run_report_without_metrics_says_how_to_get_them(tmp_path, image_dir):
 def test_topk_run_report_shows_each_class(tmp_path, image_dir):
     run_dir = tmp_path / "top"
     common = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=2")
-    run(compose_cfg(*common, "stage=extract", "target=topk", "topk=2"), run_dir)
+    run(compose_cfg(*common, "stage=extract", "target=topk", "target.k=2"), run_dir)
     run(compose_cfg(*common, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=2",
                     "evaluate.metrics=[deletion,confidence]"), run_dir)
     index = report(run_dir)
