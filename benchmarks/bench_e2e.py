@@ -136,6 +136,7 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
 
     The model, method and normalization come from ``pipeline.extract.prepare`` -- exactly
     what ``extract`` uses; its run time is the setup cost of an extract run."""
+    from pipeline.config import target_spec
     from pipeline.extract import prepare
     from pipeline.methods import target_fn
 
@@ -143,7 +144,7 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
     job = prepare(cfg, scratch)
     setup = time.perf_counter() - t0
     batches = [b["pixels"] for b in loader(folder, cfg.batch_size, 0, job.device)]
-    choose = target_fn(cfg.target)
+    choose = target_fn(target_spec(cfg.target))
 
     def run() -> None:
         for pixels in batches:
