@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import multiprocessing as mp
 import os
 import resource
@@ -103,6 +104,7 @@ MODELS: dict[str, tuple[str, str | None]] = {
     "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", "vit"),
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = ("nchw", "nhwc")  # nhwc: channels_last model and input, for every method alike
 IMAGE_SIZE = 224
 SEED = 0
 MIB = 2**20
@@ -123,6 +125,16 @@ class CellSpec:
     agree_images: int  # how many images' maps to send back for the agreement check
     threads: int | None
     image_size: int = IMAGE_SIZE
+    channels_last: bool = False  # model and input in NHWC (every method of the cell alike)
+
+
+def layout_of(channels_last: bool) -> str:
+    return "nhwc" if channels_last else "nchw"
+
+
+def cell_key(cell: dict[str, Any]) -> tuple[str, int, str]:
+    """(model, batch, layout): the cells whose methods are compared with each other."""
+    return cell["model"], cell["batch"], cell.get("layout", "nchw")
 
 
 # --------------------------------------------------------------------------- inputs, models
@@ -137,10 +149,11 @@ def synthetic_images(n: int, seed: int = SEED, size: int = IMAGE_SIZE) -> torch.
     ])
 
 
-def build(name: str, frozen: bool) -> torch.nn.Module:
+def build(name: str, frozen: bool, channels_last: bool = False) -> torch.nn.Module:
     """Random-init weights, equal in every process (seeded). Ours: frozen parameters, as
     ``pipeline.models.build_model`` makes them; the peers need parameters that require grad
-    (equal to ``copy.deepcopy(model).requires_grad_(True)``)."""
+    (equal to ``copy.deepcopy(model).requires_grad_(True)``). ``channels_last``: NHWC
+    weights, as ``channels_last=true`` makes them in a run (and as a peer's user would)."""
     torch.manual_seed(SEED)
     model = torchvision.models.get_model(name, weights=None).eval()
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -149,6 +162,8 @@ def build(name: str, frozen: bool) -> torch.nn.Module:
         # be zero, and the agreement check vacuous.
         with torch.no_grad():
             head.weight.normal_(0, 0.01)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model.requires_grad_(not frozen)
 
 
@@ -256,7 +271,7 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     if spec.method in FAMILY:
         return prepare_family_peer(spec, device, x, classes, stack)
     if spec.method in (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS):
-        model = build(spec.model, frozen=True).to(device)
+        model = build(spec.model, frozen=True, channels_last=spec.channels_last).to(device)
         layers = resolve_layers(model, [layer])
         reshape = reshape_transform(reshape_kind)
         if spec.method == FORWARD:
@@ -274,7 +289,7 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
                                             autocast_dtype=dtype))
         return lambda: m(x, choose), lambda out: None
 
-    model = build(spec.model, frozen=False).to(device)
+    model = build(spec.model, frozen=False, channels_last=spec.channels_last).to(device)
     module = dict(model.named_modules())[layer]
     if spec.method == PGC_GRADCAM:
         from pytorch_grad_cam import GradCAM as PGCGradCAM
@@ -323,7 +338,7 @@ def prepare_family_ours(spec: CellSpec, device: torch.device, x: torch.Tensor,
 
     layer, reshape_kind = MODELS[spec.model]
     cls = OUR_METHODS[spec.method]
-    model = build(spec.model, frozen=True).to(device)
+    model = build(spec.model, frozen=True, channels_last=spec.channels_last).to(device)
     layers = resolve_layers(model, [layer]) if cls.uses_layers else {}
     m = stack.enter_context(cls(model, layers, reshape=reshape_transform(reshape_kind),
                                 autocast_dtype=PRECISIONS[spec.precision],
@@ -338,7 +353,7 @@ def prepare_family_peer(spec: CellSpec, device: torch.device, x: torch.Tensor,
     """The peer of one of our other methods, with the same options."""
     layer, reshape_kind = MODELS[spec.model]
     k = spec.agree_images
-    model = build(spec.model, frozen=False).to(device)
+    model = build(spec.model, frozen=False, channels_last=spec.channels_last).to(device)
     module = dict(model.named_modules())[layer]
     ours = next(o for o, p in FAMILY_PEERS.items() if p == spec.method)
     options = FAMILY_OPTIONS[ours]
@@ -414,6 +429,7 @@ def prepare_family_peer(spec: CellSpec, device: torch.device, x: torch.Tensor,
 def run_cell(spec: CellSpec) -> dict[str, Any]:
     """Time one (model, batch, method) cell and measure its peak memory; plain data back."""
     result: dict[str, Any] = {"model": spec.model, "batch": spec.batch, "method": spec.method,
+                              "layout": layout_of(spec.channels_last),
                               "precision": spec.precision, "error": None, "maps": None}
     # Captum's note that it made the input require grad, once per cell: not news here.
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
@@ -423,6 +439,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         result["threads"] = torch.get_num_threads()
         device = torch.device(spec.device)
         x = synthetic_images(spec.batch, size=spec.image_size).to(device)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         classes = torch.tensor(spec.classes[: spec.batch], device=device)
         with contextlib.ExitStack() as stack:
             call, maps_of = prepare_call(spec, device, x, classes, stack)
@@ -516,13 +534,18 @@ def _ratio(by: dict[str, dict[str, Any]], a: str, b: str, field: str) -> float |
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, batch): the ratios the design's performance targets speak of."""
     out = []
-    for key in dict.fromkeys((c["model"], c["batch"]) for c in cells):
-        by = {c["method"]: c for c in cells if (c["model"], c["batch"]) == key}
+    for key in dict.fromkeys(cell_key(c) for c in cells):
+        by = {c["method"]: c for c in cells if cell_key(c) == key}
+        # pytorch-grad-cam as its users run it: NCHW (its examples never convert layouts).
+        pgc_nchw = next((c for c in cells if cell_key(c) == (*key[:2], "nchw")
+                         and c["method"] == PGC_GRADCAM), {})
         speed, mem = "images_per_s", "memory.peak_mib"
         out.append({
-            "model": key[0], "batch": key[1],
+            "model": key[0], "batch": key[1], "layout": key[2],
             "gradcam_vs_forward": _ratio(by, OURS_GRADCAM, FORWARD, speed),
             "gradcam_vs_pgc": _ratio(by, OURS_GRADCAM, PGC_GRADCAM, speed),
+            "gradcam_vs_pgc_nchw": _ratio({**by, "pgc-nchw": pgc_nchw}, OURS_GRADCAM,
+                                          "pgc-nchw", speed),
             "gradcam_vs_captum": _ratio(by, OURS_GRADCAM, CAPTUM_GRADCAM, speed),
             "saliency_vs_captum": _ratio(by, OURS_SALIENCY, CAPTUM_SALIENCY, speed),
             "gradcam_memory_vs_pgc": _ratio(by, OURS_GRADCAM, PGC_GRADCAM, mem),
@@ -536,13 +559,13 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def pair_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, batch) and family method: ours ÷ peer in images/s and peak memory."""
     out = []
-    for key in dict.fromkeys((c["model"], c["batch"]) for c in cells):
-        by = {c["method"]: c for c in cells if (c["model"], c["batch"]) == key}
+    for key in dict.fromkeys(cell_key(c) for c in cells):
+        by = {c["method"]: c for c in cells if cell_key(c) == key}
         for ours, peer in FAMILY_PEERS.items():
             if ours not in by and peer not in by:
                 continue
             out.append({
-                "model": key[0], "batch": key[1], "ours": ours, "peer": peer,
+                "model": key[0], "batch": key[1], "layout": key[2], "ours": ours, "peer": peer,
                 "ours_images_per_s": by.get(ours, {}).get("images_per_s"),
                 "peer_images_per_s": by.get(peer, {}).get("images_per_s"),
                 "speed_ratio": _ratio(by, ours, peer, "images_per_s"),
@@ -566,15 +589,14 @@ def fmt_diff(value: float | None) -> str:
 
 def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str, Any]],
            summary: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
-    forward = {(c["model"], c["batch"]): c.get("images_per_s") for c in cells
-               if c["method"] == FORWARD}
+    forward = {cell_key(c): c.get("images_per_s") for c in cells if c["method"] == FORWARD}
     rows = []
     for c in cells:
-        ips, ref = c.get("images_per_s"), forward.get((c["model"], c["batch"]))
+        ips, ref = c.get("images_per_s"), forward.get(cell_key(c))
         mem = c.get("memory", {}).get("peak_mib")
         timing = c.get("timing", {})
         rows.append([
-            c["model"], c["batch"], c["method"],
+            c["model"], c["batch"], c.get("layout", "nchw"), c["method"],
             fmt(ips, 2) if not c.get("error") else f"error: {c['error']}",
             fmt_ratio(ips / ref if ips and ref else None),
             fmt(mem, 0), fmt(timing.get("median_s"), 3), timing.get("repeats", "—"),
@@ -582,29 +604,33 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
             fmt_diff(c.get("max_abs_diff")) if c["method"] in COMPARED_WITH else "",
         ])
     cell_table = markdown_table(
-        ["model", "batch", "method", "images/s", "÷ forward", "peak MiB", "s/call (median)",
-         "repeats", "own cores", "others", "max abs Δ vs ours"], rows, "llll" + "r" * 7)
+        ["model", "batch", "layout", "method", "images/s", "÷ forward", "peak MiB",
+         "s/call (median)", "repeats", "own cores", "others", "max abs Δ vs ours"], rows,
+        "lllll" + "r" * 7)
     srows = [[
-        s["model"], s["batch"],
+        s["model"], s["batch"], s.get("layout", "nchw"),
         fmt_ratio(s["gradcam_vs_forward"], 0.95), fmt_ratio(s["gradcam_vs_pgc"], 3.0),
+        fmt_ratio(s.get("gradcam_vs_pgc_nchw"), 3.0),
         fmt_ratio(s["gradcam_vs_captum"]), fmt_ratio(s["saliency_vs_captum"], 1.0),
         fmt_memory_ratio(s["gradcam_memory_vs_pgc"]),
         fmt_memory_ratio(s["gradcam_memory_vs_captum"]),
         fmt_memory_ratio(s["saliency_memory_vs_captum"]),
     ] for s in summary]
     summary_table = markdown_table(
-        ["model", "batch", "Grad-CAM ÷ forward (≥ 0.95)", "Grad-CAM ÷ pgc (≥ 3)",
-         "Grad-CAM ÷ Captum", "saliency ÷ Captum (≥ 1)", "Grad-CAM mem ÷ pgc (< 1)",
-         "Grad-CAM mem ÷ Captum (< 1)", "saliency mem ÷ Captum (< 1)"], srows, "ll" + "r" * 7)
+        ["model", "batch", "layout", "Grad-CAM ÷ forward (≥ 0.95)", "Grad-CAM ÷ pgc (≥ 3)",
+         "Grad-CAM ÷ pgc NCHW (≥ 3)", "Grad-CAM ÷ Captum", "saliency ÷ Captum (≥ 1)",
+         "Grad-CAM mem ÷ pgc (< 1)", "Grad-CAM mem ÷ Captum (< 1)",
+         "saliency mem ÷ Captum (< 1)"], srows, "lll" + "r" * 8)
     size = settings.get("image_size", IMAGE_SIZE)
     pair_table = markdown_table(
-        ["model", "batch", "ours", "peer", "ours images/s", "peer images/s",
+        ["model", "batch", "layout", "ours", "peer", "ours images/s", "peer images/s",
          "ours ÷ peer images/s", "ours ÷ peer peak mem (< 1)", "max abs Δ vs ours"],
-        [[p["model"], p["batch"], p["ours"], p["peer"], fmt(p["ours_images_per_s"], 2),
+        [[p["model"], p["batch"], p.get("layout", "nchw"), p["ours"], p["peer"],
+          fmt(p["ours_images_per_s"], 2),
           fmt(p["peer_images_per_s"], 2), fmt_ratio(p["speed_ratio"]),
           fmt_memory_ratio(p["memory_ratio"]),
           "" if p["max_abs_diff"] is None and p["ours"] == "smoothgrad" and p["batch"] != 1
-          else fmt_diff(p["max_abs_diff"])] for p in pairs or []], "llll" + "r" * 5)
+          else fmt_diff(p["max_abs_diff"])] for p in pairs or []], "lllll" + "r" * 5)
     base = {OURS_GRADCAM, OURS_SALIENCY, PGC_GRADCAM, CAPTUM_GRADCAM, CAPTUM_SALIENCY}
     options = ", ".join(f"{m} {o}" for m, o in FAMILY_OPTIONS.items()
                         if o and any(c["method"] == m for c in cells))
@@ -630,7 +656,11 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
         f"- memory: {settings['memory_how']}",
         f"- total wall time {settings['wall_s']:.0f} s",
         *busy_warning([c.get("timing", {}).get("other_cores") for c in cells]), "",
-        *(["## Ratios against the design targets", "", summary_table, ""]
+        *(["## Ratios against the design targets", "", summary_table, "",
+           "Each ratio compares cells of the same model, batch and layout (nhwc: the model "
+           "and input of every method in channels_last, as `channels_last=true` runs), except "
+           "`Grad-CAM ÷ pgc NCHW`: ours in the row's layout against pytorch-grad-cam in NCHW, "
+           "the layout its users run it in.", ""]
           if any(c["method"] in base for c in cells) else []),
         *family_part,
         "## All cells", "", cell_table, "",
@@ -664,6 +694,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{FAMILY_IMAGE_SIZE}x{FAMILY_IMAGE_SIZE}, batch "
                    f"{' '.join(map(str, FAMILY_BATCHES))} (quick: "
                    f"{' '.join(map(str, FAMILY_QUICK_BATCHES))})")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS,
+                   help="memory formats, each a full set of cells (default: nchw nhwc; "
+                   "family: nchw)")
     p.add_argument("--image-size", type=int,
                    help=f"input side (default {IMAGE_SIZE}; family: {FAMILY_IMAGE_SIZE})")
     p.add_argument("--quick", action="store_true",
@@ -685,30 +718,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: torch.device
                   ) -> list[dict[str, Any]]:
-    """Every (model, batch, method) cell, in that order, each printed when done."""
+    """Every (model, batch, layout, method) cell, in that order, each printed when done."""
     cells: list[dict[str, Any]] = []
     with _runner(args.in_process) as run:
         for model in settings["models"]:
             classes = predicted_classes(model, max(settings["batches"]), device,
                                         settings["image_size"])
-            for batch in settings["batches"]:
-                for method in settings["methods"]:
-                    spec = CellSpec(
-                        model, batch, method, str(device), args.precision, classes,
-                        settings["warmup_batch1"] if batch == 1 else settings["warmup"],
-                        settings["min_repeats"], settings["min_time"], settings["max_time"],
-                        min(args.agree_images, batch), args.threads, settings["image_size"])
-                    t0 = time.perf_counter()
-                    cell = run(spec)
-                    cells.append(cell)
-                    what = (f"error: {cell['error']}" if cell.get("error") else
-                            f"{cell['images_per_s']:8.2f} images/s, peak "
-                            f"{cell['memory']['peak_mib']:7.0f} MiB, "
-                            f"{cell['timing']['repeats']} repeats")
-                    print(f"{model:>10} batch {batch:>3} {method:<27} {what}  "
-                          f"[{time.perf_counter() - t0:.1f} s]", flush=True)
-                    if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
-                        print(cell["traceback"], file=sys.stderr)
+            for batch, layout, method in itertools.product(
+                    settings["batches"], settings["layouts"], settings["methods"]):
+                spec = CellSpec(
+                    model, batch, method, str(device), args.precision, classes,
+                    settings["warmup_batch1"] if batch == 1 else settings["warmup"],
+                    settings["min_repeats"], settings["min_time"], settings["max_time"],
+                    min(args.agree_images, batch), args.threads, settings["image_size"],
+                    layout == "nhwc")
+                t0 = time.perf_counter()
+                cell = run(spec)
+                cells.append(cell)
+                what = (f"error: {cell['error']}" if cell.get("error") else
+                        f"{cell['images_per_s']:8.2f} images/s, peak "
+                        f"{cell['memory']['peak_mib']:7.0f} MiB, "
+                        f"{cell['timing']['repeats']} repeats")
+                print(f"{model:>10} batch {batch:>3} {layout} {method:<27} {what}  "
+                      f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+                if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
+                    print(cell["traceback"], file=sys.stderr)
     return cells
 
 
@@ -733,6 +767,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     settings: dict[str, Any] = {
         "models": models, "batches": batches, "methods": methods,
+        "layouts": args.layouts or (["nchw"] if family else list(LAYOUTS)),
         "image_size": args.image_size or (FAMILY_IMAGE_SIZE if family else IMAGE_SIZE),
         "family_options": {m: o for m, o in FAMILY_OPTIONS.items() if m in methods},
         "precision": args.precision, "quick": quick, "agree_images": args.agree_images,
@@ -751,9 +786,9 @@ def main(argv: list[str] | None = None) -> None:
     settings["memory_how"] = next((c["memory"]["how"] for c in cells if "memory" in c), "—")
     info["load_average_end"] = list(os.getloadavg())
 
-    ours = {(c["model"], c["batch"], c["method"]): c.get("maps") for c in cells}
+    ours = {(*cell_key(c), c["method"]): c.get("maps") for c in cells}
     for c in cells:
-        ref = ours.get((c["model"], c["batch"], COMPARED_WITH.get(c["method"], "")))
+        ref = ours.get((*cell_key(c), COMPARED_WITH.get(c["method"], "")))
         if c["method"] in COMPARED_WITH and c.get("maps") is not None and ref is not None:
             c["max_abs_diff"] = agreement(c["method"], c["maps"], ref,
                                           settings["image_size"], c["batch"])

@@ -223,7 +223,7 @@ class CamsweepConfig:
     batch_size: int = 16
     num_workers: int | None = None  # null: chosen from the CPU count and dataset size
     precision: str = "fp32"
-    channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on GPUs)
+    channels_last: Any = "auto"  # NHWC model and inputs: auto (on CPU) | true | false
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     target: TargetConfig = MISSING
     topk: int = 5  # predictions (classes, probabilities) stored per image
@@ -278,6 +278,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("data", cfg.data.name, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
     _choice("data.decode", cfg.data.decode, ("cpu", "device"))
+    if cfg.channels_last not in ("auto", True, False):
+        raise ConfigError(unknown("channels_last", cfg.channels_last, ("auto", "true", "false")))
     if cfg.data.resize is not None:
         _choice("data.resize", cfg.data.resize, RESIZES)
     if cfg.model.reshape is not None:

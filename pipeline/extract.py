@@ -30,7 +30,13 @@ from .data import (
 )
 from .errors import ConfigError, DataError, StoreError, unknown
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
-from .models import build_model, compile_model, reshape_transform, resolve_layers
+from .models import (
+    build_model,
+    compile_model,
+    reshape_transform,
+    resolve_layers,
+    use_channels_last,
+)
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
 log = logging.getLogger(__name__)
@@ -187,6 +193,7 @@ class Job:
     device: torch.device
     n_classes: int
     categories: list[str] | None
+    channels_last: bool  # inputs go to the model in NHWC
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Job:
@@ -196,8 +203,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
     model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    size = cfg.data.image_size
+    channels_last = use_channels_last(model, cfg.channels_last,
+                                      torch.zeros(1, 3, size, size, device=device))
     method_cls = METHODS[cfg.method.name]
     layers = resolve_layers(model, cfg.model.target_layers) if method_cls.uses_layers else {}
     records = build_records(cfg.data)
@@ -205,7 +213,6 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
         raise DataError("the dataset has no images")
     shard, num_shards = shard_of(cfg.data)
     start, stop = shard_range(len(records), shard, num_shards)
-    size = cfg.data.image_size
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
@@ -241,7 +248,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
                        np.arange(start, stop), layout, attrs)
 
     _open_or_create(path, cfg, make)
-    return Job(cfg, path, records, start, method, normalize, device, n_classes, info.categories)
+    return Job(cfg, path, records, start, method, normalize, device, n_classes, info.categories,
+               channels_last)
 
 
 def extract(cfg: DictConfig, run_dir: Path) -> Summary:
@@ -292,7 +300,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     if not ok.all():
                         x = x[ok.to(device, non_blocking=True)]
                     x = job.normalize(x)
-                    if cfg.channels_last:
+                    if job.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     out = explain(job.method, x, target, batch["label"][ok], cfg.target.k)
                     out["images/nonfinite"] = _nonfinite(out)

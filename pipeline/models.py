@@ -159,6 +159,32 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
     return model, ModelInfo(name=cfg.name, mean=tuple(mean), std=tuple(std), categories=categories)
 
 
+def use_channels_last(model: nn.Module, setting: Any, example: torch.Tensor) -> bool:
+    """Put the model's weights in NHWC where ``channels_last`` asks for it; True if it is.
+
+    ``auto`` means NHWC on the CPU, where oneDNN's convolutions run 1.1-1.6x faster on every
+    shipped CNN (transformers are level; benchmarks/results/methods-cpu.md), and NCHW on
+    CUDA, where it has not been measured here. Under ``auto`` a model that cannot run in NHWC
+    (a ``.view`` of a convolution's output, say) is put back and runs in NCHW with a message;
+    the numbers are the same either way up to float rounding.
+    """
+    want = example.device.type == "cpu" if setting == "auto" else bool(setting)
+    if not want:
+        return False
+    model.to(memory_format=torch.channels_last)
+    if setting != "auto":
+        return True
+    try:
+        with torch.inference_mode():
+            model(example.contiguous(memory_format=torch.channels_last))
+    except Exception as e:  # a model that needs contiguous NCHW activations
+        model.to(memory_format=torch.contiguous_format)
+        log.info("channels_last=auto: the model does not run in NHWC (%s: %s); using NCHW",
+                 type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
+    return True
+
+
 def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """``torch.compile`` the model and compile it now, on ``example``; on failure say so and
     run eagerly (same numbers, only slower).

@@ -69,6 +69,7 @@ def test_good_overrides_pass():
 
 @pytest.mark.parametrize(("override", "message"), [
     ("precision=fp8", "unknown precision 'fp8'"),
+    ("channels_last=fast", "unknown channels_last 'fast'"),
     ("stage=rendr", "unknown stage 'rendr'; did you mean 'render'?"),
     ("target=class", "target=class needs a class index >= 0: target.index=281"),
     ("target=topk target.k=0", "target.k must be >= 1, got 0"),

@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.extract import extract
 from pipeline.methods import GradCAM, target_fn
-from pipeline.models import compile_model, resolve_layers
+from pipeline.models import compile_model, resolve_layers, use_channels_last
 from pipeline.results import load_run
 
 
@@ -28,11 +28,40 @@ def small_net() -> nn.Module:
 def test_channels_last_gives_the_same_maps(tmp_path, image_dir):
     base = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg",
             "model.target_layers=[layer3,layer4]")
-    extract(compose_cfg(*base), tmp_path / "a")
+    extract(compose_cfg(*base, "channels_last=false"), tmp_path / "a")
     extract(compose_cfg(*base, "channels_last=true"), tmp_path / "b")
     with load_run(tmp_path / "a") as a, load_run(tmp_path / "b") as b:
         for layer in ("layer3", "layer4"):
             np.testing.assert_allclose(a.cams(layer), b.cams(layer), rtol=1e-4, atol=1e-6)
+
+
+class Flattens(nn.Module):
+    """A model written for NCHW: ``.view`` of a convolution's output fails in NHWC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_channels_last_auto(caplog):
+    """auto: NHWC on the CPU; a model that cannot run in NHWC stays NCHW and says so."""
+    x = torch.zeros(1, 3, 8, 8)
+    net = small_net()
+    assert use_channels_last(net, "auto", x)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not use_channels_last(small_net(), False, x)
+    flat = Flattens().eval()
+    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+        assert not use_channels_last(flat, "auto", x)
+    assert "does not run in NHWC" in caplog.text
+    assert flat.conv.weight.is_contiguous()
+    flat(x)  # runs as before
+    assert use_channels_last(Flattens(), True, x)  # asked for explicitly: no probe, no retreat
 
 
 @pytest.mark.slow
