@@ -158,7 +158,7 @@ def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
     ours = E.linear_impute(x, keep)
     for i in range(2):
         ref = road.NoisyLinearImputer(noise=0)(x[i], keep[i])
-        torch.testing.assert_close(ours[i], ref, atol=2e-4, rtol=0)
+        torch.testing.assert_close(ours[i], ref, atol=1e-6, rtol=0)
     assert torch.equal(ours[keep[:, None].expand_as(x) > 0], x[keep[:, None].expand_as(x) > 0])
 
 
@@ -184,7 +184,18 @@ def test_road_equals_pytorch_grad_cam_without_noise():
             metric = pc.PerturbationConfidenceMetric(
                 remover(100 - q, road.NoisyLinearImputer(noise=0)))
             ref = metric(x, maps.numpy(), targets, model, return_diff=False)
-            np.testing.assert_allclose(ours[:, j].numpy(), ref, atol=1e-4)
+            np.testing.assert_allclose(ours[:, j].numpy(), ref, atol=1e-6)
+
+
+def test_linear_imputation_edge_cases():
+    """Nothing removed: the image itself; everything removed (a constant map ties every
+    pixel at the threshold): the normalization's mean colour, not a singular solve."""
+    x = torch.randn(2, 3, 6, 5)
+    keep = torch.stack([torch.ones(6, 5), torch.zeros(6, 5)])
+    out = E.linear_impute(x, keep)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[1], torch.zeros_like(x[1]))
+    flat = torch.ones(1, 6, 5)
+    assert not E.road_masks(flat, 50.0)[0].any()  # all tied: all removed
 
 
 def test_road_of_a_constant_image_is_zero():
