@@ -8,6 +8,7 @@ sources are relative file names, so the run folder can be moved as a whole; with
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -116,17 +117,24 @@ def merge_shards(run_dir: str | os.PathLike, copy: bool = False) -> Path:
 
 
 def merge_if_complete(run_dir: Path) -> Path | None:
-    """Merge once the last shard is done. Exactly one finishing shard does it: the one
-    that creates the lock file."""
+    """Merge once the last shard is done; None while shards are pending or another shard
+    is merging right now.
+
+    The lock is a POSIX record lock on ``.merge.lock`` (``lockf``: honoured across NFS
+    clients), which the kernel drops when its holder exits or is killed, so a shard killed
+    while merging leaves nothing stale behind: the next shard to finish (or a rerun) merges.
+    A merged file newer than every shard is kept as it is.
+    """
     if not shards_complete(run_dir):
         return None
-    lock = run_dir / ".merge.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
-    try:
-        os.close(fd)
-        return merge_shards(run_dir)
-    finally:
-        lock.unlink(missing_ok=True)
+    with open(run_dir / ".merge.lock", "a") as lock:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a shard that is merging now
+            return None
+        out = run_dir / "results.h5"
+        _, shards = shard_files(run_dir)
+        if out.exists() and out.stat().st_mtime >= max(p.stat().st_mtime
+                                                       for p in shards.values()):
+            return out
+        return merge_shards(run_dir)  # the lock goes with the file's closing

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 
 from pipeline.cli import run
 from pipeline.errors import StoreError
-from pipeline.merge import merge_shards
+from pipeline.merge import merge_if_complete, merge_shards
 from pipeline.results import load_run, load_sweep
 
 
@@ -97,6 +97,30 @@ def test_sharded_runs_merge_to_the_unsharded_run(tmp_path, num_shards):
     shutil.copy(moved / "results.h5", copy)
     assert not h5py.File(copy)["gradcam/layer4"].is_virtual
     assert_same(_arrays(copy)["gradcam/layer4"], whole["gradcam/layer4"], "layer4")
+
+
+def test_a_shard_killed_while_merging_leaves_no_stale_lock(tmp_path, image_dir):
+    """The merge lock dies with its holder: after a kill -9 the next shard merges."""
+    base = (*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg")
+    for shard in range(2):
+        run(compose_cfg(*base, f"data.shard={shard}", "data.num_shards=2"), tmp_path)
+    merged = tmp_path / "results.h5"
+    assert merge_if_complete(tmp_path) == merged  # up to date: kept as it is
+    merged.unlink()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+        "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / ".merge.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert merge_if_complete(tmp_path) is None  # someone else is merging
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs
+        holder.wait()
+    assert (tmp_path / ".merge.lock").exists()
+    assert merge_if_complete(tmp_path) == merged
+    with load_run(tmp_path) as r:
+        assert r.done.all() and len(r.paths) == 6
 
 
 def test_shards_from_slurm_environment(tmp_path, image_dir, monkeypatch):
