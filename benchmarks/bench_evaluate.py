@@ -102,12 +102,17 @@ def evaluate_once(args: argparse.Namespace, device: torch.device, run_dir: Path,
 
 
 def forward_seconds_per_image(args: argparse.Namespace, device: torch.device) -> float:
-    """One plain forward pass per image, batched as evaluate batches."""
+    """One plain forward pass per image, batched as evaluate batches, in the memory format
+    evaluate uses (``channels_last=auto``: NHWC on the CPU)."""
     import torchvision
+
+    from pipeline.models import use_channels_last
 
     torch.manual_seed(SEED)
     model = torchvision.models.get_model(args.model, weights=None).eval().to(device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if use_channels_last(model, "auto", x[:1]):
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def forward() -> None:
         with torch.inference_mode():

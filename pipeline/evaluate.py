@@ -794,7 +794,7 @@ def _find_boxes(cfg: DictConfig, stored: DictConfig, paths: list[str]) -> tuple[
 def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) -> _Setup:
     from .extract import AUTOCAST, Normalize
     from .methods import METHODS
-    from .models import build_model, resolve_layers
+    from .models import build_model, resolve_layers, use_channels_last
     from .store import DONE, open_results
 
     with open_results(path) as f:
@@ -824,6 +824,9 @@ def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) 
     torch.manual_seed(int(stored.get("seed", 0)))  # random-init models: the same weights
     model, _ = build_model(_model_config(stored))
     model.to(device)
+    size = setup_kw["image_size"]
+    # Speed only (the numbers agree up to float rounding): NHWC where channels_last says.
+    use_channels_last(model, cfg.channels_last, torch.zeros(1, 3, size, size, device=device))
     method_name = stored.method.name
     layers = (resolve_layers(model, list(stored.model.target_layers))
               if METHODS[method_name].uses_layers else {})
