@@ -149,6 +149,8 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
     def run() -> None:
         for pixels in batches:
             x = job.normalize(pixels.to(job.device, non_blocking=True))
+            if job.channels_last:  # as extract feeds the model
+                x = x.contiguous(memory_format=torch.channels_last)
             out = job.method(x, choose)
             {k: v.cpu().numpy() for k, v in out.items()}  # the host hand-off extract does
         synchronize(job.device)
