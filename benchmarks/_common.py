@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -22,6 +23,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (after the path fix-up, like every import of `pipeline`)
+
+
+def argument_parser(doc: str | None, stem: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--device``, ``--out`` and ``--name`` (the
+    result files' stem, ``stem`` by default); the script adds its own."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON + Markdown")
+    p.add_argument("--name", help=f"file stem (default {stem})")
+    return p
 
 
 def resolve_device(spec: str) -> torch.device:

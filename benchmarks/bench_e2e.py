@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from _common import (
-    RESULTS_DIR,
     ROOT,
     LoadMeter,
+    argument_parser,
     busy_warning,
     fmt,
     fmt_ratio,
@@ -257,9 +257,7 @@ def report(info: dict[str, Any], settings: dict[str, Any], rows: list[dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p = argument_parser(__doc__, "e2e-<device>[-<precision>][-quick]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--model", default="resnet34", help="a conf/model/*.yaml name")
     p.add_argument("--methods", nargs="+", choices=["gradcam", "saliency", "activations"],
@@ -271,8 +269,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, gradcam only")
     p.add_argument("--keep", action="store_true", help="keep the generated images and runs")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON + Markdown")
-    p.add_argument("--name", help="file stem (default e2e-<device>[-<precision>][-quick])")
     return p.parse_args(argv)
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 from _common import (
-    RESULTS_DIR,
     LoadMeter,
+    argument_parser,
     busy_warning,
     fmt,
     machine_info,
@@ -198,9 +198,7 @@ def report(info: dict[str, Any], settings: dict[str, Any], rows: list[dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p = argument_parser(__doc__, "evaluate-<device>[-quick]")
     p.add_argument("--model", default="resnet18", help="torchvision model (conf/model/*.yaml)")
     p.add_argument("--method", default="gradcam", help="the method whose maps are scored")
     p.add_argument("--image-size", type=int, default=112)
@@ -212,8 +210,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="calls per metric (median)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 images")
     p.add_argument("--keep", action="store_true", help="keep the temporary run folder")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON + Markdown")
-    p.add_argument("--name", help="file stem (default evaluate-<device>[-quick])")
     return p.parse_args(argv)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torchvision
 from _common import (
-    RESULTS_DIR,
+    argument_parser,
     busy_warning,
     fmt,
     fmt_ratio,
@@ -676,9 +676,7 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p = argument_parser(__doc__, "methods-<device>[-<precision>][-quick]")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="autocast dtype for every method (bf16/fp16 meant for GPUs)")
     p.add_argument("--models", nargs="+", choices=list(MODELS),
@@ -711,8 +709,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--in-process", action="store_true",
                    help="run cells in this process (no clean CPU memory figures); for debugging")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for JSON + Markdown")
-    p.add_argument("--name", help="file stem (default methods-<device>[-<precision>][-quick])")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,37 @@
+"""The benchmark scripts still run end to end (tiny settings; the figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = {
+    "bench_methods": ["--models", "resnet18", "--batches", "2", "--layouts", "nchw", "nhwc",
+                      "--methods", "forward", "gradcam", "pgc-gradcam", "--image-size", "64",
+                      "--warmup", "0", "--repeats", "1", "--min-time", "0", "--in-process"],
+    "bench_evaluate": ["--quick", "--metrics", "deletion", "road", "pointing", "--steps", "2",
+                       "--image-size", "32"],
+    "bench_e2e": ["--model", "resnet18", "--n", "8", "--batch-size", "4", "--methods",
+                  "gradcam", "--workers", "0"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_script_runs(tmp_path, script):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"),
+                           *SCRIPTS[script], "--device", "cpu", "--out", str(tmp_path),
+                           "--name", "smoke"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    assert "machine" in payload and (tmp_path / "smoke.md").read_text().startswith("# ")
+    if script == "bench_methods":
+        cells = payload["cells"]
+        assert {(c["layout"], c["method"]) for c in cells if not c["error"]} == {
+            (layout, m) for layout in ("nchw", "nhwc")
+            for m in ("forward", "gradcam", "pgc-gradcam")}
+        assert all(c["max_abs_diff"] <= 1e-5 for c in cells if c["method"] == "pgc-gradcam")
