@@ -51,6 +51,7 @@ from _common import (
     machine_lines,
     markdown_table,
     resolve_device,
+    synchronize,
     time_calls,
     write_results,
 )
@@ -90,6 +91,8 @@ FAMILY_MODELS, FAMILY_IMAGE_SIZE, FAMILY_BATCHES, FAMILY_QUICK_BATCHES = (
     ["resnet18"], 112, [4], [2])
 # Which of our maps each peer's map is compared with. SmoothGrad only at batch 1 (see
 # `agreement`): Captum takes one noise level per input tensor, ours one per image.
+# Timed round-robin in one process as well (--interleave): the design targets' ratios.
+INTERLEAVED = (FORWARD, OURS_GRADCAM, PGC_GRADCAM)
 COMPARED_WITH = {PGC_GRADCAM: OURS_GRADCAM, CAPTUM_GRADCAM: OURS_GRADCAM,
                  CAPTUM_SALIENCY: OURS_SALIENCY, **{p: o for o, p in FAMILY_PEERS.items()}}
 
@@ -459,21 +462,70 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     return result
 
 
+def run_interleaved(specs: list[CellSpec]) -> dict[str, Any]:
+    """Time the calls of several cells round-robin in one process (no memory figures).
+
+    Separate cells run minutes apart, each in its own process, so drift between them (clock
+    frequency, other tenants, allocator state) lands on one method and not the other; here
+    every round times each method once, so drift hits all of them alike and their ratios
+    are steadier. At least ``min_repeats`` rounds and ``min_time`` seconds per method.
+    """
+    first = specs[0]
+    result: dict[str, Any] = {"model": first.model, "batch": first.batch,
+                              "layout": layout_of(first.channels_last), "error": None}
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    try:
+        if first.threads:
+            torch.set_num_threads(first.threads)
+        device = torch.device(first.device)
+        x = synthetic_images(first.batch, size=first.image_size).to(device)
+        if first.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        classes = torch.tensor(first.classes[: first.batch], device=device)
+        seconds: dict[str, list[float]] = {s.method: [] for s in specs}
+        with contextlib.ExitStack() as stack:
+            calls = {s.method: prepare_call(s, device, x, classes, stack)[0] for s in specs}
+            for call in calls.values():
+                for _ in range(max(1, first.warmup)):
+                    call()
+            synchronize(device)
+            t_start = time.perf_counter()
+            while True:
+                for method, call in calls.items():
+                    t0 = time.perf_counter()
+                    call()
+                    synchronize(device)
+                    seconds[method].append(time.perf_counter() - t0)
+                spent = time.perf_counter() - t_start
+                rounds = len(seconds[first.method])
+                if spent >= first.max_time * len(calls) or (
+                        rounds >= first.min_repeats and spent >= first.min_time * len(calls)):
+                    break
+        result["rounds"] = rounds
+        result["median_s"] = {m: float(np.median(v)) for m, v in seconds.items()}
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return result
+
+
 @contextlib.contextmanager
-def _runner(in_process: bool) -> Iterator[Callable[[CellSpec], dict[str, Any]]]:
-    """Run each cell in a fresh process forked from a server that imported torch once."""
+def _runner(in_process: bool) -> Iterator[Callable[[Callable[[Any], dict[str, Any]], Any],
+                                                   dict[str, Any]]]:
+    """``run(fn, arg)``: ``fn(arg)`` in a fresh process forked from a server that imported
+    torch once (``run_cell`` for a cell, ``run_interleaved`` for a round-robin set)."""
     if in_process:
-        yield run_cell
+        yield lambda fn, arg: fn(arg)
         return
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "torch", "torchvision", "numpy"])
 
-    def in_child(spec: CellSpec) -> dict[str, Any]:
+    def in_child(fn: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:
         try:
             with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                return pool.submit(run_cell, spec).result()
+                return pool.submit(fn, arg).result()
         except BrokenProcessPool as e:  # killed, e.g. out of memory
-            return {**asdict(spec), "error": f"child process died: {e}", "maps": None}
+            what = asdict(arg) if isinstance(arg, CellSpec) else {}
+            return {**what, "error": f"child process died: {e}", "maps": None}
 
     yield in_child
 
@@ -575,6 +627,22 @@ def pair_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def interleaved_part(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    table = markdown_table(
+        ["model", "batch", "layout", "rounds", "Grad-CAM ÷ forward (≥ 0.95)",
+         "Grad-CAM ÷ pgc (≥ 3)"],
+        [[r["model"], r["batch"], r["layout"],
+          r["rounds"] if not r["error"] else f"error: {r['error']}",
+          fmt_ratio(r["gradcam_vs_forward"], 0.95), fmt_ratio(r["gradcam_vs_pgc"], 3.0)]
+         for r in rows], "lll" + "r" * 3)
+    return ["## The same ratios timed round-robin", "", table, "",
+            f"One process per row times {' / '.join(INTERLEAVED)} in turn, round after round "
+            "(same model weights, input and targets as the cells), so drift between the "
+            "separately run cells cannot favour one method; medians per method.", ""]
+
+
 def fmt_memory_ratio(value: float | None) -> str:
     if value is None:
         return "—"
@@ -587,8 +655,24 @@ def fmt_diff(value: float | None) -> str:
     return f"{value:.1e} " + ("✓" if value <= 1e-5 else "✗")
 
 
+def interleaved_rows(interleaved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The round-robin medians as the targets' ratios (images/s of ours over the other)."""
+    out = []
+    for r in interleaved:
+        t = r.get("median_s") or {}
+        ours = t.get(OURS_GRADCAM)
+        out.append({
+            "model": r["model"], "batch": r["batch"], "layout": r["layout"],
+            "rounds": r.get("rounds"), "error": r.get("error"),
+            "gradcam_vs_forward": t[FORWARD] / ours if ours and FORWARD in t else None,
+            "gradcam_vs_pgc": t[PGC_GRADCAM] / ours if ours and PGC_GRADCAM in t else None,
+        })
+    return out
+
+
 def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str, Any]],
-           summary: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
+           summary: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None,
+           interleaved: list[dict[str, Any]] | None = None) -> str:
     forward = {cell_key(c): c.get("images_per_s") for c in cells if c["method"] == FORWARD}
     rows = []
     for c in cells:
@@ -662,6 +746,7 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
            "`Grad-CAM ÷ pgc NCHW`: ours in the row's layout against pytorch-grad-cam in NCHW, "
            "the layout its users run it in.", ""]
           if any(c["method"] in base for c in cells) else []),
+        *interleaved_part(interleaved or []),
         *family_part,
         "## All cells", "", cell_table, "",
         "`max abs Δ vs ours`: the peer's map against ours for the first "
@@ -695,6 +780,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS,
                    help="memory formats, each a full set of cells (default: nchw nhwc; "
                    "family: nchw)")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="skip the round-robin timing of " + " / ".join(INTERLEAVED))
     p.add_argument("--image-size", type=int,
                    help=f"input side (default {IMAGE_SIZE}; family: {FAMILY_IMAGE_SIZE})")
     p.add_argument("--quick", action="store_true",
@@ -713,33 +800,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: torch.device
-                  ) -> list[dict[str, Any]]:
-    """Every (model, batch, layout, method) cell, in that order, each printed when done."""
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (model, batch, layout, method) cell, in that order, each printed when done; then
+    per (model, batch, layout) the round-robin timing of forward / Grad-CAM / pgc."""
     cells: list[dict[str, Any]] = []
+    interleaved: list[dict[str, Any]] = []
     with _runner(args.in_process) as run:
         for model in settings["models"]:
             classes = predicted_classes(model, max(settings["batches"]), device,
                                         settings["image_size"])
-            for batch, layout, method in itertools.product(
-                    settings["batches"], settings["layouts"], settings["methods"]):
-                spec = CellSpec(
+            for batch, layout in itertools.product(settings["batches"], settings["layouts"]):
+                specs = {method: CellSpec(
                     model, batch, method, str(device), args.precision, classes,
                     settings["warmup_batch1"] if batch == 1 else settings["warmup"],
                     settings["min_repeats"], settings["min_time"], settings["max_time"],
                     min(args.agree_images, batch), args.threads, settings["image_size"],
-                    layout == "nhwc")
-                t0 = time.perf_counter()
-                cell = run(spec)
-                cells.append(cell)
-                what = (f"error: {cell['error']}" if cell.get("error") else
-                        f"{cell['images_per_s']:8.2f} images/s, peak "
-                        f"{cell['memory']['peak_mib']:7.0f} MiB, "
-                        f"{cell['timing']['repeats']} repeats")
-                print(f"{model:>10} batch {batch:>3} {layout} {method:<27} {what}  "
-                      f"[{time.perf_counter() - t0:.1f} s]", flush=True)
-                if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
-                    print(cell["traceback"], file=sys.stderr)
-    return cells
+                    layout == "nhwc") for method in settings["methods"]}
+                for method, spec in specs.items():
+                    t0 = time.perf_counter()
+                    cell = run(run_cell, spec)
+                    cells.append(cell)
+                    what = (f"error: {cell['error']}" if cell.get("error") else
+                            f"{cell['images_per_s']:8.2f} images/s, peak "
+                            f"{cell['memory']['peak_mib']:7.0f} MiB, "
+                            f"{cell['timing']['repeats']} repeats")
+                    print(f"{model:>10} batch {batch:>3} {layout} {method:<27} {what}  "
+                          f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+                    if cell.get("traceback") and os.environ.get("BENCH_DEBUG"):
+                        print(cell["traceback"], file=sys.stderr)
+                if settings["interleave"] and all(m in specs for m in INTERLEAVED):
+                    t0 = time.perf_counter()
+                    row = run(run_interleaved, [specs[m] for m in INTERLEAVED])
+                    interleaved.append(row)
+                    what = (f"error: {row['error']}" if row.get("error") else
+                            f"{row['rounds']} rounds")
+                    print(f"{model:>10} batch {batch:>3} {layout} {'round-robin':<27} {what}  "
+                          f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+    return cells, interleaved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -764,6 +861,7 @@ def main(argv: list[str] | None = None) -> None:
     settings: dict[str, Any] = {
         "models": models, "batches": batches, "methods": methods,
         "layouts": args.layouts or (["nchw"] if family else list(LAYOUTS)),
+        "interleave": not args.no_interleave,
         "image_size": args.image_size or (FAMILY_IMAGE_SIZE if family else IMAGE_SIZE),
         "family_options": {m: o for m, o in FAMILY_OPTIONS.items() if m in methods},
         "precision": args.precision, "quick": quick, "agree_images": args.agree_images,
@@ -777,7 +875,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(device)
     print("\n".join(machine_lines(info)), flush=True)
     t_start = time.perf_counter()
-    cells = measure_cells(args, settings, device)
+    cells, interleaved = measure_cells(args, settings, device)
     settings["wall_s"] = time.perf_counter() - t_start
     settings["memory_how"] = next((c["memory"]["how"] for c in cells if "memory" in c), "—")
     info["load_average_end"] = list(os.getloadavg())
@@ -792,14 +890,15 @@ def main(argv: list[str] | None = None) -> None:
         c.pop("maps", None)
     summary = summarize(cells)
     pairs = pair_rows(cells)
-    markdown = report(info, settings, cells, summary, pairs)
+    rr = interleaved_rows(interleaved)
+    markdown = report(info, settings, cells, summary, pairs, rr)
     print("\n" + markdown)
     stem = args.name or "-".join(
         [f"methods-{device.type}"] + (["family"] if family else [])
         + ([args.precision] if args.precision != "fp32" else [])
         + (["quick"] if quick else []))
     payload = {"benchmark": "methods", "machine": info, "settings": settings,
-               "summary": summary, "pairs": pairs, "cells": cells}
+               "summary": summary, "pairs": pairs, "interleaved": rr, "cells": cells}
     paths = write_results(stem, payload, markdown, args.out)
     print(f"\nwrote {paths[0]} and {paths[1]}")
 

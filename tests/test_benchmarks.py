@@ -35,3 +35,7 @@ def test_benchmark_script_runs(tmp_path, script):
             (layout, m) for layout in ("nchw", "nhwc")
             for m in ("forward", "gradcam", "pgc-gradcam")}
         assert all(c["max_abs_diff"] <= 1e-5 for c in cells if c["method"] == "pgc-gradcam")
+        rows = payload["interleaved"]
+        assert [r["layout"] for r in rows] == ["nchw", "nhwc"]
+        assert all(r["rounds"] >= 1 and r["gradcam_vs_forward"] > 0 and r["gradcam_vs_pgc"] > 0
+                   for r in rows)
