@@ -143,6 +143,33 @@ def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
     assert hook_count(model) == 0
 
 
+def test_scorecam_shares_one_pass_among_all_zero_channels(x):
+    """Channels that a ReLU zeroes everywhere mask the input to zeros: one pass of a zero
+    image serves them all, and the maps still equal pytorch-grad-cam's (which runs each)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(64, 10)).eval().requires_grad_(False)
+    with torch.no_grad():
+        model[0].bias[:6] = -1e3  # channels 0-5 are zero after the ReLU, for any input
+    images = []
+    counter = model[0].register_forward_pre_hook(lambda _m, args: images.append(len(args[0])))
+    try:
+        out = run(ScoreCAM, model, x[:2], ("1",), batch_masks=7)
+    finally:
+        counter.remove()
+    # The prediction pass, one zero image, then the 10 live channels of each image.
+    assert images[:2] == [2, 1] and sum(images[2:]) == 2 * 10
+    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    ref_model = reference(model)
+    with pgc.ScoreCAM(ref_model, [ref_model[1]]) as cam, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = cam(x[:2], targets)
+    assert np.abs(normalized(out["scorecam/1"]) - ref).max() <= 1e-4
+    assert_batched_equals_per_image(
+        out, [run(ScoreCAM, model, x[i:i + 1], ("1",), batch_masks=7) for i in range(2)],
+        rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_scorecam_matches_pytorch_grad_cam(models, x, arch):
     model, names = models[arch], SCORE_LAYERS[arch]

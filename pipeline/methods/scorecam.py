@@ -20,8 +20,11 @@ class ScoreCAM(ActivationCAM):
     the model's pre-softmax scores of the target class for those masked inputs, softmaxed
     over the channels, are the channel weights; CAM = ReLU(sum_c w_c A_c).
 
-    Every target layer costs N * C extra forward passes; they run ``batch_masks`` masked
-    inputs at a time, which bounds memory (the masks are made chunk by chunk, never all).
+    Every target layer costs one extra forward pass per image and channel that is not all
+    zero; channels that are (after a ReLU: 30-60% of EfficientNet-Lite0's last layer on the
+    bundled photos) all mask the input to zeros, and share one pass of a zero image. The
+    passes run ``batch_masks`` masked inputs at a time, which bounds memory (the masks are
+    made chunk by chunk, never all).
     """
 
     name = "scorecam"
@@ -37,10 +40,19 @@ class ScoreCAM(ActivationCAM):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, c = activation.shape[:2]
         maps = activation.flatten(0, 1)  # (N*C, h, w), image-major
+        target_of_row = target.repeat_interleave(c)
         scores = torch.empty(n * c, device=x.device)
+        # An all-zero channel (common after a ReLU) masks the input to zeros whatever the
+        # image: all of them share the score of one zero image instead of a pass each.
+        live = maps.flatten(1).ne(0).any(dim=1)
+        rows_live = live.nonzero().squeeze(1)  # one host sync: how many passes to run
         with self.not_recording():
-            for start in range(0, n * c, self.batch_masks):
-                rows = torch.arange(start, min(start + self.batch_masks, n * c), device=x.device)
+            if len(rows_live) < n * c:
+                with self.autocast(x):
+                    zero_logits = self.model(torch.zeros_like(x[:1])).float()[0]
+                scores[~live] = zero_logits[target_of_row[~live]]
+            for start in range(0, len(rows_live), self.batch_masks):
+                rows = rows_live[start:start + self.batch_masks]
                 image = rows // c
                 mask = F.interpolate(maps[rows, None], size=x.shape[-2:], mode="bilinear",
                                      align_corners=True)
@@ -50,7 +62,7 @@ class ScoreCAM(ActivationCAM):
                 mask = (mask - lo) / (hi - lo + EPS)
                 with self.autocast(x):
                     logits = self.model(x[image] * mask)
-                scores[rows] = logits.float().gather(1, target[image, None]).squeeze(1)
+                scores[rows] = logits.float().gather(1, target_of_row[rows, None]).squeeze(1)
         weights = scores.view(n, c).softmax(dim=1)
         cam = torch.einsum("nc,nchw->nhw", weights, activation).clamp_min_(0)
         return cam, weights
