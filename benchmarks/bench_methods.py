@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torchvision
 from _common import (
+    ROOT,
     argument_parser,
     busy_warning,
     fmt,
@@ -105,7 +106,10 @@ MODELS: dict[str, tuple[str, str | None]] = {
     "mobilenet_v3_large": ("features", None),
     "efficientnet_b0": ("features", None),
     "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", "vit"),
+    # The embedded pretrained model, on the bundled photos (see model_inputs).
+    "efficientnet_lite0": ("features", None),
 }
+PRETRAINED = ("efficientnet_lite0",)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "nhwc")  # nhwc: channels_last model and input, for every method alike
 IMAGE_SIZE = 224
@@ -152,13 +156,46 @@ def synthetic_images(n: int, seed: int = SEED, size: int = IMAGE_SIZE) -> torch.
     ])
 
 
+def _lite0() -> tuple[torch.nn.Module, Any]:
+    from omegaconf import OmegaConf
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+
+    yaml = OmegaConf.load(ROOT / "conf" / "model" / "efficientnet_lite0.yaml")
+    yaml.pop("defaults", None)
+    return build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml))
+
+
+def model_inputs(name: str, n: int, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Synthetic images for random-init models; for a pretrained one the bundled photos
+    (chelsea, coffee, astronaut, rocket, in turn), squashed to ``size`` and normalized as
+    the model wants: real images give real activations (a trained net on noise does not)."""
+    if name not in PRETRAINED:
+        return synthetic_images(n, size=size)
+    from PIL import Image
+
+    from pipeline.data import SAMPLES_DIR
+
+    _, info = _lite0()
+    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+    photos = []
+    for stem in ("chelsea", "coffee", "astronaut", "rocket"):
+        img = Image.open(SAMPLES_DIR / f"{stem}.jpg").convert("RGB").resize(
+            (size, size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+        photos.append((pixels - mean) / std)
+    return torch.stack([photos[i % len(photos)] for i in range(n)])
+
+
 def build(name: str, frozen: bool, channels_last: bool = False) -> torch.nn.Module:
     """Random-init weights, equal in every process (seeded). Ours: frozen parameters, as
     ``pipeline.models.build_model`` makes them; the peers need parameters that require grad
     (equal to ``copy.deepcopy(model).requires_grad_(True)``). ``channels_last``: NHWC
     weights, as ``channels_last=true`` makes them in a run (and as a peer's user would)."""
     torch.manual_seed(SEED)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = (_lite0()[0] if name in PRETRAINED
+             else torchvision.models.get_model(name, weights=None).eval())
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     if not head.weight.any():
         # torchvision zero-initializes ViT's head: every gradient, and so every map, would
@@ -176,7 +213,7 @@ def predicted_classes(name: str, n: int, device: torch.device, size: int = IMAGE
     model = build(name, frozen=True).to(device)
     out = []
     with torch.inference_mode():
-        for chunk in synthetic_images(n, size=size).split(32):
+        for chunk in model_inputs(name, n, size).split(32):
             out += model(chunk.to(device)).argmax(1).tolist()
     return tuple(out)
 
@@ -441,7 +478,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             torch.set_num_threads(spec.threads)
         result["threads"] = torch.get_num_threads()
         device = torch.device(spec.device)
-        x = synthetic_images(spec.batch, size=spec.image_size).to(device)
+        x = model_inputs(spec.model, spec.batch, spec.image_size).to(device)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         classes = torch.tensor(spec.classes[: spec.batch], device=device)
@@ -478,7 +515,7 @@ def run_interleaved(specs: list[CellSpec]) -> dict[str, Any]:
         if first.threads:
             torch.set_num_threads(first.threads)
         device = torch.device(first.device)
-        x = synthetic_images(first.batch, size=first.image_size).to(device)
+        x = model_inputs(first.model, first.batch, first.image_size).to(device)
         if first.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         classes = torch.tensor(first.classes[: first.batch], device=device)
@@ -732,7 +769,8 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
     lines = [
         f"# Method throughput and memory ({info['device']}, {settings['precision']})", "",
         *machine_lines(info),
-        f"- input: synthetic {size}x{size}, random-init weights (seed {SEED}); "
+        f"- input: synthetic {size}x{size}, random-init weights (seed {SEED}; "
+        f"{', '.join(PRETRAINED)}: its embedded pretrained weights on the bundled photos); "
         f"targets: the top-1 class of a plain forward, the same for every method",
         f"- timing: {settings['warmup']} warm-up call(s) (batch 1: {settings['warmup_batch1']}),"
         f" then at least {settings['min_repeats']} calls and {settings['min_time']} s "
