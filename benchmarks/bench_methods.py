@@ -133,6 +133,7 @@ class CellSpec:
     threads: int | None
     image_size: int = IMAGE_SIZE
     channels_last: bool = False  # model and input in NHWC (every method of the cell alike)
+    micro_batch: int | None = None  # ours: images per pass, as extract runs them
 
 
 def layout_of(channels_last: bool) -> str:
@@ -303,11 +304,15 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     k = spec.agree_images
     dtype = PRECISIONS[spec.precision]
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        return classes  # the same classes for every method (they equal the top-1 here)
+    def ours(m: Any) -> Any:
+        """Ours as extract calls it: in passes of ``micro_batch`` images, each explaining
+        its images' classes (the same for every method; they equal the top-1 here)."""
+        from pipeline.extract import explain
+
+        return explain(m, x, "label", classes, 1, spec.micro_batch)
 
     if spec.method in FAMILY_OPTIONS:
-        return prepare_family_ours(spec, device, x, choose, stack)
+        return prepare_family_ours(spec, device, ours, stack)
     if spec.method in FAMILY:
         return prepare_family_peer(spec, device, x, classes, stack)
     if spec.method in (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS):
@@ -321,13 +326,13 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
             return forward, lambda out: None
         if spec.method == OURS_GRADCAM:
             m = stack.enter_context(GradCAM(model, layers, reshape=reshape, autocast_dtype=dtype))
-            return lambda: m(x, choose), lambda out: _first(out[f"gradcam/{layer}"], k)
+            return lambda: ours(m), lambda out: _first(out[f"gradcam/{layer}"], k)
         if spec.method == OURS_SALIENCY:
             m = stack.enter_context(Saliency(model, {}, autocast_dtype=dtype))
-            return lambda: m(x, choose), lambda out: _first(out["saliency/input"], k)
+            return lambda: ours(m), lambda out: _first(out["saliency/input"], k)
         m = stack.enter_context(Activations(model, layers, dtype="float16", reshape=reshape,
                                             autocast_dtype=dtype))
-        return lambda: m(x, choose), lambda out: None
+        return lambda: ours(m), lambda out: None
 
     model = build(spec.model, frozen=False, channels_last=spec.channels_last).to(device)
     module = dict(model.named_modules())[layer]
@@ -369,8 +374,7 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     raise ValueError(f"unknown method {spec.method!r}; valid: {', '.join(METHODS)}")
 
 
-def prepare_family_ours(spec: CellSpec, device: torch.device, x: torch.Tensor,
-                        choose: Callable[[torch.Tensor], torch.Tensor],
+def prepare_family_ours(spec: CellSpec, device: torch.device, ours: Callable[[Any], Any],
                         stack: contextlib.ExitStack) -> tuple[Callable[[], Any], MapFn]:
     """One of our other methods, as ``pipeline.methods.build_method`` makes it."""
     from pipeline.methods import METHODS as OUR_METHODS
@@ -384,7 +388,7 @@ def prepare_family_ours(spec: CellSpec, device: torch.device, x: torch.Tensor,
                                 autocast_dtype=PRECISIONS[spec.precision],
                                 **FAMILY_OPTIONS[spec.method]))
     key = f"{spec.method}/{layer if cls.uses_layers else 'input'}"
-    return lambda: m(x, choose), lambda out: _first(out[key], spec.agree_images)
+    return lambda: ours(m), lambda out: _first(out[key], spec.agree_images)
 
 
 def prepare_family_peer(spec: CellSpec, device: torch.device, x: torch.Tensor,
@@ -772,6 +776,9 @@ def report(info: dict[str, Any], settings: dict[str, Any], cells: list[dict[str,
         f"- input: synthetic {size}x{size}, random-init weights (seed {SEED}; "
         f"{', '.join(PRETRAINED)}: its embedded pretrained weights on the bundled photos); "
         f"targets: the top-1 class of a plain forward, the same for every method",
+        f"- ours run as `extract` runs them, in passes of "
+        f"{settings.get('micro_batch') or 'the whole batch'} image(s) (`micro_batch`); plain "
+        f"forward and the peers take the whole batch at once",
         f"- timing: {settings['warmup']} warm-up call(s) (batch 1: {settings['warmup_batch1']}),"
         f" then at least {settings['min_repeats']} calls and {settings['min_time']} s "
         f"(at most {settings['max_time']} s); images/s = batch / median seconds per call",
@@ -818,6 +825,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS,
                    help="memory formats, each a full set of cells (default: nchw nhwc; "
                    "family: nchw)")
+    p.add_argument("--micro-batch", default="auto",
+                   help="our methods' images per pass, as the micro_batch key of a run: auto "
+                   "(8 on CPU, the whole batch on CUDA), null or N; the peers take the whole batch")
     p.add_argument("--no-interleave", action="store_true",
                    help="skip the round-robin timing of " + " / ".join(INTERLEAVED))
     p.add_argument("--image-size", type=int,
@@ -853,7 +863,7 @@ def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: to
                     settings["warmup_batch1"] if batch == 1 else settings["warmup"],
                     settings["min_repeats"], settings["min_time"], settings["max_time"],
                     min(args.agree_images, batch), args.threads, settings["image_size"],
-                    layout == "nhwc") for method in settings["methods"]}
+                    layout == "nhwc", settings["micro_batch"]) for method in settings["methods"]}
                 for method, spec in specs.items():
                     t0 = time.perf_counter()
                     cell = run(run_cell, spec)
@@ -878,6 +888,8 @@ def measure_cells(args: argparse.Namespace, settings: dict[str, Any], device: to
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.extract import micro_batch_of
+
     args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -900,6 +912,9 @@ def main(argv: list[str] | None = None) -> None:
         "models": models, "batches": batches, "methods": methods,
         "layouts": args.layouts or (["nchw"] if family else list(LAYOUTS)),
         "interleave": not args.no_interleave,
+        "micro_batch": micro_batch_of(
+            None if args.micro_batch in ("null", "none") else
+            args.micro_batch if args.micro_batch == "auto" else int(args.micro_batch), device),
         "image_size": args.image_size or (FAMILY_IMAGE_SIZE if family else IMAGE_SIZE),
         "family_options": {m: o for m, o in FAMILY_OPTIONS.items() if m in methods},
         "precision": args.precision, "quick": quick, "agree_images": args.agree_images,

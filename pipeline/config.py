@@ -221,6 +221,7 @@ class CamsweepConfig:
     stage: str = "all"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16
+    micro_batch: Any = "auto"  # images per model pass: auto (8 on CPU, batch on CUDA) | null | N
     num_workers: int | None = None  # null: chosen from the CPU count and dataset size
     precision: str = "fp32"
     channels_last: Any = "auto"  # NHWC model and inputs: auto (on CPU) | true | false
@@ -294,6 +295,10 @@ def validate(cfg: DictConfig) -> None:
                           "on a class); use target=pred")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    mb = cfg.micro_batch
+    if mb is not None and mb != "auto" and (isinstance(mb, bool) or not isinstance(mb, int)
+                                             or mb < 1):
+        raise ConfigError(f"micro_batch must be auto, null or an integer >= 1, got {mb!r}")
     if cfg.topk < 1:
         raise ConfigError(f"topk must be >= 1, got {cfg.topk}")
     if cfg.data.num_shards is not None and cfg.data.num_shards < 1:

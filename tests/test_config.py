@@ -51,7 +51,7 @@ def test_misspelled_key_fails_at_compose_time():
     (["method=gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
     (["data=imagenet"], "unknown data 'imagenet'; did you mean 'imagenet_val'?"),
     (["-m", "model=resnet34,resnet5"], "unknown model 'resnet5'"),
-    (["batchsize=3"], "unknown config key 'batchsize'; did you mean 'batch_size'?"),
+    (["batchsize=3"], "unknown config key 'batchsize'; did you mean 'batch_size'"),
     (["hydra/launcher=slurmm"], "unknown hydra/launcher 'slurmm'"),
     (["target=pre"], "unknown target 'pre'; did you mean 'pred'?"),
     (["target=topk,labl"], "unknown target 'labl'; did you mean 'label'?"),
@@ -77,6 +77,8 @@ def test_good_overrides_pass():
     ("method=activations method.dtype=float8", "unknown method.dtype 'float8'"),
     ("data.resize=crop", "unknown data.resize 'crop'"),
     ("batch_size=0", "batch_size must be >= 1"),
+    ("micro_batch=0", "micro_batch must be auto, null or an integer >= 1, got 0"),
+    ("micro_batch=some", "micro_batch must be auto, null or an integer >= 1, got 'some'"),
     ("data.shard=2 data.num_shards=2", "data.shard=2 needs data.num_shards > shard"),
 ])
 def test_bad_values_fail_validation(override, message):

@@ -10,8 +10,8 @@ import torchvision
 from conftest import TINY, compose_cfg
 
 from pipeline.data import ImageDataset, build_records, collate
-from pipeline.extract import Normalize, extract
-from pipeline.methods import GradCAM, target_fn
+from pipeline.extract import Normalize, explain, extract, micro_batch_of
+from pipeline.methods import GradCAM, Saliency, target_fn
 from pipeline.models import build_model, resolve_layers
 from pipeline.results import load_run
 from pipeline.store import DONE, FAILED
@@ -207,3 +207,31 @@ def test_topk_target_stores_a_map_per_class(tmp_path, image_dir):
 
     written = render_run(tmp_path / "k")
     assert len(written) == 6 * 3 and any("layer4-top2" in p.name for p in written)
+
+
+@pytest.mark.parametrize("target", ["pred", "label", "topk", 7])
+def test_micro_batches_give_the_arrays_of_one_pass(target):
+    """explain() in passes of 3 images equals one pass of 7, for every kind of target
+    (labels are cut with the images; top-k keeps its class axis)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    x = torch.randn(7, 3, 48, 48)
+    labels = torch.arange(7) % 10
+    for cls, layers in ((GradCAM, resolve_layers(model, ["layer3", "layer4"])),
+                        (Saliency, {})):
+        with cls(model, layers) as m:
+            whole = explain(m, x, target, labels, 2)
+            parts = explain(m, x, target, labels, 2, micro_batch=3)
+        assert whole.keys() == parts.keys()
+        for key in whole:
+            assert parts[key].shape == whole[key].shape, key
+            torch.testing.assert_close(parts[key], whole[key], rtol=1e-4, atol=1e-6)
+        if target == "label":
+            assert torch.equal(whole["targets/class"].long(), labels)
+
+
+def test_micro_batch_auto_is_8_on_cpu_and_the_batch_on_cuda():
+    assert micro_batch_of("auto", torch.device("cpu")) == 8
+    assert micro_batch_of("auto", torch.device("cuda")) is None
+    assert micro_batch_of(None, torch.device("cpu")) is None
+    assert micro_batch_of(3, torch.device("cuda")) == 3
