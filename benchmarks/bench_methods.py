@@ -304,11 +304,12 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     k = spec.agree_images
     dtype = PRECISIONS[spec.precision]
 
+    # Imported here, not in the timed calls: its imports would count as the cell's memory.
+    from pipeline.extract import explain
+
     def ours(m: Any) -> Any:
         """Ours as extract calls it: in passes of ``micro_batch`` images, each explaining
         its images' classes (the same for every method; they equal the top-1 here)."""
-        from pipeline.extract import explain
-
         return explain(m, x, "label", classes, 1, spec.micro_batch)
 
     if spec.method in FAMILY_OPTIONS:
