@@ -137,27 +137,30 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
     The model, method and normalization come from ``pipeline.extract.prepare`` -- exactly
     what ``extract`` uses; its run time is the setup cost of an extract run."""
     from pipeline.config import target_spec
-    from pipeline.extract import prepare
-    from pipeline.methods import target_fn
+    from pipeline.extract import explain, micro_batch_of, prepare
 
     t0 = time.perf_counter()
     job = prepare(cfg, scratch)
     setup = time.perf_counter() - t0
     batches = [b["pixels"] for b in loader(folder, cfg.batch_size, 0, job.device)]
-    choose = target_fn(target_spec(cfg.target))
+    target = target_spec(cfg.target)
+    micro_batch = micro_batch_of(cfg.micro_batch, job.device)
+
+    def explained(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method on one batch exactly as extract runs it (layout, passes)."""
+        x = job.normalize(pixels.to(job.device, non_blocking=True))
+        if job.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return explain(job.method, x, target, None, cfg.target.k, micro_batch)
 
     def run() -> None:
         for pixels in batches:
-            x = job.normalize(pixels.to(job.device, non_blocking=True))
-            if job.channels_last:  # as extract feeds the model
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = job.method(x, choose)
+            out = explained(pixels)
             {k: v.cpu().numpy() for k, v in out.items()}  # the host hand-off extract does
         synchronize(job.device)
 
     with job.method:
-        x = job.normalize(batches[0].to(job.device))
-        job.method(x, choose)  # warm-up: first-call costs are not the steady rate
+        explained(batches[0])  # warm-up: first-call costs are not the steady rate
         synchronize(job.device)
         measured = measure(run, n, repeats)
     return measured, setup
