@@ -46,7 +46,8 @@ from _common import (
 )
 from bench_e2e import compose_config, make_jpegs
 
-METRICS = ("deletion", "insertion", "confidence", "road", "pointing", "sanity")
+from pipeline.evaluate import METRICS
+
 JPEG_SIZE = (160, 120)  # small originals: decoding is not what is measured here
 SEED = 0
 

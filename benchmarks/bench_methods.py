@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
+import functools
 import gc
 import itertools
 import multiprocessing as mp
@@ -157,7 +159,10 @@ def synthetic_images(n: int, seed: int = SEED, size: int = IMAGE_SIZE) -> torch.
     ])
 
 
+@functools.cache
 def _lite0() -> tuple[torch.nn.Module, Any]:
+    """The embedded pretrained Lite0 and its ModelInfo, loaded once per process (callers
+    copy the module)."""
     from omegaconf import OmegaConf
 
     from pipeline.config import ModelConfig
@@ -195,7 +200,7 @@ def build(name: str, frozen: bool, channels_last: bool = False) -> torch.nn.Modu
     (equal to ``copy.deepcopy(model).requires_grad_(True)``). ``channels_last``: NHWC
     weights, as ``channels_last=true`` makes them in a run (and as a peer's user would)."""
     torch.manual_seed(SEED)
-    model = (_lite0()[0] if name in PRETRAINED
+    model = (copy.deepcopy(_lite0()[0]) if name in PRETRAINED
              else torchvision.models.get_model(name, weights=None).eval())
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     if not head.weight.any():
