@@ -792,9 +792,9 @@ def _find_boxes(cfg: DictConfig, stored: DictConfig, paths: list[str]) -> tuple[
 
 
 def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) -> _Setup:
-    from .extract import AUTOCAST, Normalize
     from .methods import METHODS
     from .models import build_model, resolve_layers, use_channels_last
+    from .runtime import AUTOCAST, Normalize
     from .store import DONE, open_results
 
     with open_results(path) as f:
@@ -1010,7 +1010,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
     Returns:
         What was evaluated, with per-map means (also logged by the CLI).
     """
-    from .extract import auto_workers, resolve_device
+    from .runtime import auto_workers, resolve_device
 
     ev = cfg.evaluate
     check_settings(ev)
@@ -1076,9 +1076,9 @@ class _BatchEvaluator:
         self.notes: list[str] = []
 
     def _method(self) -> Any:
-        from .extract import AUTOCAST
         from .methods import build_method
         from .models import reshape_transform
+        from .runtime import AUTOCAST
 
         stored = self.setup.stored
         return build_method(stored.method, self.setup.model, self.setup.layers,

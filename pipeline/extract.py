@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from .data import (
     shard_of,
     shard_range,
 )
-from .errors import ConfigError, DataError, StoreError, unknown
+from .errors import ConfigError, DataError, StoreError
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
@@ -37,6 +36,7 @@ from .models import (
     resolve_layers,
     use_channels_last,
 )
+from .runtime import AUTOCAST, Normalize, auto_workers, micro_batch_of, resolve_device
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 # num_workers, ...) may change between an interrupted run and its resume.
 RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision")
 NOT_MAPS = ("predictions", "targets", "activations", "images")
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -70,26 +69,6 @@ class Summary:
             out.append(f"  warning: {self.nonfinite} maps contain NaN/inf (/images/nonfinite)")
         out += [f"  {Path(p).name}: {c} ({prob:.2f})" for p, c, prob in self.top1[:10]]
         return out
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec != "cpu" and not spec.startswith("cuda"):
-        raise ConfigError(unknown("device", spec, ("auto", "cpu", "cuda", "cuda:0")))
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {spec!r}: {e}") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={spec} but no CUDA GPU is available; use device=cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={spec} but only {torch.cuda.device_count()} GPU(s): "
-                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
-            )
-    return device
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -119,26 +98,6 @@ def results_name(shard: int, num_shards: int) -> str:
     return "results.h5" if num_shards == 1 else f"results.shard-{shard}-of-{num_shards}.h5"
 
 
-def auto_workers(n_images: int, batch_size: int) -> int:
-    if n_images <= batch_size:
-        return 0  # starting workers costs more than decoding one batch
-    # The CPUs this process may use (a SLURM allocation, taskset), not the whole node's.
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
-    return max(1, min(8, cpus - 1))
-
-
-class Normalize(torch.nn.Module):
-    """uint8 (N, 3, H, W) on the device -> normalized float, in one fused step."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("shift", torch.tensor(mean).view(1, -1, 1, 1) * 255)
-        self.register_buffer("scale", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() - self.shift) * self.scale
-
-
 def explain(method: Method, x: torch.Tensor, target: str | int, labels: torch.Tensor | None,
             k: int, micro_batch: int | None = None) -> dict[str, torch.Tensor]:
     """The method on one batch for a :func:`target_spec` target (top-k adds a class axis),
@@ -153,15 +112,6 @@ def explain(method: Method, x: torch.Tensor, target: str | int, labels: torch.Te
     if target == "topk":
         return explain_topk(method, x, k)
     return method(x, target_fn(target, labels))
-
-
-def micro_batch_of(setting: int | str | None, device: torch.device) -> int | None:
-    """``auto``: passes of 8 images on a CPU, where they keep the working set in cache
-    (resnet50 saliency at batch 32: 1.4x faster and an eighth of the peak memory of one pass
-    of 32), the whole batch on CUDA. An int sets it; null means the whole batch."""
-    if setting == "auto":
-        return 8 if device.type == "cpu" else None
-    return setting
 
 
 def probe_layout(method: Method, x: torch.Tensor, target: str | int,

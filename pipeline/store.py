@@ -1,20 +1,30 @@
-"""The results file: one HDF5 file per run (format "camsweep", version 1).
+"""The results file: one HDF5 file per run (format "camsweep", version 1), and the only module
+that writes or reads its layout. The spec is docs/FORMAT.md.
 
 Crash safety comes from the layout, not from luck: the file is built complete (every
-dataset at its final shape, storage allocated up front, no compression) under a temporary
-name and renamed into place. During the run, writes touch raw data only, never HDF5
-metadata, and a row's status is set after its arrays are flushed. A process killed at
-any moment therefore leaves a file that opens, whose "done" rows are complete; the rest
-are recomputed on resume.
+dataset at its final shape, storage allocated up front and its disk blocks reserved, no
+compression) under a temporary name and renamed into place. During the run, writes touch
+raw data only, never HDF5 metadata, and a row's status is set only after its arrays were
+flushed without error. A process killed at any moment therefore leaves a file that opens,
+whose "done" rows are complete; the rest are recomputed on resume.
+
+One writer per file: :func:`writer_lock` takes an exclusive lock that dies with its holder.
+Readers open with HDF5's own file locking off, so they can watch a run that is being written.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import queue
+import shutil
 import threading
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,10 +37,28 @@ from .errors import StoreError
 FORMAT = "camsweep"
 FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = ("pending", "done", "failed")
 ERROR_BYTES = 256
 STR = h5py.string_dtype("utf-8")
-ERROR_STR = h5py.string_dtype("utf-8", ERROR_BYTES)  # fixed size: written in place
+ERROR_STR = h5py.string_dtype("utf-8", ERROR_BYTES)  # fixed size: preallocated, written in place
 CHUNK_BYTES = 1 << 20
+IMAGE_TABLES = ("images", "targets", "predictions")
+REQUIRED = ("images/path", "images/label", "images/status", "images/error", "images/size",
+            "targets/class", "targets/score", "predictions/class", "predictions/prob")
+
+# What a map dataset holds, stored as its ``kind`` attribute: readers (render, report,
+# evaluate) decide how to use it without importing the methods.
+LAYER_MAP, INPUT_MAP, ACTIVATIONS = "layer_map", "input_map", "activations"
+WEIGHTS, ATTRIBUTION = "weights", "attribution"
+MAP_KINDS = (LAYER_MAP, INPUT_MAP, ACTIVATIONS)
+# Files written before datasets carried ``kind``: the group name says it.
+_KIND_OF_GROUP = {
+    **{g: LAYER_MAP for g in ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam",
+                              "scorecam", "eigencam")},
+    **{g: INPUT_MAP for g in ("saliency", "smoothgrad", "integrated_gradients",
+                              "guided_backprop", "guided_gradcam")},
+    "activations": ACTIVATIONS,
+}
 
 # Dimension names per dataset group, so readers without our code know the axes.
 DIMS = {
@@ -39,18 +67,36 @@ DIMS = {
     "images/index": ["image"], "images/nonfinite": ["image"],
     "targets/class": ["image"], "targets/score": ["image"],
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
-    "gradcam": ["image", "h", "w"], "gradcam_weights": ["image", "channel"],
-    "saliency": ["image", "height", "width"], "activations": ["image", "channel", "h", "w"],
-    # The method family: CAMs at the layer's resolution, input maps at the input's.
-    **{g: ["image", "h", "w"] for g in ("gradcampp", "xgradcam", "layercam", "hirescam",
-                                        "scorecam", "eigencam")},
-    **{f"{g}_weights": ["image", "channel"] for g in ("gradcampp", "xgradcam", "scorecam",
-                                                      "eigencam")},
-    **{g: ["image", "height", "width"] for g in ("smoothgrad", "integrated_gradients",
-                                                 "guided_backprop", "guided_gradcam")},
-    **{f"{g}_attribution": ["image", "channel", "height", "width"]
-       for g in ("smoothgrad", "integrated_gradients", "guided_backprop", "guided_gradcam")},
+    LAYER_MAP: ["image", "h", "w"], WEIGHTS: ["image", "channel"],
+    INPUT_MAP: ["image", "height", "width"], ATTRIBUTION: ["image", "channel", "height", "width"],
+    ACTIVATIONS: ["image", "channel", "h", "w"],
 }
+
+
+def kind_of(key: str, method_kind: str | None = None) -> str | None:
+    """The ``kind`` of dataset ``group/name``: a map kind, weights, attribution, or None for
+    the per-image tables. ``method_kind`` is the producing method's ("cam", "input",
+    "activations"); without it the group name decides (files of before the attribute)."""
+    group = key.split("/")[0]
+    if group in IMAGE_TABLES:
+        return None
+    if group.endswith("_weights"):
+        return WEIGHTS
+    if group.endswith("_attribution"):
+        return ATTRIBUTION
+    if method_kind is not None:
+        return {"cam": LAYER_MAP, "input": INPUT_MAP, "activations": ACTIVATIONS}[method_kind]
+    return _KIND_OF_GROUP.get(group)
+
+
+def _dims(key: str, kind: str | None, ndim: int) -> list[str]:
+    dims = DIMS.get(key) or DIMS.get(kind or "", [])
+    if kind is not None and "/" in key and len(dims) + 1 == ndim:  # target=topk: class axis
+        dims = [dims[0], "class", *dims[1:]]
+    if len(dims) != ndim:  # e.g. pooled activations (image, channel)
+        extra = [f"d{i}" for i in range(len(dims), ndim)]
+        dims = dims[:ndim] if len(dims) > ndim else dims + extra
+    return dims
 
 
 def chunk_rows(row_shape: tuple[int, ...], itemsize: int, n: int) -> int:
@@ -60,21 +106,40 @@ def chunk_rows(row_shape: tuple[int, ...], itemsize: int, n: int) -> int:
 
 
 def _preallocated(group: h5py.Group, name: str, n: int, row_shape: tuple[int, ...],
-                  dtype: Any) -> h5py.Dataset:
+                  dtype: Any, fill: bool = False) -> h5py.Dataset:
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # rows count only once their status is done
+    # Rows count only once their status is done, so most datasets need no fill.
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
     dt = np.dtype(dtype)
     chunks = (chunk_rows(row_shape, dt.itemsize, n), *row_shape)
     return group.create_dataset(name, shape=(n, *row_shape), dtype=dt, chunks=chunks, dcpl=dcpl)
 
 
-def _dims(path: str, ndim: int) -> list[str]:
-    dims = DIMS.get(path) or DIMS.get(path.split("/")[0], [])
-    if len(dims) != ndim:  # e.g. pooled activations (image, channel)
-        extra = [f"d{i}" for i in range(len(dims), ndim)]
-        dims = dims[:ndim] if len(dims) > ndim else dims + extra
-    return dims
+def _jsonable(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else value
+
+
+def _no_space(e: BaseException) -> bool:
+    text = str(e)
+    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            or "No space left" in text or "errno = 28" in text or "File too large" in text
+            or "errno = 27" in text or "Disk quota" in text)
+
+
+def _space_error(path: Path, need: int | None, e: BaseException) -> StoreError:
+    free = shutil.disk_usage(path.parent).free
+    need_text = f"needs {need / 1e6:.1f} MB, " if need else ""
+    return StoreError(f"not enough disk space for {path} ({need_text}{free / 1e6:.1f} MB free; "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:120]}); free space or "
+                      "use another run_dir")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.tmp-*`` left by a creation that was killed. Call with the file's
+    writer lock held: no live process is writing one then."""
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.tmp-*"):
+        tmp.unlink(missing_ok=True)
 
 
 def create_results(
@@ -84,50 +149,91 @@ def create_results(
     index: np.ndarray,
     layout: Mapping[str, tuple[tuple[int, ...], Any]],
     attrs: Mapping[str, Any],
-) -> None:
+    method_kind: str | None = None,
+) -> str:
     """Write a complete, empty results file (all rows pending) and rename it into place.
 
     ``layout`` maps dataset paths ("gradcam/layer4") to (per-image shape, dtype); layer
-    datasets are named by the layer as configured, dots included.
+    datasets are named by the layer as configured, dots included. The file's disk blocks
+    are reserved here, so a full disk shows now, not in the middle of the run.
+
+    Returns:
+        The new file's ``run_id`` (a random identifier that readers of derived files, such
+        as a merge or the metrics file, check against).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = len(paths)
+    run_id = uuid.uuid4().hex
+    method = attrs.get("method")
+    size = None
     try:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
             f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
-                            "created": datetime.now(timezone.utc).isoformat(), "n_images": n})
+                            "created": datetime.now(timezone.utc).isoformat(), "n_images": n,
+                            "run_id": run_id})
             for key, value in attrs.items():
-                f.attrs[key] = value if not isinstance(value, (list, dict)) else json.dumps(value)
+                f.attrs[key] = _jsonable(value)
             img = f.create_group("images")
             img.create_dataset("path", data=np.array(paths, dtype=object), dtype=STR)
             img.create_dataset("label", data=np.asarray(labels, dtype=np.int32))
             img.create_dataset("index", data=np.asarray(index, dtype=np.int64))
-            _preallocated(img, "status", n, (), np.uint8)
-            img["status"][...] = PENDING
-            img.create_dataset("error", shape=(n,), dtype=ERROR_STR)
+            _preallocated(img, "status", n, (), np.uint8, fill=True)  # fill value 0: pending
+            _preallocated(img, "error", n, (), ERROR_STR, fill=True)  # fill value: empty
             _preallocated(img, "size", n, (2,), np.int32)
             _preallocated(img, "box", n, (4,), np.float32)
             _preallocated(img, "nonfinite", n, (), np.uint8)
             for key, (shape, dtype) in layout.items():
                 group_name, _, name = key.partition("/")
-                group = f.require_group(group_name)
-                ds = _preallocated(group, name, n, tuple(shape), dtype)
-                if group_name not in ("images", "targets", "predictions") and name != "input":
-                    ds.attrs["layer"] = name
-            for key, ds in _walk(f):
-                ds.attrs["dims"] = json.dumps(_dims(key, ds.ndim))
+                ds = _preallocated(f.require_group(group_name), name, n, tuple(shape), dtype)
+                kind = kind_of(key, method_kind)
+                if kind is not None:
+                    ds.attrs["kind"] = kind
+                    ds.attrs["method"] = str(method)
+                    if name != "input":
+                        ds.attrs["layer"] = name
+            for key, ds in walk(f):
+                ds.attrs["dims"] = json.dumps(_dims(key, ds.attrs.get("kind"), ds.ndim))
             f["images/error"].attrs["encoding"] = "utf-8, fixed 256 bytes, empty when ok"
             f["images/status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"
+        size = tmp.stat().st_size
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)  # reserve the blocks the run will write
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        if _no_space(e):
+            raise _space_error(path, size, e) from e
+        raise StoreError(f"cannot create {path}: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
+    return run_id
 
 
-def _walk(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+def walk(f: h5py.File | h5py.Group) -> list[tuple[str, h5py.Dataset]]:
+    """(path, dataset) of every dataset under ``f``."""
     out: list[tuple[str, h5py.Dataset]] = []
     f.visititems(lambda k, v: out.append((k, v)) if isinstance(v, h5py.Dataset) else None)
     return out
+
+
+_walk = walk  # the name merge used
+
+
+# -- reading -------------------------------------------------------------------------------
+
+def attr_list(value: Any) -> list[Any]:
+    """A list stored as a JSON string attribute (or as an HDF5 array), as a Python list."""
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return list(json.loads(value)) if value else []
+    return [v.decode() if isinstance(v, bytes) else v for v in np.asarray(value).tolist()]
 
 
 def check_format(f: h5py.File, path: str | os.PathLike) -> None:
@@ -144,21 +250,175 @@ def check_format(f: h5py.File, path: str | os.PathLike) -> None:
         raise StoreError(f"{path} has an invalid format_version {version}")
 
 
+def validate(f: h5py.File, path: str | os.PathLike) -> None:
+    """Check what every reader relies on; a damaged or forged file is one clear error.
+
+    The per-image tables exist with one row per image, every dataset has that many rows,
+    status bytes are 0, 1 or 2, the layer list parses, and a merged file still finds the
+    very shard files it was merged from.
+    """
+    try:
+        n = f["images/status"].shape[0] if "images/status" in f else None
+        missing = [k for k in REQUIRED if k not in f or not isinstance(f[k], h5py.Dataset)]
+        if missing:
+            raise StoreError(f"{path} is damaged: missing {', '.join(missing)}")
+        if "merged_from" in f.attrs:
+            check_shards(f, path)  # before reading rows: a missing source reads as zeros
+        for key, ds in walk(f):
+            if key.split("/")[0] == "metrics":  # files of before the metrics file
+                continue
+            if not ds.shape or ds.shape[0] != n:
+                raise StoreError(f"{path} is damaged: {key} has shape {ds.shape}, expected "
+                                 f"{n} rows")
+        status = f["images/status"][:]
+        if status.dtype != np.uint8 or (status > FAILED).any():
+            bad = int(np.flatnonzero(status > FAILED)[0]) if (status > FAILED).any() else 0
+            raise StoreError(f"{path} is damaged: /images/status holds {status[bad]!r} at row "
+                             f"{bad} (valid: 0 pending, 1 done, 2 failed)")
+        attr_list(f.attrs.get("target_layers", "[]"))
+    except StoreError:
+        raise
+    except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+        raise StoreError(f"{path} is damaged: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
+def check_shards(f: h5py.File, path: str | os.PathLike) -> None:
+    """A merged file reads its shards through virtual datasets: each must be there and be
+    the file that was merged (its ``run_id``), or the merge would show zeros as results."""
+    folder = Path(path).parent
+    for entry in attr_list(f.attrs["merged_from"]):
+        name, run_id = (entry, None) if isinstance(entry, str) else (entry["file"],
+                                                                    entry.get("run_id"))
+        shard = folder / name
+        hint = "restore it, or rerun the shards and stage=merge"
+        if not shard.is_file():
+            raise StoreError(f"{path} is a merge of shards, but {name} is missing; {hint}")
+        if run_id is not None:
+            try:
+                with h5py.File(shard, "r", locking=False) as s:
+                    found = s.attrs.get("run_id")
+            except OSError as e:
+                raise StoreError(f"{path}: shard {name} does not open ({e}); {hint}") from e
+            if found != run_id:
+                raise StoreError(f"{path}: shard {name} was replaced since the merge (run_id "
+                                 f"{found} != {run_id}); run stage=merge again")
+
+
 def open_results(path: str | os.PathLike, mode: str = "r") -> h5py.File:
-    """Open a results file after checking that it is one and that we know its version."""
+    """Open a results file after checking that it is one, that we know its version and
+    that its structure is sound. Readers see a consistent "done" set while a run writes."""
     if not Path(path).is_file():
         raise StoreError(f"no results file at {path}")
     try:
-        f = h5py.File(path, mode)
+        # Our own writer lock guards writers; HDF5's would keep readers out during a run.
+        f = h5py.File(path, mode, locking=False)
     except OSError as e:
-        raise StoreError(f"cannot open {path} as HDF5: {e}") from e
+        raise StoreError(f"cannot open {path} as HDF5: {str(e).splitlines()[0]}") from e
     try:
         check_format(f, path)
-    except StoreError:
+        validate(f, path)
+    except BaseException:
         f.close()
         raise
     return f
 
+
+@dataclass(frozen=True)
+class MapInfo:
+    """One stored map dataset: ``key`` is ``group/name`` (the HDF5 path)."""
+
+    key: str
+    group: str
+    layer: str  # the layer as configured, or "input" for input-resolution maps
+    kind: str  # LAYER_MAP | INPUT_MAP | ACTIVATIONS
+    method: str
+
+
+def stored_maps(f: h5py.File, kinds: tuple[str, ...] = MAP_KINDS) -> list[MapInfo]:
+    """The map datasets of an open results file, in the run's layer order."""
+    order = {name: i for i, name in enumerate(attr_list(f.attrs.get("target_layers", "[]")))}
+    found = []
+    for key, ds in walk(f):
+        if key.count("/") != 1 or key.split("/")[0] in IMAGE_TABLES + ("metrics",):
+            continue
+        kind = ds.attrs.get("kind") or kind_of(key)
+        if kind not in kinds:
+            continue
+        group, name = key.split("/")
+        found.append(MapInfo(key=key, group=group, layer=str(ds.attrs.get("layer", name)),
+                             kind=str(kind), method=str(ds.attrs.get("method", group))))
+    return sorted(found, key=lambda m: (m.group != f.attrs.get("method"), m.group,
+                                        order.get(m.layer, len(order)), m.layer))
+
+
+def categories(f: h5py.File) -> list[str]:
+    """Class names stored with the run, index = class (empty when the model has none)."""
+    return [str(c) for c in attr_list(f.attrs.get("categories"))]
+
+
+def identity(f: h5py.File) -> dict[str, str]:
+    """What names one results file for files derived from it (merges, metrics)."""
+    return {"run_id": str(f.attrs.get("run_id", "")), "created": str(f.attrs.get("created", ""))}
+
+
+# -- one writer ----------------------------------------------------------------------------
+
+_HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see their own
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike, what: str = "writing") -> Iterator[None]:
+    """Hold the exclusive writer lock of results file ``path`` (``.<name>.lock`` beside it).
+
+    A POSIX record lock (``lockf``: honoured across NFS clients) that the kernel drops when
+    its holder exits or is killed, and that forked DataLoader workers do not inherit, so a
+    killed run never leaves a stale lock. A second writer fails at once with one line.
+    """
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    key = str(lock_path.resolve())
+    if key in _HELD:
+        raise StoreError(f"this process is already {_HELD[key]} {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            raise StoreError(f"another camsweep process ({holder}) is {what} {path}; wait for "
+                             f"it to finish, or use another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)
+        _HELD[key] = what
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_is_held(path: str | os.PathLike) -> bool:
+    """Whether some process holds the writer lock of ``path`` right now."""
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    if str(lock_path.resolve()) in _HELD:
+        return True
+    if not lock_path.exists():
+        return False
+    fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# -- writing -------------------------------------------------------------------------------
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     """Split sorted rows into contiguous runs: (position in rows, first row, length)."""
@@ -169,41 +429,84 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class ResultsWriter:
-    """Writes batches into an existing results file, in place."""
+    """Writes batches into an existing results file, in place.
+
+    Dataset handles stay open for the writer's life and are flushed explicitly: HDF5 reports
+    a failed write (a full disk) at the flush, while a handle dropped with dirty chunks
+    would report it nowhere (h5py ignores errors in ``__dealloc__``).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.file = open_results(self.path, "r+")
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self.failed = False
 
     def pending_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.file["images/status"][:] == PENDING)
+        """Rows to (re)compute: pending ones and failed ones (a failure may be transient)."""
+        return np.flatnonzero(self.file["images/status"][:] != DONE)
+
+    def _ds(self, key: str) -> h5py.Dataset:
+        if key not in self._datasets:
+            self._datasets[key] = self.file[key]
+        return self._datasets[key]
 
     def write(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray],
               errors: Mapping[int, str]) -> None:
         """Store one batch. ``rows``: file rows of the arrays' first axis, ascending.
 
-        ``errors`` maps file rows to failure reasons; those rows get status failed.
+        ``errors`` maps file rows to failure reasons; those rows get status failed. A write
+        error raises :class:`StoreError`; rows of this batch then stay not done.
         """
-        f = self.file
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows):
-            for key, value in arrays.items():
-                ds = f[key]
-                for pos, first, length in _runs(rows):
-                    ds[first:first + length] = value[pos:pos + length]
-        for row, reason in errors.items():
-            f["images/error"][row] = reason.encode("utf-8")[:ERROR_BYTES].decode("utf-8", "ignore")
-        f.flush()  # arrays reach the file before the status that vouches for them
-        status = f["images/status"]
-        for _, first, length in _runs(rows) if len(rows) else []:
+        if self.failed:
+            raise StoreError(f"{self.path}: an earlier write failed")
+        try:
+            self._write(np.asarray(rows, dtype=np.int64), arrays, errors)
+        except StoreError:
+            self.failed = True
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            self.failed = True
+            if _no_space(e):
+                raise _space_error(self.path, None, e) from e
+            raise StoreError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}; rows "
+                             "done so far are kept, rerun to resume") from e
+
+    def _write(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray],
+               errors: Mapping[int, str]) -> None:
+        runs = _runs(rows) if len(rows) else []
+        touched = []
+        for key, value in arrays.items():
+            ds = self._ds(key)
+            for pos, first, length in runs:
+                ds[first:first + length] = value[pos:pos + length]
+            touched.append(ds)
+        error_ds = self._ds("images/error")
+        status = self._ds("images/status")
+        done = np.array([r for r in rows if int(r) not in errors], dtype=np.int64)
+        for row, reason in sorted(errors.items()):
+            error_ds[row] = reason.encode("utf-8")[:ERROR_BYTES].decode("utf-8", "ignore")
+        for _, first, length in _runs(done) if len(done) else []:
+            error_ds[first:first + length] = np.array([""] * length, dtype=object)
+        touched.append(error_ds)
+        for ds in touched:  # arrays reach the disk before the status that vouches for them
+            ds.flush()
+        self.file.flush()
+        for _, first, length in _runs(done) if len(done) else []:
             status[first:first + length] = DONE
         for row in errors:
             status[row] = FAILED
-        f.flush()
+        status.flush()
+        self.file.flush()
 
     def close(self) -> None:
+        self._datasets.clear()
         if self.file.id.valid:
-            self.file.close()
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                if not self.failed:  # a failed write was reported already
+                    raise
 
     def __enter__(self) -> ResultsWriter:
         return self

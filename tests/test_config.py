@@ -10,8 +10,9 @@ from hydra.errors import ConfigCompositionException
 from pipeline.cli import check_overrides
 from pipeline.config import expand_target_shorthand, target_spec, validate
 from pipeline.errors import ConfigError, DataError
-from pipeline.extract import extract, resolve_device
+from pipeline.extract import extract
 from pipeline.models import build_model, resolve_layers
+from pipeline.runtime import resolve_device
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 

@@ -10,10 +10,11 @@ import torchvision
 from conftest import TINY, compose_cfg
 
 from pipeline.data import ImageDataset, build_records, collate
-from pipeline.extract import Normalize, explain, extract, micro_batch_of
+from pipeline.extract import explain, extract
 from pipeline.methods import GradCAM, Saliency, target_fn
 from pipeline.models import build_model, resolve_layers
 from pipeline.results import load_run
+from pipeline.runtime import Normalize, micro_batch_of
 from pipeline.store import DONE, FAILED
 
 

@@ -1,0 +1,63 @@
+"""Where and how the model runs: device, precision (autocast), input normalization, loader
+workers and pass size. Shared by the extract and evaluate stages."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import ConfigError, unknown
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when there is a GPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise ConfigError(unknown("device", spec, ("auto", "cpu", "cuda", "cuda:0")))
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {spec!r}: {e}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={spec} but no CUDA GPU is available; use device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={spec} but only {torch.cuda.device_count()} GPU(s): "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
+
+
+def auto_workers(n_images: int, batch_size: int) -> int:
+    """DataLoader workers for ``num_workers=null``: none for a single batch, else the CPUs
+    this process may use (a SLURM allocation, taskset) less one, at most 8."""
+    if n_images <= batch_size:
+        return 0  # starting workers costs more than decoding one batch
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    return max(1, min(8, cpus - 1))
+
+
+def micro_batch_of(setting: int | str | None, device: torch.device) -> int | None:
+    """``auto``: passes of 8 images on a CPU, where they keep the working set in cache
+    (resnet50 saliency at batch 32: 1.4x faster and an eighth of the peak memory of one pass
+    of 32), the whole batch on CUDA. An int sets it; null means the whole batch."""
+    if setting == "auto":
+        return 8 if device.type == "cpu" else None
+    return setting
+
+
+class Normalize(torch.nn.Module):
+    """uint8 (N, 3, H, W) on the device -> normalized float, in one fused step."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("scale", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() - self.shift) * self.scale
