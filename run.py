@@ -19,7 +19,11 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = expand_target_shorthand(sys.argv[1:])
         check_overrides(sys.argv[1:])
+        app()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app()
+    except KeyboardInterrupt:
+        # Every done row is on disk: the same command resumes.
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)

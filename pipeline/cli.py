@@ -14,12 +14,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import config as _config  # registers the schemas and resolvers Hydra needs
-from .errors import CamsweepError, ConfigError, unknown
+from .errors import CamsweepError, ConfigError, RunRefused, printable, unknown
 
 log = logging.getLogger("camsweep")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "target", "hydra/launcher")
 STATUS_FILE = "camsweep.json"  # per job: outcome and figures, read by load_sweep
+EXTRACTING = ("all", "extract")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -35,6 +36,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from .merge import merge_if_complete, merge_shards
 
     stage = cfg.stage
+    if stage not in _config.STAGES:  # before anything runs: a typo must not exit 0
+        raise ConfigError(unknown("stage", stage, _config.STAGES))
     result: dict[str, Any] = {"run_dir": str(run_dir), "stage": stage}
     results = run_dir / "results.h5"
     if stage in ("all", "extract"):
@@ -80,54 +83,146 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+def status_file(run_dir: Path, cfg: DictConfig) -> Path:
+    """``camsweep.json`` of the job, or ``camsweep.shard-<i>-of-<N>.json`` of one shard, so
+    shards of one run do not overwrite each other's outcome."""
+    from .data import shard_of
+
+    try:
+        shard, num_shards = shard_of(cfg.data)
+    except CamsweepError:
+        shard, num_shards = 0, 1
+    if num_shards == 1:
+        return run_dir / STATUS_FILE
+    return run_dir / f"camsweep.shard-{shard}-of-{num_shards}.json"
+
+
+def _write_status(run_dir: Path, cfg: DictConfig, status: dict[str, Any]) -> None:
     if run_dir.is_dir():
-        (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=1))
+        path = status_file(run_dir, cfg)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(status, indent=1))
+        os.replace(tmp, path)  # readers never see half a file
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Hydra task. A user error becomes one line and exit code 2 (traceback with
-    HYDRA_FULL_ERROR=1); in a multirun the job is marked failed and the sweep goes on."""
+    HYDRA_FULL_ERROR=1); in a multirun the job is marked failed and the sweep goes on.
+
+    A refused run (another config or writer in the run dir, a changed image list) touched
+    nothing, so it does not rewrite the run's status either."""
     run_dir = run_dir_of(cfg)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    extracting = cfg.stage in EXTRACTING
     try:
         result = run(cfg, run_dir)
     except CamsweepError as e:
-        if cfg.stage in ("all", "extract"):  # a refused render/evaluate leaves results intact
-            _write_status(run_dir, {"status": "failed", "error": str(e), "stage": cfg.stage})
+        if extracting and not isinstance(e, RunRefused):
+            _write_status(run_dir, cfg, {"status": "failed", "error": str(e), "stage": cfg.stage})
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", e)
+        log.error("%s", printable(e))
         if multirun:
             return {"run_dir": str(run_dir), "status": "failed", "error": str(e)}
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         sys.exit(2)
     except BaseException as e:
-        if cfg.stage in ("all", "extract"):
-            _write_status(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                    "stage": cfg.stage})
+        if extracting:
+            _write_status(run_dir, cfg, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                         "stage": cfg.stage})
         raise
     result["status"] = "ok"
-    if cfg.stage in ("all", "extract"):
-        _write_status(run_dir, result)
+    if extracting:
+        _write_status(run_dir, cfg, result)
     return result
 
 
+def _override_values(o: Any, options: list[str] | None) -> list[str]:
+    """Every value an override asks for (a sweep has several), as override strings."""
+    from hydra.core.override_parser.types import Glob
+
+    if o.is_delete():
+        return []
+    value = o.value()
+    if isinstance(value, Glob):
+        return value.filter(options or [])
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator())
+    return [o.get_value_string()]
+
+
+def _one_line(e: BaseException) -> str:
+    """The gist of a Hydra/OmegaConf composition error, on one line."""
+    parts = []
+    while e is not None and len(parts) < 3:
+        text = " ".join(line.strip() for line in str(e).splitlines()
+                        if line.strip() and not line.strip().startswith(("full_key", "object_type",
+                                                                         "reference_type")))
+        if text and text not in parts and "$VALUE" not in text:
+            parts.append(text)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return ": ".join(parts)[:400]
+
+
 def check_overrides(argv: list[str]) -> None:
-    """Catch a misspelled config group option or key before Hydra composes anything, so the
-    user gets one line with the closest valid names instead of a multi-line report."""
-    keys = set(_config.CamsweepConfig.__dataclass_fields__) | {"hydra"}
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
+    """Catch a bad command line before Hydra runs anything, as one line with the closest
+    valid names instead of a multi-line report: misspelled group options and keys, values
+    of the wrong type, and values the schema's checks refuse.
+
+    Overrides are parsed with Hydra's own grammar, so sweeps may use ``a,b``,
+    ``choice(...)``, ``range(...)``, ``glob(...)`` and quoted values. Every group option of
+    a sweep is checked; the config is composed once, with the first value of each sweep.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:  # Hydra's OverrideParseException
+        raise ConfigError(f"cannot parse the command line: {_one_line(e)}") from e
+    keys = set(_config.CamsweepConfig.__dataclass_fields__)
+    first: list[str] = []
+    for o in parsed:
+        key = o.key_or_group
+        options = None
         if key in GROUPS:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             if key == "hydra/launcher":
                 options += ["basic", "submitit_local", "submitit_slurm"]
-            for choice in value.split(","):
-                if choice and choice not in options:
+        values = _override_values(o, options)
+        if options is not None:
+            if not values and not o.is_delete():
+                raise ConfigError(unknown(key, o.input_line.split("=", 1)[-1], options))
+            for choice in values:
+                if choice not in options:
                     raise ConfigError(unknown(key, choice, options))
-        elif not arg.startswith("+") and key.split(".")[0] not in keys:
-            raise ConfigError(unknown("config key", key, sorted(keys - {"hydra"})))
+        elif key.split(".")[0] != "hydra" and not o.is_add() and key.split(".")[0] not in keys:
+            raise ConfigError(unknown("config key", key, sorted(keys)))
+        if key.split("/")[0].split(".")[0] == "hydra":
+            continue  # Hydra's own settings: Hydra checks them
+        first.append(o.input_line if not o.is_sweep_override() and not isinstance(
+            o.value(), list) or o.is_delete() else f"{o.get_key_element()}={values[0]}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=first)
+        except (Exception, OmegaConfBaseException) as e:  # Hydra's composition errors
+            raise ConfigError(_unknown_nested_key(compose, first, e) or _one_line(e)) from e
+    _config.validate(cfg)
+
+
+def _unknown_nested_key(compose: Any, overrides: list[str], e: BaseException) -> str | None:
+    """``model.foo=1``: the unknown key with the valid keys of its node, or None."""
+    from omegaconf import OmegaConf
+
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        if key.startswith(("+", "~")) or "." not in key or f"'{key}'" not in str(e):
+            continue
+        groups = [a for a in overrides if a.split("=", 1)[0] in GROUPS]
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(compose("config", overrides=groups), parent)
+        if OmegaConf.is_dict(node) and leaf not in node:
+            return unknown("config key", key, [f"{parent}.{k}" for k in node])
+    return None

@@ -293,6 +293,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.target.name == "topk" and cfg.method.name == "activations":
         raise ConfigError("target=topk has no effect on method=activations (they do not depend "
                           "on a class); use target=pred")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0 (or null: chosen from the CPUs), got "
+                          f"{cfg.num_workers}")
+    if cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be >= 8 pixels, got {cfg.data.image_size}")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError(f"data.limit must be >= 1 (or null: every image), got "
+                          f"{cfg.data.limit}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     mb = cfg.micro_batch
@@ -325,15 +333,23 @@ def target_spec(target: DictConfig) -> str | int:
 
 
 def expand_target_shorthand(overrides: list[str]) -> list[str]:
-    """``target=281`` (or a sweep ``target=281,285``) -> ``target=class target.index=281``."""
+    """``target=281`` (or a sweep: ``target=281,285``, ``target=range(281,284)``,
+    ``target=choice(281,285)``) -> ``target=class target.index=<the same value>``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     out = []
     for arg in overrides:
         key, _, value = arg.partition("=")
         if key != "target" or not any(c.isdigit() for c in value):
             out.append(arg)
             continue
-        choices = value.split(",")
-        if not all(c.strip().isdigit() for c in choices):
+        try:
+            o = OverridesParser.create().parse_override(arg)
+            values = (list(o.sweep_string_iterator()) if o.is_sweep_override()
+                      else [o.get_value_string()])
+        except Exception as e:  # Hydra's parse errors: one line
+            raise ConfigError(f"cannot parse {arg!r}: {str(e).splitlines()[0]}") from e
+        if not all(v.strip().isdigit() for v in values):
             raise ConfigError(f"target={value}: sweep either modes (target=pred,label,topk) or "
                               f"class indices (target=281,285), not both")
         out += ["target=class", f"target.index={value}"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob as globlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
 CROP_RATIO = 0.875  # ImageNet evaluation: resize to 256, center crop 224
 _T = Image.Transpose
@@ -41,10 +43,17 @@ def _read_samples() -> list[Record]:
 
 
 def _read_glob(pattern: str | None) -> list[Record]:
+    """Files matching ``pattern`` (``**`` recursive), sorted. A file reached through several
+    paths (a symlink loop such as ``loop -> ..`` makes ``**`` find it again and again) is
+    listed once, by its shortest path."""
     if not pattern:
         raise ConfigError("data=glob needs data.pattern, e.g. data.pattern='photos/**/*.jpg'")
-    paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    found = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
+             if os.path.isfile(p)]
+    first: dict[str, str] = {}
+    for p in sorted(found, key=lambda p: (p.count(os.sep), p)):
+        first.setdefault(os.path.realpath(p), p)
+    paths = sorted(first.values())
     if not paths:
         raise DataError(f"data.pattern={pattern!r} matches no files (relative to {os.getcwd()})")
     return [Record(p) for p in paths]
@@ -139,20 +148,39 @@ def build_records(cfg: Any) -> list[Record]:
     return records[: cfg.limit] if cfg.limit is not None else records
 
 
+def _srun_step() -> tuple[int, int] | None:
+    """(task, tasks) of the srun step this process runs in, or None outside one.
+
+    A batch script sees ``SLURM_NTASKS``/``SLURM_PROCID`` of its allocation but is one
+    process: only srun's tasks (``SLURM_STEP_ID`` set) are shards of one step.
+    """
+    env = os.environ
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return None
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    return int(env["SLURM_PROCID"]), tasks
+
+
 def shard_of(cfg: Any) -> tuple[int, int]:
-    """(shard, num_shards): from the config, else from SLURM under srun, else (0, 1)."""
+    """(shard, num_shards): from the config, else from the srun step, else (0, 1)."""
+    step = _srun_step()
     if cfg.num_shards is not None and cfg.num_shards > 1:
         if cfg.shard is None:
-            env = os.environ
-            if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) == cfg.num_shards:
-                return int(env["SLURM_PROCID"]), cfg.num_shards
+            if step is not None and step[1] == cfg.num_shards:
+                return step[0], cfg.num_shards
             raise ConfigError(
                 f"data.num_shards={cfg.num_shards} needs data.shard=0..{cfg.num_shards - 1}"
+                + (" (or srun with as many tasks)" if step is None else
+                   f" (this srun step has {step[1]} tasks)")
             )
         return cfg.shard, cfg.num_shards
-    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if cfg.num_shards is None and ntasks > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), ntasks
+    if cfg.num_shards is None and step is not None and step[1] > 1:
+        return step
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if cfg.num_shards is None and step is None and ntasks > 1:
+        log.warning("SLURM_NTASKS=%d but this process is not an srun task: it processes every "
+                    "image itself; start it with srun to split the work into %d shards",
+                    ntasks, ntasks)
     return 0, 1
 
 

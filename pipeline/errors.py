@@ -33,3 +33,17 @@ def unknown(
         msg += "; did you mean " + " or ".join(repr(c) for c in close) + "?"
     listed = ", ".join(valid[:show]) + (f", ... ({len(valid)} in all)" if len(valid) > show else "")
     return msg + f" valid: {listed}"
+
+
+class RunRefused(StoreError):
+    """A run that must not start (another config or writer, a changed image list): nothing
+    was touched, so the run's own status is not rewritten either."""
+
+
+def printable(text: object) -> str:
+    """``text`` for one log line: control characters (a newline in a file name) escaped, so
+    a name cannot forge lines of its own."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)

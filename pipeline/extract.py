@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .data import (
     shard_of,
     shard_range,
 )
-from .errors import ConfigError, DataError, StoreError
+from .errors import ConfigError, DataError, RunRefused, StoreError, printable
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
@@ -37,13 +38,25 @@ from .models import (
     use_channels_last,
 )
 from .runtime import AUTOCAST, Normalize, auto_workers, micro_batch_of, resolve_device
-from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
+from .store import (
+    DONE,
+    FAILED,
+    BackgroundWriter,
+    ResultsWriter,
+    create_results,
+    open_results,
+    remove_stale_temporaries,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
-# Config keys that decide the numbers in a results file; others (batch_size, device,
-# num_workers, ...) may change between an interrupted run and its resume.
-RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision")
+# Run identity: the config keys that decide a stored number. A results file records their
+# values (its fingerprint); resuming it with any of them changed is refused. Every other key
+# (batch_size, micro_batch, device, num_workers, channels_last, compile, stage, run_dir,
+# resume, overwrite, merge_copy, render.*, evaluate.*, report.*) may change on resume, and so
+# may data.shard / data.num_shards (all shards of a run share one identity).
+RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision", "seed")
 NOT_MAPS = ("predictions", "targets", "activations", "images")
 
 
@@ -62,12 +75,12 @@ class Summary:
         out = [f"{self.done} of {self.n} images done, {self.failed} failed"
                + (f" ({self.skipped} were done before this run)" if self.skipped else "")
                + f" -> {self.path}"]
-        out += [f"  failed: {p}: {e}" for p, e in self.errors[:5]]
+        out += [f"  failed: {printable(p)}: {printable(e)}" for p, e in self.errors[:5]]
         if self.failed > 5:
             out.append(f"  ... and {self.failed - 5} more (see /images/error)")
         if self.nonfinite:
             out.append(f"  warning: {self.nonfinite} maps contain NaN/inf (/images/nonfinite)")
-        out += [f"  {Path(p).name}: {c} ({prob:.2f})" for p, c, prob in self.top1[:10]]
+        out += [f"  {printable(Path(p).name)}: {c} ({prob:.2f})" for p, c, prob in self.top1[:10]]
         return out
 
 
@@ -122,29 +135,68 @@ def probe_layout(method: Method, x: torch.Tensor, target: str | int,
             for k, v in out.items()}
 
 
-def _open_or_create(path: Path, cfg: DictConfig, make: Any) -> None:
-    """Reuse a results file of the same config, refuse one of another; never overwrite
-    silently."""
+def listing_digest(records: list[Record]) -> str:
+    """sha256 of the whole image list (paths and labels, in order): what fixes a run's rows."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.path}\0{r.label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _listing_change(f: Any, records: list[Record], start: int, stop: int) -> str | None:
+    """Why the current listing differs from the one the file was created from, or None."""
+    stored = f.attrs.get("listing_sha256")
+    if stored is not None:
+        if stored == listing_digest(records):
+            return None
+    else:  # files of before the digest: compare the file's own block
+        block = records[start:stop]
+        if (len(block) == len(f["images/path"])
+                and [r.path for r in block] == list(f["images/path"].asstr()[:])
+                and [r.label for r in block] == f["images/label"][:].tolist()):
+            return None
+    n_total = int(f.attrs.get("n_total", len(f["images/path"])))
+    if int(f.attrs.get("num_shards", 1)) > 1:
+        return (f"the image list changed since this sharded run was created ({len(records)} "
+                f"files now, {n_total} then, or the same count in another order or labels)")
+    old, new = set(f["images/path"].asstr()[:]), {r.path for r in records}
+    added, removed = len(new - old), len(old - new)
+    if added or removed:
+        return (f"the image list changed since this run was created: {added} file(s) added, "
+                f"{removed} removed")
+    return "the image list changed since this run was created: same files, other order or labels"
+
+
+def _check_existing(path: Path, cfg: DictConfig, records: list[Record], start: int,
+                    stop: int) -> bool:
+    """Whether ``path`` is to be (re)created. A results file of the same config and image
+    list is resumed; one of another config or list is refused (overwrite=true replaces it,
+    atomically, once the new one is complete). Never overwrites silently."""
     if not path.exists():
-        make()
-        return
+        return True
     try:
         with open_results(path) as f:
-            old = f.attrs.get("fingerprint", "")
+            old = str(f.attrs.get("fingerprint", ""))
+            changed = _listing_change(f, records, start, stop)
     except StoreError:
         if not cfg.overwrite:
             raise
-        old = None
+        log.warning("overwrite=true: replacing the unreadable %s", path)
+        return True
     new = fingerprint(cfg)
-    if old == new and cfg.resume:
-        return
-    if not cfg.overwrite:
-        why = ("holds results of a different config: " + "; ".join(_differences(old, new)[:4])
-               if old != new else "exists and resume=false")
-        raise StoreError(f"{path} {why}. Use another run_dir, or overwrite=true to replace it")
-    log.warning("overwrite=true: replacing %s", path)
-    path.unlink()
-    make()
+    if cfg.overwrite:
+        log.warning("overwrite=true: replacing %s", path)
+        return True
+    how = "Use another run_dir, or overwrite=true to replace it"
+    if old != new:
+        diff = "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
+        raise RunRefused(f"{path} holds results of a different config: {diff}. {how}")
+    if not cfg.resume:
+        raise RunRefused(f"{path} exists and resume=false. {how}")
+    if changed:
+        raise RunRefused(f"{path}: {changed}; a run's rows are fixed when it is created. Use "
+                         "another run_dir for the new list, or overwrite=true to start over")
+    return False
 
 
 @dataclass
@@ -153,8 +205,7 @@ class Job:
 
     cfg: DictConfig
     path: Path  # the results file (or shard file)
-    records: list[Record]
-    start: int  # global index of the file's first row
+    records: list[Record]  # the file's own rows: /images/path and /images/label
     method: Method
     normalize: Normalize
     device: torch.device
@@ -163,9 +214,32 @@ class Job:
     channels_last: bool  # inputs go to the model in NHWC
 
 
-def prepare(cfg: DictConfig, run_dir: Path) -> Job:
-    """Check the config, build model, method and data, and create or reopen the file."""
+def extract(cfg: DictConfig, run_dir: Path) -> Summary:
+    """Compute the configured method for every image of the run's results file that is not
+    done yet, holding the file's writer lock throughout (a second writer fails at once)."""
     validate(cfg)
+    shard, num_shards = shard_of(cfg.data)
+    path = Path(run_dir) / results_name(shard, num_shards)
+    with writer_lock(path, "writing"):
+        remove_stale_temporaries(path)
+        job = prepare(cfg, path, shard, num_shards)
+        writer = ResultsWriter(job.path)
+        try:
+            before = _run_batches(job, writer)
+            return _summarize(writer.file, job.path, before, job.categories)
+        finally:
+            writer.close()
+
+
+def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) -> Job:
+    """Check the config against ``path``, build model, method and data, and create the file
+    or reopen it. Call with the file's writer lock held."""
+    validate(cfg)
+    records = build_records(cfg.data)
+    if not records:
+        raise DataError("the dataset has no images")
+    start, stop = shard_range(len(records), shard, num_shards)
+    create = _check_existing(path, cfg, records, start, stop)  # refuse before slow work
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
@@ -175,11 +249,6 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
                                       torch.zeros(1, 3, size, size, device=device))
     method_cls = METHODS[cfg.method.name]
     layers = resolve_layers(model, cfg.model.target_layers) if method_cls.uses_layers else {}
-    records = build_records(cfg.data)
-    if not records:
-        raise DataError("the dataset has no images")
-    shard, num_shards = shard_of(cfg.data)
-    start, stop = shard_range(len(records), shard, num_shards)
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
@@ -193,10 +262,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
                           topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision])
     normalize = Normalize(info.mean, info.std).to(device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / results_name(shard, num_shards)
-
-    def make() -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
         with method:
             layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)),
                                   target, cfg.target.k)
@@ -205,29 +272,20 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
             "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
             "fingerprint": fingerprint(cfg), "image_size": size,
             "resize": cfg.data.resize or "none", "shard": shard, "num_shards": num_shards,
-            "first_index": start, "n_total": len(records), "categories": info.categories or [],
+            "first_index": start, "n_total": len(records),
+            "listing_sha256": listing_digest(records), "categories": info.categories or [],
             "mean": list(info.mean), "std": list(info.std),
             "versions": {"camsweep": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "h5py": h5py.__version__},
         }
         chunk = records[start:stop]
         create_results(path, [r.path for r in chunk], np.array([r.label for r in chunk]),
-                       np.arange(start, stop), layout, attrs)
-
-    _open_or_create(path, cfg, make)
-    return Job(cfg, path, records, start, method, normalize, device, n_classes, info.categories,
+                       np.arange(start, stop), layout, attrs, method_kind=method_cls.kind)
+    with open_results(path) as f:  # the rows as fixed at creation, not today's listing
+        rows = [Record(p, int(lab)) for p, lab in
+                zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
+    return Job(cfg, path, rows, method, normalize, device, n_classes, info.categories,
                channels_last)
-
-
-def extract(cfg: DictConfig, run_dir: Path) -> Summary:
-    """Compute the configured method for every pending image of the run's results file."""
-    job = prepare(cfg, run_dir)
-    writer = ResultsWriter(job.path)
-    try:
-        skipped = _run_batches(job, writer)
-        return _summarize(writer.file, job.path, skipped, job.categories)
-    finally:
-        writer.close()
 
 
 def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
@@ -236,13 +294,14 @@ def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:
 
 
 def _run_batches(job: Job, writer: ResultsWriter) -> int:
-    """Process the file's pending rows; returns how many were done before."""
-    cfg, device, start = job.cfg, job.device, job.start
+    """Process the file's rows that are not done (pending, or failed before: a failure may
+    not repeat); returns how many were done before."""
+    cfg, device = job.cfg, job.device
     target = target_spec(cfg.target)
     micro_batch = micro_batch_of(cfg.micro_batch, device)
     pending = writer.pending_rows()
-    skipped = len(writer.file["images/status"]) - len(pending)
-    dataset = ImageDataset(job.records, start + pending, cfg.data.image_size, cfg.data.resize,
+    before = len(writer.file["images/status"]) - len(pending)
+    dataset = ImageDataset(job.records, pending, cfg.data.image_size, cfg.data.resize,
                            cfg.data.decode)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), cfg.batch_size)
@@ -255,7 +314,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     try:
         with job.method:
             for batch in loader:
-                rows = batch["index"] - start
+                rows = batch["index"]
                 # Copy the whole (pinned) batch and select on the device: indexing on the
                 # host first would make an unpinned copy and a blocking transfer.
                 x = batch["pixels"].to(device, non_blocking=True)
@@ -284,7 +343,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     finally:
         bar.close()
         background.close()
-    return skipped
+    return before
 
 
 def _batch_errors(rows: torch.Tensor, batch: dict[str, Any], target: Any,
@@ -324,9 +383,10 @@ def _summarize(f: h5py.File, path: Path, skipped: int, categories: list[str] | N
                       nonfinite=int(f["images/nonfinite"][:][status == DONE].sum()))
     done_rows = np.flatnonzero(status == DONE)[:10]
     if len(done_rows):
-        cls = f["predictions/class"][:10][:, 0]
-        prob = f["predictions/prob"][:10][:, 0]
-        for i in done_rows:
-            name = categories[cls[i]] if categories and cls[i] < len(categories) else str(cls[i])
-            summary.top1.append((paths[i], f"{cls[i]} {name}", float(prob[i])))
+        # The first done rows need not be the first rows (an early image may have failed).
+        cls = f["predictions/class"][done_rows, 0]
+        prob = f["predictions/prob"][done_rows, 0]
+        for i, c, p in zip(done_rows, cls, prob, strict=True):
+            name = categories[c] if categories and 0 <= c < len(categories) else str(c)
+            summary.top1.append((paths[i], f"{c} {name}", float(p)))
     return summary

@@ -3,12 +3,13 @@
 Each shard wrote a contiguous block of images to ``results.shard-<i>-of-<N>.h5``. The
 merged file maps every dataset onto those blocks with HDF5 virtual datasets whose
 sources are relative file names, so the run folder can be moved as a whole; with
-``copy=True`` the arrays are copied instead and the shards are no longer needed.
+``copy=True`` the arrays are copied (chunk by chunk) and the shards are no longer needed.
+The merged file names each shard with its ``run_id``; readers refuse it when a shard is
+missing or was replaced (a virtual dataset would silently read zeros).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -19,11 +20,21 @@ import h5py
 import numpy as np
 
 from .errors import StoreError
-from .store import PENDING, _walk, open_results
+from .store import (
+    DONE,
+    PENDING,
+    attr_list,
+    lock_is_held,
+    open_results,
+    remove_stale_temporaries,
+    walk,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 SHARD_RE = re.compile(r"results\.shard-(\d+)-of-(\d+)\.h5$")
 MERGED_ATTRS = {"shard": 0, "num_shards": 1, "first_index": 0}
+SAME_RUN = ("fingerprint", "listing_sha256", "n_total")  # attributes all shards share
 
 
 def shard_files(run_dir: Path) -> tuple[int, dict[int, Path]]:
@@ -42,12 +53,13 @@ def shard_files(run_dir: Path) -> tuple[int, dict[int, Path]]:
 
 
 def shards_complete(run_dir: Path) -> bool:
-    """Whether every shard file exists and has no pending image."""
+    """Whether every shard file exists, none is being written and none has an image left
+    to do (pending; failed ones count as finished)."""
     try:
         n, shards = shard_files(run_dir)
     except StoreError:
         return False
-    if len(shards) != n:
+    if len(shards) != n or any(lock_is_held(p) for p in shards.values()):
         return False
     for p in shards.values():
         with open_results(p) as f:
@@ -56,47 +68,77 @@ def shards_complete(run_dir: Path) -> bool:
     return True
 
 
+def _up_to_date(out: Path, shards: dict[int, Path]) -> bool:
+    """Whether ``out`` is a virtual merge of exactly these shard files."""
+    if not out.exists():
+        return False
+    try:
+        with open_results(out) as f:  # validates that every recorded shard is the same file
+            entries = attr_list(f.attrs.get("merged_from"))
+            virtual = f.attrs.get("merge") == "virtual"
+    except StoreError:
+        return False
+    return virtual and [e.get("file") if isinstance(e, dict) else e for e in entries] == [
+        shards[i].name for i in sorted(shards)]
+
+
 def merge_shards(run_dir: str | os.PathLike, copy: bool = False) -> Path:
-    """Write ``run_dir/results.h5`` over all shards (virtual, or a real copy)."""
+    """Write ``run_dir/results.h5`` over all shards (virtual, or a real copy), holding the
+    merged file's writer lock. Merging an already merged run again is allowed."""
     run_dir = Path(run_dir)
+    out = run_dir / "results.h5"
+    with writer_lock(out, "merging"):
+        return _merge(run_dir, out, copy)
+
+
+def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
     n, shards = shard_files(run_dir)
     missing = sorted(set(range(n)) - set(shards))
     if missing:
         raise StoreError(f"cannot merge {run_dir}: shards {missing} of {n} are missing")
-    out = run_dir / "results.h5"
+    busy = [p.name for p in shards.values() if lock_is_held(p)]
+    if busy:
+        raise StoreError(f"cannot merge {run_dir}: {', '.join(busy)} still being written; "
+                         "the last shard to finish merges")
     if out.exists():
-        with h5py.File(out, "r") as f:
+        with h5py.File(out, "r", locking=False) as f:
             if "merged_from" not in f.attrs:
                 raise StoreError(f"{out} exists and is not a merge of shards; not replacing it")
+    remove_stale_temporaries(out)
     files = [open_results(shards[i]) for i in range(n)]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         first = files[0]
-        fingerprints = {f.attrs["fingerprint"] for f in files}
-        if len(fingerprints) > 1:
-            raise StoreError(f"shards in {run_dir} come from different configs")
+        for key in SAME_RUN:
+            if len({str(f.attrs.get(key)) for f in files}) > 1:
+                raise StoreError(f"shards in {run_dir} come from different runs ({key} differs)")
         total = int(first.attrs["n_total"])
         starts = [int(f.attrs["first_index"]) for f in files]
         counts = [int(f["images/status"].shape[0]) for f in files]
         if starts != list(np.cumsum([0, *counts[:-1]])) or sum(counts) != total:
             raise StoreError(f"shards in {run_dir} do not tile the {total} images")
-        pending = sum(int((f["images/status"][:] == PENDING).sum()) for f in files)
-        if pending:
-            log.warning("merging %s with %d images still pending", run_dir, pending)
-        tmp = out.with_name(f".results.h5.tmp-{os.getpid()}")
+        not_done = sum(int((f["images/status"][:] != DONE).sum()) for f in files)
+        if not_done:
+            log.warning("merging %s with %d images not done", run_dir, not_done)
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as dst:
             for key, value in first.attrs.items():
                 dst.attrs[key] = value
             dst.attrs.update(MERGED_ATTRS)
             dst.attrs["n_images"] = total
-            dst.attrs["merged_from"] = json.dumps([shards[i].name for i in range(n)])
+            dst.attrs["merged_from"] = json.dumps([
+                {"file": shards[i].name, "run_id": str(files[i].attrs.get("run_id", ""))}
+                for i in range(n)])
             dst.attrs["merge"] = "copy" if copy else "virtual"
-            for key, ds in _walk(first):
+            for key, ds in walk(first):
                 shape = (total, *ds.shape[1:])
                 if copy:
                     target = dst.create_dataset(key, shape=shape, dtype=ds.dtype,
                                                 chunks=ds.chunks)
+                    step = ds.chunks[0] if ds.chunks else 1024
                     for f, start, count in zip(files, starts, counts, strict=True):
-                        target[start:start + count] = f[key][...]
+                        for lo in range(0, count, step):  # bounded memory: a chunk at a time
+                            hi = min(count, lo + step)
+                            target[start + lo:start + hi] = f[key][lo:hi]
                 else:
                     layout = h5py.VirtualLayout(shape=shape, dtype=ds.dtype)
                     for i, (start, count) in enumerate(zip(starts, counts, strict=True)):
@@ -111,30 +153,23 @@ def merge_shards(run_dir: str | os.PathLike, copy: bool = False) -> Path:
     finally:
         for f in files:
             f.close()
-        if "tmp" in locals():
-            Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return out
 
 
 def merge_if_complete(run_dir: Path) -> Path | None:
-    """Merge once the last shard is done; None while shards are pending or another shard
-    is merging right now.
+    """Merge once the last shard is done; None while other shards are still being written.
 
-    The lock is a POSIX record lock on ``.merge.lock`` (``lockf``: honoured across NFS
-    clients), which the kernel drops when its holder exits or is killed, so a shard killed
-    while merging leaves nothing stale behind: the next shard to finish (or a rerun) merges.
-    A merged file newer than every shard is kept as it is.
+    Called by each shard after it released its own writer lock. The merged file's lock is
+    waited for (a merge is short), so of shards finishing together the last one to release
+    its lock always sees every shard finished and merges; the others return None. A merged
+    file of exactly these shards is kept as it is.
     """
-    if not shards_complete(run_dir):
-        return None
-    with open(run_dir / ".merge.lock", "a") as lock:
-        try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a shard that is merging now
+    out = run_dir / "results.h5"
+    with writer_lock(out, "merging", wait=True):
+        if not shards_complete(run_dir):
             return None
-        out = run_dir / "results.h5"
         _, shards = shard_files(run_dir)
-        if out.exists() and out.stat().st_mtime >= max(p.stat().st_mtime
-                                                       for p in shards.values()):
+        if _up_to_date(out, shards):
             return out
-        return merge_shards(run_dir)  # the lock goes with the file's closing
+        return _merge(run_dir, out, copy=False)

@@ -94,12 +94,27 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {path!r} holds no state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: another architecture or head
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ConfigError(f"checkpoint {path!r} does not fit the model: "
+                          f"{(lines or [str(e).splitlines()[0]])[0][:300]}") from e
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {path!r} does not fit model: missing {list(missing)[:3]}, "
             f"unexpected {list(unexpected)[:3]}"
         )
+
+
+def _construct(ctor: Callable[..., nn.Module], what: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``ctor(**kwargs)``; arguments it does not take are the user's error: one line."""
+    try:
+        return ctor(what, **kwargs) if ctor is torchvision.models.get_model else ctor(**kwargs)
+    except TypeError as e:
+        given = ", ".join(k for k in kwargs if k != "weights") or "none"
+        raise ConfigError(f"model {what!r} does not accept model.kwargs ({given}): "
+                          f"{str(e).splitlines()[0][:200]}") from e
 
 
 def _torchvision_pretrained(name: str) -> tuple[nn.Module, Any]:
@@ -130,7 +145,7 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
             ctor: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError) as e:
             raise ConfigError(f"cannot import model._target_={cfg._target_!r}: {e}") from e
-        model = ctor(**dict(cfg.kwargs))
+        model = _construct(ctor, cfg._target_, dict(cfg.kwargs))
         if weights not in (None, "DEFAULT"):
             _load_checkpoint(model, weights)
         categories = None if _num_classes(model) != 1000 else categories
@@ -148,7 +163,8 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
             model, w = _torchvision_pretrained(cfg.name)
             categories = list(w.meta.get("categories", categories))
         else:
-            model = torchvision.models.get_model(cfg.name, weights=None, **dict(cfg.kwargs))
+            model = _construct(torchvision.models.get_model, cfg.name,
+                               {"weights": None, **dict(cfg.kwargs)})
             if weights is not None:
                 _load_checkpoint(model, weights)
     if cfg.get("mean") is not None:

@@ -14,7 +14,8 @@ import numpy as np
 import yaml
 
 from .errors import StoreError
-from .store import DONE, FAILED, PENDING, open_results
+from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, lock_is_held, open_results
+from .store import categories as stored_categories
 
 
 class Run:
@@ -46,7 +47,7 @@ class Run:
 
     @property
     def layers(self) -> list[str]:
-        return list(json.loads(self.file.attrs["target_layers"]))
+        return [str(x) for x in attr_list(self.file.attrs.get("target_layers"))]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -55,8 +56,7 @@ class Run:
     @property
     def categories(self) -> list[str]:
         """Class names, index = class (empty when the model has none)."""
-        value = self.file.attrs.get("categories", "[]")
-        return [str(c) for c in (json.loads(value) if isinstance(value, str) else value)]
+        return stored_categories(self.file)
 
     def __len__(self) -> int:
         return int(self.file["images/status"].shape[0])
@@ -77,6 +77,19 @@ class Run:
     @property
     def errors(self) -> np.ndarray:
         return self.file["images/error"].asstr()[:]
+
+    @property
+    def running(self) -> bool:
+        """Whether a camsweep process is writing this file right now (rows may still change
+        from pending to done; the done ones are final)."""
+        return lock_is_held(self.path)
+
+    @property
+    def state(self) -> str:
+        """``running``, ``done`` (no image pending) or ``incomplete`` (interrupted)."""
+        if self.running:
+            return "running"
+        return "incomplete" if (self.status == PENDING).any() else "done"
 
     @property
     def done(self) -> np.ndarray:
@@ -107,7 +120,7 @@ class Run:
         cats = self.categories
         return pd.DataFrame({
             "path": self.paths, "label": self.labels,
-            "status": pd.Categorical.from_codes(self.status, ["pending", "done", "failed"]),
+            "status": pd.Categorical.from_codes(self.status, list(STATUS_NAMES)),
             "error": self.errors, "pred": cls[:, 0], "prob": prob[:, 0],
             "pred_name": [cats[c] if 0 <= c < len(cats) else "" for c in cls[:, 0]],
             "target": tcls, "score": tscore,
@@ -164,7 +177,8 @@ class Run:
     def __repr__(self) -> str:
         st = self.status
         return (f"Run({str(self.path)!r}, method={self.method}, model={self.model}, "
-                f"layers={self.layers}, images={len(st)}, done={(st == DONE).sum()}, "
+                f"layers={self.layers}, state={self.state}, images={len(st)}, "
+                f"done={(st == DONE).sum()}, "
                 f"failed={(st == FAILED).sum()}, pending={(st == PENDING).sum()})")
 
 

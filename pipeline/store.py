@@ -32,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from .errors import RunRefused, StoreError
 
 FORMAT = "camsweep"
 FORMAT_VERSION = 1
@@ -368,12 +368,14 @@ _HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see t
 
 
 @contextmanager
-def writer_lock(path: str | os.PathLike, what: str = "writing") -> Iterator[None]:
+def writer_lock(path: str | os.PathLike, what: str = "writing",
+                wait: bool = False) -> Iterator[None]:
     """Hold the exclusive writer lock of results file ``path`` (``.<name>.lock`` beside it).
 
     A POSIX record lock (``lockf``: honoured across NFS clients) that the kernel drops when
     its holder exits or is killed, and that forked DataLoader workers do not inherit, so a
-    killed run never leaves a stale lock. A second writer fails at once with one line.
+    killed run never leaves a stale lock. A second writer fails at once with one line, or
+    with ``wait=True`` waits for the first (for short holds, such as a merge).
     """
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
@@ -384,10 +386,10 @@ def writer_lock(path: str | os.PathLike, what: str = "writing") -> Iterator[None
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            raise StoreError(f"another camsweep process ({holder}) is {what} {path}; wait for "
+            raise RunRefused(f"another camsweep process ({holder}) is {what} {path}; wait for "
                              f"it to finish, or use another run_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)

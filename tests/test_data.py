@@ -16,7 +16,7 @@ from pipeline.data import (
     shard_of,
     shard_range,
 )
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
 
@@ -104,13 +104,23 @@ def test_shards_tile_the_dataset(n, k):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_shard_from_config_and_slurm(monkeypatch):
-    monkeypatch.delenv("SLURM_NTASKS", raising=False)
-    monkeypatch.delenv("SLURM_PROCID", raising=False)
+def test_shard_from_config_and_slurm(monkeypatch, caplog):
+    for key in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
     assert shard_of(data_cfg(shard=1, num_shards=3)) == (1, 3)
     assert shard_of(data_cfg()) == (0, 1)
+    # A batch script of `sbatch -n 4` (no srun) is one process: it does all the work, and
+    # says how to shard, instead of silently doing a quarter of it.
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert shard_of(data_cfg()) == (0, 1)
+    assert "not an srun task" in caplog.text
+    with pytest.raises(ConfigError, match="needs data.shard=0..3 \\(or srun"):
+        shard_of(data_cfg(num_shards=4))
+    # Task 2 of an srun step of 4 tasks.
     monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     assert shard_of(data_cfg()) == (2, 4)
     assert shard_of(data_cfg(num_shards=4)) == (2, 4)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -99,33 +100,51 @@ def test_sharded_runs_merge_to_the_unsharded_run(tmp_path, num_shards):
     assert_same(_arrays(copy)["gradcam/layer4"], whole["gradcam/layer4"], "layer4")
 
 
-def test_a_shard_killed_while_merging_leaves_no_stale_lock(tmp_path, image_dir):
-    """The merge lock dies with its holder: after a kill -9 the next shard merges."""
+def _hold_lock(path) -> subprocess.Popen:
+    """Another process holding the POSIX lock on ``path``, as a camsweep writer does."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+        "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)"),
+        str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_shard_still_writing_or_killed_while_merging(tmp_path, image_dir):
+    """A shard still writing leaves the merge to whoever finishes last; a merge lock dies
+    with its holder: after a kill -9 the waiting shard merges."""
     base = (*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg")
     for shard in range(2):
         run(compose_cfg(*base, f"data.shard={shard}", "data.num_shards=2"), tmp_path)
     merged = tmp_path / "results.h5"
     assert merge_if_complete(tmp_path) == merged  # up to date: kept as it is
     merged.unlink()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-        "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"),
-        str(tmp_path / ".merge.lock")], stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(tmp_path / ".results.shard-1-of-2.h5.lock")
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert merge_if_complete(tmp_path) is None  # someone else is merging
+        assert merge_if_complete(tmp_path) is None  # shard 1 is still being written
+        with pytest.raises(StoreError, match="still being written"):
+            merge_shards(tmp_path)
     finally:
-        holder.kill()  # SIGKILL: no cleanup runs
+        holder.kill()
         holder.wait()
-    assert (tmp_path / ".merge.lock").exists()
-    assert merge_if_complete(tmp_path) == merged
+    assert not merged.exists()
+    holder = _hold_lock(tmp_path / ".results.h5.lock")  # a shard merging right now
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(out=merge_if_complete(tmp_path)))
+    waiter.start()
+    holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+    holder.wait()
+    waiter.join(timeout=120)
+    assert result["out"] == merged
     with load_run(tmp_path) as r:
         assert r.done.all() and len(r.paths) == 6
 
 
 def test_shards_from_slurm_environment(tmp_path, image_dir, monkeypatch):
-    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # task 1 of a 2-task srun step
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     result = run(compose_cfg(*TINY, "stage=extract", "data=glob",
                              f"data.pattern={image_dir}/*.jpg"), tmp_path)
     assert result["results"].endswith("results.shard-1-of-2.h5") and result["n"] == 3
