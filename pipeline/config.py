@@ -6,6 +6,7 @@ so a misspelled key fails when the config is composed, naming the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -250,8 +251,28 @@ def register_configs() -> None:
         cs.store(group="method", name=f"{node.name}_schema", node=node)
 
 
+_CLAIMED: dict[str, str] = {}  # default run dir -> the folder this process claimed for it
+
+
 def _run_dir(run_dir: str | None, default: str) -> str:
-    return run_dir if run_dir else default
+    """``run_dir`` if given; else a new folder named ``default`` (Hydra's
+    ``outputs/<date>/<time>``), claimed with an atomic ``mkdir`` so that two runs started in
+    the same second get two folders (the second gets ``-2``), never one shared file."""
+    if run_dir:
+        return run_dir
+    if default not in _CLAIMED:
+        Path(default).parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            candidate = default if i == 1 else f"{default}-{i}"
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            _CLAIMED[default] = candidate
+            break
+        else:
+            raise ConfigError(f"cannot find a free run folder next to {default}")
+    return _CLAIMED[default]
 
 
 def _output_subdir(stage: str, run_dir: str | None) -> str:

@@ -199,6 +199,28 @@ def _check_existing(path: Path, cfg: DictConfig, records: list[Record], start: i
     return False
 
 
+def _check_sibling_shards(path: Path, cfg: DictConfig, records: list[Record],
+                          num_shards: int) -> None:
+    """A new shard file must describe the same run as the shards already there: one config
+    and one image list, or the merge would join blocks of two different lists."""
+    digest, new = listing_digest(records), fingerprint(cfg)
+    for other in sorted(path.parent.glob(f"results.shard-*-of-{num_shards}.h5")):
+        if other == path:
+            continue
+        with open_results(other) as f:
+            old = str(f.attrs.get("fingerprint", ""))
+            if old != new:
+                diff = "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
+                raise RunRefused(f"{other.name} in {path.parent} holds results of a different "
+                                 f"config: {diff}. Use another run_dir")
+            if f.attrs.get("listing_sha256") != digest:
+                raise RunRefused(
+                    f"{other.name} in {path.parent} was made from another image list "
+                    f"({len(records)} files now, {int(f.attrs.get('n_total', -1))} then, or "
+                    "the same count in another order); all shards of a run share one list. "
+                    "Use another run_dir")
+
+
 @dataclass
 class Job:
     """Everything the batch loop needs, prepared once."""
@@ -240,6 +262,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         raise DataError("the dataset has no images")
     start, stop = shard_range(len(records), shard, num_shards)
     create = _check_existing(path, cfg, records, start, stop)  # refuse before slow work
+    if create and num_shards > 1:
+        _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)

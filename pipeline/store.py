@@ -273,7 +273,7 @@ def validate(f: h5py.File, path: str | os.PathLike) -> None:
         status = f["images/status"][:]
         if status.dtype != np.uint8 or (status > FAILED).any():
             bad = int(np.flatnonzero(status > FAILED)[0]) if (status > FAILED).any() else 0
-            raise StoreError(f"{path} is damaged: /images/status holds {status[bad]!r} at row "
+            raise StoreError(f"{path} is damaged: /images/status holds {int(status[bad])} at row "
                              f"{bad} (valid: 0 pending, 1 done, 2 failed)")
         attr_list(f.attrs.get("target_layers", "[]"))
     except StoreError:
@@ -305,14 +305,15 @@ def check_shards(f: h5py.File, path: str | os.PathLike) -> None:
                                  f"{found} != {run_id}); run stage=merge again")
 
 
-def open_results(path: str | os.PathLike, mode: str = "r") -> h5py.File:
+def open_results(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> h5py.File:
     """Open a results file after checking that it is one, that we know its version and
-    that its structure is sound. Readers see a consistent "done" set while a run writes."""
+    that its structure is sound. Readers see a consistent "done" set while a run writes.
+    ``kwargs`` go to ``h5py.File``."""
     if not Path(path).is_file():
         raise StoreError(f"no results file at {path}")
     try:
         # Our own writer lock guards writers; HDF5's would keep readers out during a run.
-        f = h5py.File(path, mode, locking=False)
+        f = h5py.File(path, mode, locking=False, **kwargs)
     except OSError as e:
         raise StoreError(f"cannot open {path} as HDF5: {str(e).splitlines()[0]}") from e
     try:
@@ -433,14 +434,16 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 class ResultsWriter:
     """Writes batches into an existing results file, in place.
 
-    Dataset handles stay open for the writer's life and are flushed explicitly: HDF5 reports
-    a failed write (a full disk) at the flush, while a handle dropped with dirty chunks
-    would report it nowhere (h5py ignores errors in ``__dealloc__``).
+    HDF5's chunk cache is off: with chunks allocated up front and no filters, a write then
+    goes straight to the rows' bytes in the file (no read-modify-write of a 1 MB chunk per
+    batch), and a failed write (a full disk) raises at that very call. With the cache on,
+    the error would surface at a later flush or nowhere (h5py ignores errors when a handle
+    is dropped), and closing a file with a chunk that cannot be written crashes the process.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.file = open_results(self.path, "r+")
+        self.file = open_results(self.path, "r+", rdcc_nbytes=0)
         self._datasets: dict[str, h5py.Dataset] = {}
         self.failed = False
 
