@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT, TINY
 
-from pipeline.results import load_run
+from pipeline.results import load_run, load_sweep
 
 
 def run_py(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -90,3 +90,21 @@ def test_class_index_shorthand(tmp_path):
     with load_run(run_dir) as run:
         assert list(run.targets[0]) == [281, 281]
         assert "index: 281" in run.attrs["config"]
+
+
+@pytest.mark.slow
+def test_sweeps_take_hydras_whole_override_grammar(tmp_path):
+    """choice(), range() (also through the target=N shorthand), glob() and quoted lists."""
+    tiny = [a for a in TINY if not a.startswith("model=")]
+    proc = run_py("-m", *tiny, "stage=extract", "data.limit=1", "data.image_size=32",
+                  "model=glob(resnet1*)", "method=choice(gradcam,saliency)",
+                  "target=range(281,283)", "model.target_layers=[layer4]",
+                  "hydra.sweep.dir='sweep dir'", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = load_sweep(tmp_path / "sweep dir")
+    assert len(sweep) == 4 and (sweep.table["state"] == "done").all()
+    combos = set()
+    for _, run in sweep.runs():
+        assert run.model == "resnet18" and run.layers in (["layer4"], [])
+        combos.add((run.method, int(run.targets[0][0])))
+    assert combos == {("gradcam", 281), ("gradcam", 282), ("saliency", 281), ("saliency", 282)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import signal
@@ -473,3 +474,34 @@ def test_sigint_stops_with_one_line_and_resume_completes(tmp_path):
     again = subprocess.run(_cli_args(images, run_dir, "batch_size=2"), cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and _done(results) == 40
+
+
+def test_a_run_being_written_reads_as_running(tmp_path, image_dir):
+    extract(_cfg(image_dir), tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:
+        f["images/status"][3:] = PENDING  # as if interrupted
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline.store import writer_lock\n"
+        "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)"),
+        str(tmp_path / "run" / "results.h5")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with load_run(tmp_path / "run") as r:
+            assert r.state == "running" and "state=running" in repr(r)
+    finally:
+        holder.kill()
+        holder.wait()
+    with load_run(tmp_path / "run") as r:
+        assert r.state == "incomplete"
+
+
+def test_each_shard_writes_its_own_status(tmp_path, image_dir):
+    for shard in range(2):
+        result = main(_cfg(image_dir, f"run_dir={tmp_path}", "stage=extract",
+                           f"data.shard={shard}", "data.num_shards=2"))
+        assert result["status"] == "ok"
+    for shard in range(2):
+        status = json.loads((tmp_path / f"camsweep.shard-{shard}-of-2.json").read_text())
+        assert status["status"] == "ok" and status["n"] == 3
+    assert json.loads((tmp_path / "camsweep.shard-1-of-2.json").read_text())["results"] == str(
+        tmp_path / "results.h5")  # the last shard merged
