@@ -23,6 +23,8 @@ from .errors import StoreError
 from .store import (
     DONE,
     PENDING,
+    SCALE_ATTRS,
+    attach_dims,
     attr_list,
     lock_is_held,
     open_results,
@@ -101,7 +103,7 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
         raise StoreError(f"cannot merge {run_dir}: {', '.join(busy)} still being written; "
                          "the last shard to finish merges")
     if out.exists():
-        with h5py.File(out, "r", locking=False) as f:
+        with h5py.File(out, "r") as f:
             if "merged_from" not in f.attrs:
                 raise StoreError(f"{out} exists and is not a merge of shards; not replacing it")
     remove_stale_temporaries(out)
@@ -148,7 +150,10 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
                         layout[start:start + count] = src
                     target = dst.create_virtual_dataset(key, layout)
                 for k, v in ds.attrs.items():
-                    target.attrs[k] = v
+                    if k not in SCALE_ATTRS:  # scales are the merged file's own, below
+                        target.attrs[k] = v
+            paths = np.concatenate([f["images/path"].asstr()[:] for f in files])
+            attach_dims(dst, paths)
         os.replace(tmp, out)
     finally:
         for f in files:

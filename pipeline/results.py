@@ -156,13 +156,24 @@ class Run:
         """The h5py dataset itself, for slicing huge arrays without reading them whole."""
         return self._array(group, layer, None)
 
-    def to_xarray(self, group: str, layer: str) -> Any:
-        """A lazily indexed xarray.DataArray with the dimension names stored in the file."""
+    def to_xarray(self, group: str | None = None, layer: str | None = None) -> Any:
+        """The arrays of one group (default: the run's method, e.g. ``gradcam``) as a labelled
+        ``xarray.Dataset``: named dims (``image``, ``class``, ``h``, ``w``, ``channel``, ...),
+        image paths as the ``image`` coordinate; with ``layer``, that variable alone.
+
+        Read lazily (dask-backed when dask is installed). Needs the ``analysis`` extra
+        (xarray, h5netcdf); the file itself needs nothing but h5py.
+        """
+        import importlib.util
+
         import xarray as xr
 
-        ds = self.dataset(group, layer)
-        dims = json.loads(ds.attrs["dims"])
-        return xr.DataArray(ds, dims=dims, coords={"image": self.paths}, name=f"{group}/{layer}")
+        group = group or self.method
+        if group not in self.file:
+            raise StoreError(f"{self.path} has no group {group!r}; it has {sorted(self.file)}")
+        chunks = {} if importlib.util.find_spec("dask") else None
+        ds = xr.open_dataset(self.path, engine="h5netcdf", group=group, chunks=chunks)
+        return ds if layer is None else ds[layer]
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

@@ -9,7 +9,7 @@ flushed without error. A process killed at any moment therefore leaves a file th
 whose "done" rows are complete; the rest are recomputed on resume.
 
 One writer per file: :func:`writer_lock` takes an exclusive lock that dies with its holder.
-Readers open with HDF5's own file locking off, so they can watch a run that is being written.
+Writers open without HDF5's own file lock, so readers can watch a run that is being written.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ DIMS = {
     "images/path": ["image"], "images/label": ["image"], "images/status": ["image"],
     "images/error": ["image"], "images/size": ["image", "hw"], "images/box": ["image", "y0x0y1x1"],
     "images/index": ["image"], "images/nonfinite": ["image"],
-    "targets/class": ["image"], "targets/score": ["image"],
+    "targets/class": ["image", "class"], "targets/score": ["image", "class"],
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
     LAYER_MAP: ["image", "h", "w"], WEIGHTS: ["image", "channel"],
     INPUT_MAP: ["image", "height", "width"], ATTRIBUTION: ["image", "channel", "height", "width"],
@@ -194,6 +194,7 @@ def create_results(
                         ds.attrs["layer"] = name
             for key, ds in walk(f):
                 ds.attrs["dims"] = json.dumps(_dims(key, ds.attrs.get("kind"), ds.ndim))
+            attach_dims(f, paths)
             f["images/error"].attrs["encoding"] = "utf-8, fixed 256 bytes, empty when ok"
             f["images/status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"
         size = tmp.stat().st_size
@@ -213,11 +214,63 @@ def create_results(
     return run_id
 
 
+def is_scale(ds: h5py.Dataset) -> bool:
+    """Whether ``ds`` is a dimension scale (an axis name for xarray), not per-image data."""
+    return ds.attrs.get("CLASS") == b"DIMENSION_SCALE"
+
+
 def walk(f: h5py.File | h5py.Group) -> list[tuple[str, h5py.Dataset]]:
-    """(path, dataset) of every dataset under ``f``."""
+    """(path, dataset) of every per-image dataset under ``f`` (dimension scales left out)."""
     out: list[tuple[str, h5py.Dataset]] = []
-    f.visititems(lambda k, v: out.append((k, v)) if isinstance(v, h5py.Dataset) else None)
+    f.visititems(lambda k, v: out.append((k, v))
+                 if isinstance(v, h5py.Dataset) and not is_scale(v) else None)
     return out
+
+
+SCALE_ATTRS = ("CLASS", "NAME", "DIMENSION_LIST", "REFERENCE_LIST", "_Netcdf4Dimid")
+_NO_VARIABLE = "This is a netCDF dimension but not a netCDF variable.%10d"
+
+
+def attach_dims(f: h5py.File, paths: list[str] | np.ndarray) -> None:
+    """Name every axis with an HDF5 dimension scale (netCDF-4 conventions), so that
+    ``xarray.open_dataset(path, engine="h5netcdf", group=G)`` shows named dims and the image
+    paths as the ``image`` coordinate.
+
+    Scales live in the group of the datasets they label: an ``image`` coordinate (the paths)
+    and one axis per other dim name. Axes of one name but different sizes within a group
+    (``h`` of layer3 and of layer4) get the dataset's name as a suffix: ``h_layer4``.
+    Called when a file is created or merged, never during a run.
+    """
+    paths = np.asarray(paths, dtype=object)
+    groups: dict[str, list[tuple[str, h5py.Dataset, list[str]]]] = {}
+    for key, ds in walk(f):
+        if "/" not in key:
+            continue
+        group, name = key.rsplit("/", 1)
+        dims = json.loads(ds.attrs["dims"])
+        groups.setdefault(group, []).append((name, ds, dims))
+    for group, members in groups.items():
+        g = f[group]
+        sizes: dict[str, set[int]] = {}
+        for _, ds, dims in members:
+            for dim, size in zip(dims[1:], ds.shape[1:], strict=True):
+                sizes.setdefault(dim, set()).add(size)
+        image = g.create_dataset("image", data=paths, dtype=STR)
+        image.make_scale("image")
+        scales: dict[str, h5py.Dataset] = {}
+        for name, ds, dims in members:
+            named = ["image"]
+            ds.dims[0].attach_scale(image)
+            for axis, (dim, size) in enumerate(zip(dims[1:], ds.shape[1:], strict=True), 1):
+                label = dim if len(sizes[dim]) == 1 else f"{dim}_{name}"
+                if label in g and label not in scales:  # a variable of that name (targets/class)
+                    label = f"{label}_dim"
+                if label not in scales:
+                    scales[label] = g.create_dataset(label, shape=(size,), dtype=np.float32)
+                    scales[label].make_scale(_NO_VARIABLE % size)
+                ds.dims[axis].attach_scale(scales[label])
+                named.append(label)
+            ds.attrs["dims"] = json.dumps(named)
 
 
 _walk = walk  # the name merge used
@@ -296,7 +349,7 @@ def check_shards(f: h5py.File, path: str | os.PathLike) -> None:
             raise StoreError(f"{path} is a merge of shards, but {name} is missing; {hint}")
         if run_id is not None:
             try:
-                with h5py.File(shard, "r", locking=False) as s:
+                with h5py.File(shard, "r") as s:
                     found = s.attrs.get("run_id")
             except OSError as e:
                 raise StoreError(f"{path}: shard {name} does not open ({e}); {hint}") from e
@@ -311,9 +364,12 @@ def open_results(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> h5p
     ``kwargs`` go to ``h5py.File``."""
     if not Path(path).is_file():
         raise StoreError(f"no results file at {path}")
+    # Writers take no HDF5 file lock (our own writer_lock guards them; HDF5's exclusive one
+    # would keep every reader out during a run). Readers keep HDF5's default, so that a
+    # user's plain h5py.File(path) in the same process opens beside a Run.
+    kwargs.setdefault("locking", None if mode == "r" else False)
     try:
-        # Our own writer lock guards writers; HDF5's would keep readers out during a run.
-        f = h5py.File(path, mode, locking=False, **kwargs)
+        f = h5py.File(path, mode, **kwargs)
     except OSError as e:
         raise StoreError(f"cannot open {path} as HDF5: {str(e).splitlines()[0]}") from e
     try:

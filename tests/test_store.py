@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from conftest import TINY, compose_cfg
 
 from pipeline.errors import StoreError
 from pipeline.extract import extract
+from pipeline.merge import merge_shards
 from pipeline.results import load_run
 from pipeline.store import DONE, PENDING, chunk_rows, open_results
 
@@ -99,3 +102,40 @@ def test_run_table(tmp_path, run_cfg):
         assert "done=6" in repr(r)
         assert len(r.categories) == 1000 and r.categories[281] == "tabby"
         assert (t["pred_name"] == [r.categories[c] for c in t["pred"]]).all()
+
+
+def test_xarray_reads_named_dims_and_paths(tmp_path, image_dir):
+    """HDF5 dimension scales (netCDF-4 conventions): h5netcdf/xarray see labelled arrays,
+    in a plain run, a target=topk run (a class axis) and a merged sharded run."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    base = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg")
+    extract(compose_cfg(*base, "model.target_layers=[layer3,layer4]", "target=topk",
+                        "target.k=2"), tmp_path / "topk")
+    with load_run(tmp_path / "topk") as run:
+        cams3, paths = run.cams("layer3"), list(run.paths)
+        lazy = run.to_xarray()
+        assert lazy["layer3"].chunks is not None  # dask-backed: nothing read yet
+        np.testing.assert_array_equal(lazy["layer3"].values, cams3)
+    ds = xr.open_dataset(tmp_path / "topk" / "results.h5", engine="h5netcdf", group="gradcam")
+    assert ds["layer3"].dims == ("image", "class", "h_layer3", "w_layer3")
+    assert ds["layer4"].dims == ("image", "class", "h_layer4", "w_layer4")
+    assert list(ds["image"].values) == paths
+    np.testing.assert_array_equal(ds["layer3"].sel(image=paths[2]).values, cams3[2])
+    w = xr.open_dataset(tmp_path / "topk" / "results.h5", engine="h5netcdf",
+                        group="gradcam_weights")
+    assert w["layer4"].dims == ("image", "class", "channel_layer4")
+    with h5py.File(tmp_path / "topk" / "results.h5") as f:
+        assert json.loads(f["gradcam/layer4"].attrs["dims"]) == [
+            "image", "class", "h_layer4", "w_layer4"]
+    for shard in range(2):
+        extract(compose_cfg(*base, f"data.shard={shard}", "data.num_shards=2"),
+                tmp_path / "sharded")
+    merge_shards(tmp_path / "sharded")
+    with load_run(tmp_path / "sharded") as run:
+        merged = run.to_xarray("gradcam", "layer4")
+        assert merged.dims == ("image", "h", "w") and list(merged["image"].values) == paths
+        np.testing.assert_array_equal(merged.values, run.cams("layer4"))
+    images = xr.open_dataset(tmp_path / "sharded" / "results.h5", engine="h5netcdf",
+                             group="images")
+    assert images["size"].dims == ("image", "hw") and (images["status"].values == DONE).all()
