@@ -37,7 +37,15 @@ from .models import (
     resolve_layers,
     use_channels_last,
 )
-from .runtime import AUTOCAST, Normalize, auto_workers, micro_batch_of, resolve_device
+from .runtime import (
+    AUTOCAST,
+    Normalize,
+    apply_precision,
+    auto_workers,
+    micro_batch_of,
+    resolve_device,
+    to_host,
+)
 from .store import (
     DONE,
     FAILED,
@@ -265,12 +273,14 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if create and num_shards > 1:
         _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
+    apply_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
     model.to(device)
     size = cfg.data.image_size
     channels_last = use_channels_last(model, cfg.channels_last,
-                                      torch.zeros(1, 3, size, size, device=device))
+                                      torch.zeros(1, 3, size, size, device=device),
+                                      cfg.precision)
     method_cls = METHODS[cfg.method.name]
     layers = resolve_layers(model, cfg.model.target_layers) if method_cls.uses_layers else {}
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
@@ -356,11 +366,14 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     out = explain(job.method, x, target, batch["label"][ok], cfg.target.k,
                                   micro_batch)
                     out["images/nonfinite"] = _nonfinite(out)
-                    # The one host sync per batch: hand finished arrays to the writer.
-                    arrays = {k: v.cpu().numpy() for k, v in out.items()}
+                    # No host sync here: copies run behind the next batch; the writer
+                    # waits for them (the event) before it writes.
+                    arrays, ready = to_host(out)
                     arrays["images/size"] = batch["size"][ok].numpy()
                     arrays["images/box"] = batch["box"][ok].numpy()
-                background.put(rows[ok].numpy(), arrays, errors)
+                else:
+                    ready = None
+                background.put(rows[ok].numpy(), arrays, errors, ready)
                 failed += len(errors)
                 bar.update(len(rows))
                 bar.set_postfix(failed=failed, refresh=False)

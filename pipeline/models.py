@@ -175,16 +175,20 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
     return model, ModelInfo(name=cfg.name, mean=tuple(mean), std=tuple(std), categories=categories)
 
 
-def use_channels_last(model: nn.Module, setting: Any, example: torch.Tensor) -> bool:
+def use_channels_last(model: nn.Module, setting: Any, example: torch.Tensor,
+                      precision: str = "fp32") -> bool:
     """Put the model's weights in NHWC where ``channels_last`` asks for it; True if it is.
 
     ``auto`` means NHWC on the CPU, where oneDNN's convolutions run 1.1-1.6x faster on every
-    shipped CNN (transformers are level; benchmarks/results/methods-cpu.md), and NCHW on
-    CUDA, where it has not been measured here. Under ``auto`` a model that cannot run in NHWC
-    (a ``.view`` of a convolution's output, say) is put back and runs in NCHW with a message;
+    shipped CNN (transformers are level; benchmarks/results/methods-cpu.md), and on CUDA
+    under bf16/fp16 autocast (tensor cores); NCHW on CUDA in float32, not measured yet.
+    Under ``auto`` a model that cannot run in NHWC (a ``.view`` of a convolution's output,
+    say) is put back and runs in NCHW with a message;
     the numbers are the same either way up to float rounding.
     """
-    want = example.device.type == "cpu" if setting == "auto" else bool(setting)
+    # CUDA: NHWC is what tensor cores want under bf16/fp16; in float32 NCHW until measured.
+    auto = example.device.type == "cpu" or precision in ("bf16", "fp16")
+    want = auto if setting == "auto" else bool(setting)
     if not want:
         return False
     model.to(memory_format=torch.channels_last)

@@ -593,16 +593,21 @@ class BackgroundWriter:
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
             if self.error is None:
+                rows, arrays, errors, ready = job
                 try:
-                    self.writer.write(*job)
+                    if ready is not None:  # device -> host copies still in flight
+                        ready.synchronize()
+                    self.writer.write(rows, arrays, errors)
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
 
     def put(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray],
-            errors: Mapping[int, str]) -> None:
+            errors: Mapping[int, str], ready: Any = None) -> None:
+        """Queue one batch; ``ready`` (a CUDA event, or None) says when ``arrays`` hold
+        their values."""
         if self.error is not None:
             raise self.error
-        self.queue.put((rows, arrays, errors))
+        self.queue.put((rows, arrays, errors, ready))
 
     def close(self) -> None:
         """Wait for queued batches to be written; re-raise a write error."""

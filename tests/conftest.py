@@ -15,9 +15,10 @@ import pipeline.config  # noqa: F401  (registers the config schemas with Hydra)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-# Fast defaults for pipeline tests: a random-init resnet18 on 64x64 inputs.
+# Fast defaults for pipeline tests: a random-init resnet18 on 64x64 inputs, on the CPU even
+# where a GPU is present (CUDA tests say device=cuda after these).
 TINY = ("model=resnet18", "model.weights=null", "data.image_size=64", "batch_size=4",
-        "num_workers=0")
+        "num_workers=0", "device=cpu")
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

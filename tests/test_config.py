@@ -12,7 +12,8 @@ from pipeline.config import expand_target_shorthand, target_spec, validate
 from pipeline.errors import ConfigError, DataError
 from pipeline.extract import extract
 from pipeline.models import build_model, resolve_layers
-from pipeline.runtime import resolve_device
+from pipeline.results import load_run
+from pipeline.runtime import apply_precision, resolve_device
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
@@ -162,3 +163,18 @@ def test_custom_target_model(tmp_path, image_dir):
                       "model.target_layers=[features]", "data.image_size=64", "data=glob",
                       f"data.pattern={image_dir}/*.jpg")
     assert extract(cfg, tmp_path / "run").done == 6
+
+
+def test_precision_policy_is_explicit_and_stored(tmp_path, image_dir):
+    """fp32 is exact IEEE float32 (PyTorch's default lets cuDNN convolutions use TF32);
+    tf32 is a choice of its own; the precision is part of the stored run identity."""
+    apply_precision("tf32")
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    cfg = compose_cfg(*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=1")
+    extract(cfg, tmp_path / "run")  # precision=fp32: the policy goes back to exact
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    with load_run(tmp_path / "run") as run:
+        assert '"precision": "fp32"' in run.attrs["fingerprint"]
+    validate(compose_cfg("precision=tf32"))
