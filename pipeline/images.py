@@ -47,18 +47,27 @@ def open_image(path: str, draft_size: int | None = None,
             arr = np.asarray(im, dtype=np.float64)
             peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
             im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        rgb = im.convert("RGB")
-        rgb.load()
-    if max_side and max(rgb.size) > max_side:
-        scale = max_side / max(rgb.size)
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        # reducing_gap: an integer box reduction first, then an antialiased resize.
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        im.load()
+        if max_side and max(im.size) > max_side:
+            # Reduced straight from the decoded image: no full-size RGB copy is made.
+            # reducing_gap: an integer box reduction first, then an antialiased resize.
+            size = capped(im.width, im.height, max_side)
+            rgb = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        else:
+            rgb = im.copy()  # the decoded file's image is released when it closes
     if orientation in _EXIF_TRANSPOSE:
         rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
         if orientation >= 5:  # quarter turns swap height and width
             full_h, full_w = full_w, full_h
     return rgb, (full_h, full_w)
+
+
+def capped(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_side`` on the longest."""
+    scale = min(1.0, max_side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def input_box(

@@ -4,31 +4,33 @@ are drawn, file names stay inside pictures/, and nothing crashes on missing phot
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY, compose_cfg, write_images
+from conftest import ROOT, TINY, compose_cfg, photo, write_images
 from PIL import Image
 
 from pipeline.config import RenderConfig
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
-from pipeline.render import (
-    _Labels,
+from pipeline.pictures import (
     activation_grid,
     add_title,
     grid_shape,
     normalize_cam,
     overlay_cam,
     picture_name,
-    render_run,
     safe_name,
     saliency_picture,
 )
+from pipeline.render import MAX_SIDE, _Labels, render_run
 from pipeline.store import DONE, FAILED, PENDING, create_results
 
 show_cam_on_image = pytest.importorskip("pytorch_grad_cam.utils.image").show_cam_on_image
@@ -354,3 +356,56 @@ def test_render_a_real_run(tmp_path, method):
         assert pic.ndim == 3 and pic.shape[0] > 40
     if method == "gradcam":  # photos are 80 x 96: overlay at full size under the title
         assert all(read_png(p).shape[1] == 96 for p in written)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+# Runs the command after it as its only child and prints the child's output and peak RSS
+# (kB): a fresh parent, so no earlier subprocess of the test session counts.
+PEAK_OF_CHILD = """
+import resource, subprocess, sys
+child = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(child.stderr)
+print(child.stdout.strip(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(child.returncode)
+"""
+RENDER_UNTITLED = """
+import sys, types
+from pipeline.render import render_run
+written = render_run(sys.argv[1], types.SimpleNamespace(title=False))
+print(len(written), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_render_memory_does_not_grow_with_the_photo(tmp_path):
+    """An 8000 x 8000 JPEG: one float32 RGB copy of it at full size is 768 MB (the old
+    full-resolution overlay peaked near 4 GB). Decoded reduced and drawn at MAX_SIDE, the
+    whole render process stays under 350 MB (about 240 MB here), and the overlay's hot
+    spot is where the map puts it."""
+    side = 8000
+    huge = tmp_path / "huge.jpg"
+    Image.fromarray(photo(5, 250, 250)).resize((side, side), Image.Resampling.BILINEAR).save(
+        huge, quality=90)
+    sal = np.zeros((1, 32, 32), np.float32)
+    sal[0, 4:8, 24:28] = 1.0
+    run = make_run(tmp_path / "run", [str(huge)], {"gradcam/layer4": peak_cam(7, 7, 1, 5)[None],
+                                                   "saliency/input": sal},
+                   sizes=[(side, side)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, sys.executable, "-c",
+                           RENDER_UNTITLED, str(run)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, torch_loaded, peak_kb = proc.stdout.split()
+    assert (count, torch_loaded) == ("2", "False")
+    assert int(peak_kb) / 1024 < 350, f"render peaked at {int(peak_kb) / 1024:.0f} MB"
+    overlay = read_png(run / "pictures" / "huge-0__layer4__gradcam.png").astype(int)
+    assert overlay.shape == (MAX_SIDE, MAX_SIDE, 3) and MAX_SIDE == 2048
+    red = overlay[..., 0] - overlay[..., 2]
+    y, x = np.unravel_index(np.argmax(red), red.shape)
+    cell = MAX_SIDE / 7
+    assert cell <= y < 2 * cell and 5 * cell <= x < 6 * cell  # cell (1, 5) of the 7 x 7 map
+    panels = read_png(run / "pictures" / "huge-0__input__saliency.png")
+    assert panels.shape == (1024, 2 * 1024 + 2, 3)
