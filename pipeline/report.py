@@ -355,10 +355,11 @@ class _RunPage:
         self.max_images = int(getattr(report_cfg, "max_images", 24) or 0)
 
     def build(self) -> str:
-        from .evaluate import summarize
+        from .metrics.file import read_metrics, summarize
         from .results import load_run
 
-        with load_run(self.run_dir / "results.h5") as run:
+        with load_run(self.run_dir / "results.h5") as run, \
+                read_metrics(self.run_dir, run.file) as metrics:
             f = run.file
             self.maps = self._maps(f)
             status = run.status
@@ -366,8 +367,7 @@ class _RunPage:
             done = np.flatnonzero(status == 1)
             rows = done[: self.max_images]
             pictures = self._pictures(f, rows)
-            summaries = summarize(f)
-            metrics = f.get("metrics")
+            summaries = summarize(metrics) if metrics is not None else []
             sections = [
                 self._overview(run, status),
                 self._metrics_section(summaries, metrics),
@@ -381,30 +381,17 @@ class _RunPage:
                         f" · created {esc(str(f.attrs.get('created', '?'))[:19])}")
         return page(title, subtitle, "".join(s for s in sections if s))
 
-    @staticmethod
-    def _maps(f: h5py.File) -> list[_MapInfo]:
-        from .render import KINDS
+    def _maps(self, f: h5py.File) -> list[_MapInfo]:
+        from .render import checked_maps, pictures_of
 
-        order = {n: i for i, n in enumerate(json.loads(f.attrs.get("target_layers", "[]")))}
-        found = []
-        for group in KINDS:
-            if group in f and isinstance(f[group], h5py.Group):
-                for key, ds in f[group].items():
-                    if not isinstance(ds, h5py.Dataset):
-                        continue
-                    layer = str(ds.attrs.get("layer", key))
-                    if KINDS[group] != "activations" and ds.ndim == 4:  # target=topk
-                        found += [_MapInfo(group, layer, f"{group}/{key}", k)
-                                  for k in range(ds.shape[1])]
-                    else:
-                        found.append(_MapInfo(group, layer, f"{group}/{key}"))
-        return sorted(found, key=lambda m: (list(KINDS).index(m.group),
-                                            order.get(m.layer, len(order)), m.layer, m.k or 0))
+        maps = checked_maps(f, self.run_dir / "results.h5")
+        return [_MapInfo(m.group, m.layer, m.key, k) for m, k in pictures_of(f, maps)]
 
     def _pictures(self, f: h5py.File, rows: np.ndarray) -> dict[tuple[int, str], str]:
         """(row, map view) -> gallery picture path relative to the page, from render_run's
         pictures (drawn now for the gallery's rows if any is missing)."""
-        from .render import PICTURES, picture_name, render_run
+        from .pictures import picture_name
+        from .render import PICTURES, render_run
 
         if not len(rows) or not self.maps:
             return {}
@@ -645,7 +632,7 @@ class _SweepPage:
         self.out = out
 
     def build(self) -> str:
-        from .evaluate import summarize
+        from .metrics.file import summarize_run
         from .results import load_sweep
 
         sweep = load_sweep(self.root)
@@ -657,14 +644,13 @@ class _SweepPage:
             if row["state"] not in ("done", "incomplete") or not results.is_file():
                 continue
             try:
-                with h5py.File(results, "r") as f:
-                    for s in summarize(f):
-                        layer = s.key.split("/", 1)[1]
-                        records.append({"job": row["job"], "model": row["model"],
-                                        "method": row["method"], "layer": layer, "map": s.key,
-                                        "images": s.n, **s.figures})
-            except OSError as e:
-                log.warning("report: cannot read %s: %s", results, e)
+                for s in summarize_run(results.parent):
+                    layer = s.key.split("/", 1)[1]
+                    records.append({"job": row["job"], "model": row["model"],
+                                    "method": row["method"], "layer": layer, "map": s.key,
+                                    "images": s.n, **s.figures})
+            except StoreError as e:
+                log.warning("report: no metrics of job %s: %s", row["job"], e)
         counts = table["state"].value_counts().to_dict()
         items = [("jobs", len(table), False)] + [
             (state, counts[state], state != "done") for state in ("done", "incomplete",
