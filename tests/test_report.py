@@ -201,7 +201,7 @@ def test_sweep_report_in_a_browser(sweep_dir, tmp_path):
     assert (sweep_dir / "report" / "plots" / "vs_model.svg").is_file()
     assert parser.images == 2
     assert parser.row_classes.count("failed") == 1
-    assert "unknown layer &#x27;layer9&#x27;" in text and "FAILED" in text
+    assert "unknown layer &#39;layer9&#39;" in text and "FAILED" in text
     assert "../1/report/index.html" in parser.links
     console, shot = browse(index, tmp_path)
     assert_clean(console, parser.images)
