@@ -207,12 +207,12 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
             log.warning("render: nothing to draw in %s (%d done rows, %d maps)",
                         path, len(rows), len(maps))
             return written
-        out_dir.mkdir(parents=True, exist_ok=True)
-        real_out = out_dir.resolve()
         paths = f["images/path"].asstr()[:]
         sizes = read_rows(f, "images/size", path)
         boxes = read_rows(f, "images/box", path)
         labels = _Labels(f)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        real_out = out_dir.resolve()
         digits = len(str(max(len(status) - 1, 0)))
         noted: set[str] = set()
         needs_photo = any(m.kind != ACTIVATIONS for m in maps)

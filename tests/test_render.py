@@ -409,3 +409,92 @@ def test_render_memory_does_not_grow_with_the_photo(tmp_path):
     assert cell <= y < 2 * cell and 5 * cell <= x < 6 * cell  # cell (1, 5) of the 7 x 7 map
     panels = read_png(run / "pictures" / "huge-0__input__saliency.png")
     assert panels.shape == (1024, 2 * 1024 + 2, 3)
+
+
+# -- every reading stage checks what it reads ----------------------------------------------
+
+def _delete(key: str):
+    def damage(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            del f[key]
+    return damage
+
+
+def _status_7(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        f["images/status"][1] = 7
+
+
+DAMAGES = {  # name -> (what is done to results.h5, the one line every stage gives)
+    "map deleted": (_delete("gradcam/layer4"),
+                    r"results.h5 is damaged: /gradcam/layer4 missing \(target_layers: "
+                    r"\['layer3', 'layer4'\]\); rerun the extraction with overwrite=true"),
+    "box deleted": (_delete("images/box"), r"results.h5 is damaged: /images/box is missing"),
+    "score deleted": (_delete("targets/score"),
+                      r"results.h5 is damaged: missing targets/score"),
+    # store.validate prints the byte as np.uint8(7) today (reported to the format's owner).
+    "status byte 7": (_status_7, r"results.h5 is damaged: /images/status holds "
+                                 r"(7|np\.uint8\(7\)) at row 1 \(valid: 0 pending, 1 done, "
+                                 r"2 failed\)"),
+    "shard deleted": (lambda path: (path.parent / "results.shard-1-of-2.h5").unlink(),
+                      r"results.h5 is a merge of shards, but results.shard-1-of-2.h5 is "
+                      r"missing; restore it, or rerun the shards and stage=merge"),
+}
+
+
+@pytest.fixture(scope="module")
+def sound_runs(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """A Grad-CAM run at two layers, and the same run made of two merged shards."""
+    from pipeline.cli import run
+
+    root = tmp_path_factory.mktemp("damaged")
+    write_images(root / "images", 3)
+    base = (*TINY, "data=glob", f"data.pattern={root}/images/*.jpg",
+            "model.target_layers=[layer3,layer4]")
+    run(compose_cfg(*base, "stage=extract"), root / "plain")
+    for shard in (0, 1):
+        run(compose_cfg(*base, "stage=extract", "data.num_shards=2", f"data.shard={shard}"),
+            root / "merged")
+    assert (root / "merged" / "results.h5").is_file()
+    return root, base
+
+
+def _damaged(sound_runs, damage: str, to: Path) -> Path:
+    import shutil
+
+    root, _ = sound_runs
+    shutil.copytree(root / ("merged" if damage == "shard deleted" else "plain"), to)
+    DAMAGES[damage][0](to / "results.h5")
+    return to
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_every_reading_stage_refuses_a_damaged_file(sound_runs, damage, tmp_path):
+    """render, evaluate and report each stop with the one line of the damage, before they
+    draw, score or write anything."""
+    from pipeline.cli import run
+    from pipeline.errors import StoreError
+
+    _, base = sound_runs
+    run_dir = _damaged(sound_runs, damage, tmp_path / "run")
+    for stage in ("render", "evaluate", "report"):
+        with pytest.raises(StoreError, match=DAMAGES[damage][1]) as caught:
+            run(compose_cfg(*base, f"stage={stage}", f"run_dir={run_dir}"), run_dir)
+        assert "\n" not in str(caught.value), stage
+    assert not (run_dir / "pictures").exists() and not (run_dir / "report").exists()
+    assert not (run_dir / "metrics.h5").exists() and not (run_dir / ".metrics-partial.h5").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["render", "evaluate", "report"])
+def test_a_damaged_file_is_one_line_and_exit_2_on_the_command_line(sound_runs, stage,
+                                                                   tmp_path):
+    run_dir = _damaged(sound_runs, "status byte 7", tmp_path / "run")
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"stage={stage}",
+                           f"run_dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert re.search(DAMAGES["status byte 7"][1], lines[0])
+    assert "Traceback" not in proc.stderr + proc.stdout
