@@ -16,6 +16,9 @@ no extraction, merge or second evaluation of the run can run beside it.
 
 Files are data, never code: a ``model._target_`` stored in the results file is imported
 and called only when this invocation's own config names the same ``model._target_``.
+
+(About 520 lines: setup, batch loop and install are one sequence under one lock; the metric
+math lives in :mod:`pipeline.metrics`.)
 """
 
 from __future__ import annotations
@@ -317,6 +320,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
         raise StoreError(f"no results file at {path}")
     target = run_dir / METRICS_FILE
     with writer_lock(path, "evaluating"):
+        # Temporaries of an evaluation killed while writing one; nobody else writes here now.
+        for tmp in (*run_dir.glob(f".{METRICS_FILE}.tmp-*"), *run_dir.glob(f"{PARTIAL}.tmp-*")):
+            tmp.unlink(missing_ok=True)
         with open_results(path) as f:
             results = identity(f)
         _confirm_replace(target, results, bool(ev.overwrite))

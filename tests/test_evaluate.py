@@ -416,6 +416,7 @@ def test_evaluate_writes_metrics_to_their_own_file(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path / "run")
     path = run_dir / "results.h5"
     before, digest = _datasets(path), _sha256(path)
+    (run_dir / f".{METRICS_FILE}.tmp-4242").write_bytes(b"left by a killed evaluation")
     options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=4",
                "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=3",
                f"evaluate.boxes={root}/boxes.csv")
