@@ -22,13 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError
+from .images import _EXIF_TRANSPOSE, _T, CROP_RATIO, input_box, open_image  # noqa: F401 (moved)
 
 log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
-CROP_RATIO = 0.875  # ImageNet evaluation: resize to 256, center crop 224
-_T = Image.Transpose
-_EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
-                   5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
 @dataclass(frozen=True)
@@ -189,43 +186,6 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     base, extra = divmod(n, num_shards)
     start = shard * base + min(shard, extra)
     return start, start + base + (shard < extra)
-
-
-def open_image(path: str, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to RGB, upright per EXIF; returns the image and the original (height, width).
-
-    ``draft_size`` lets the JPEG decoder skip detail finer than needed (DCT scaling), which
-    makes big photos several times cheaper to decode.
-    """
-    with Image.open(path) as im:
-        orientation = im.getexif().get(0x0112, 1)
-        full_w, full_h = im.size
-        if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
-            im.draft(None, (draft_size, draft_size))
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # PIL clips 16-bit values when converting to 8 bits; scale them instead.
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        rgb = im.convert("RGB")
-        rgb.load()
-    if orientation in _EXIF_TRANSPOSE:
-        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
-        if orientation >= 5:  # quarter turns swap height and width
-            full_h, full_w = full_w, full_h
-    return rgb, (full_h, full_w)
-
-
-def input_box(
-    size: tuple[int, int], image_size: int, resize: str
-) -> tuple[float, float, float, float]:
-    """The region (y0, x0, y1, x1) of the original image that the model sees."""
-    h, w = size
-    if resize == "square":
-        return 0.0, 0.0, float(h), float(w)
-    side = min(h, w) * CROP_RATIO  # center crop of 224/256 of the shorter side
-    y0, x0 = (h - side) / 2, (w - side) / 2
-    return y0, x0, y0 + side, x0 + side
 
 
 class ImageDataset(Dataset):

@@ -1,650 +1,69 @@
-"""The evaluate stage: how good are the stored maps? Numbers per image, written beside them.
+"""The evaluate stage: how good are the stored maps? Numbers per image, in their own file.
 
 ``python run.py stage=evaluate run_dir=DIR`` re-loads the run's images and model (from the
 resolved config stored in ``results.h5``) and scores every stored map (``/gradcam/<layer>``,
-``/saliency/input``, ... any CAM or input-gradient method) with:
+``/saliency/input``, ... any CAM or input-gradient method) with the metric families of
+:mod:`pipeline.metrics`: deletion / insertion, Average Drop / Increase in Confidence, ROAD,
+the pointing game and the cascading-randomization sanity check. Everything runs batched on
+the run's device; the only Python loops are over batches, chunks, percentiles,
+randomization steps and (for per-image reproducible noise) images.
 
-- ``deletion`` / ``insertion`` (Petsiuk et al., RISE, 2018): the target's score while the
-  most salient pixels are replaced by a baseline (deletion) or restored onto it (insertion);
-  curves (N, steps + 1) and their areas (N,).
-- ``confidence``: Average Drop and Increase in Confidence (Chattopadhyay et al., Grad-CAM++,
-  2018), computed as torchcam's ``ClassificationMetric``: the explanation map is the
-  normalized input times the min-max normalized, bilinearly upsampled map.
-- ``road``: RemOve And Debias (Rong et al., 2022) as pytorch-grad-cam's
-  ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst``: pixels removed by a percentile
-  threshold are filled by noisy linear imputation, and the target's score is taken.
-- ``pointing``: the pointing game (Zhang et al., 2016; 15-pixel tolerance) and the
-  energy-based pointing game (Wang et al., Score-CAM, 2020) against ground-truth boxes.
-- ``sanity``: cascading model-parameter randomization (Adebayo et al., 2018): layers are
-  re-initialized from the logits down, the map is recomputed after each step and compared
-  with the stored one by Spearman rank correlation.
+What this module does is the stage: setup (the run as it was), the batch loop, the
+resumable partial file and the install of ``DIR/metrics.h5`` (layout and reading:
+:mod:`pipeline.metrics.file`). ``results.h5`` is only ever opened read-only, through
+:func:`pipeline.store.open_results`, and the run's writer lock is held for the whole stage:
+no extraction, merge or second evaluation of the run can run beside it.
 
-Everything runs batched on the run's device; the only Python loops are over batches, chunks,
-percentiles, randomization steps and (for per-image reproducible noise) images.
+Files are data, never code: a ``model._target_`` stored in the results file is imported
+and called only when this invocation's own config names the same ``model._target_``.
 
-Results go to ``/metrics/<group>/<layer>/<metric>`` in the same ``results.h5``. The stored
-extraction arrays are never touched: the metrics are first written batch by batch, flushed,
-into a side file (``.metrics-partial.h5``, which also makes an interrupted evaluation resume),
-and only copied into ``results.h5`` at the end, in one short step.
+(About 520 lines: setup, batch loop and install are one sequence under one lock; the metric
+math lives in :mod:`pipeline.metrics`.)
 """
 
 from __future__ import annotations
 
-import copy
-import csv
-import json
 import logging
-import math
-import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .errors import ConfigError, DataError, StoreError, unknown
+from .errors import ConfigError, StoreError, unknown
+from .metrics import METRICS
+from .metrics.common import SCORES, Scorer, normalize_maps, upsample
+from .metrics.confidence import explanation_confidence
+from .metrics.file import (
+    METRICS_FILE,
+    PARTIAL,
+    MapSummary,
+    Partial,
+    existing,
+    install,
+    layout,
+    summarize_run,
+)
+from .metrics.perturbation import BASELINES, curve_auc, make_baseline, perturbation_curves
+from .metrics.pointing import find_boxes, pad_boxes, pointing_game
+from .metrics.road import road_scores
+from .metrics.sanity import CascadingRandomization, randomization_units, spearman
+from .render import checked_maps, read_rows
+from .store import DONE, INPUT_MAP, LAYER_MAP, identity, open_results, writer_lock
 
 log = logging.getLogger(__name__)
 
-METRICS = ("deletion", "insertion", "confidence", "road", "pointing", "sanity")
-BASELINES = ("zero", "mean", "blur")
-SCORES = ("prob", "logit")
-PARTIAL = ".metrics-partial.h5"
-GROUP = "metrics"
-# The 8-neighbour weights of the noisy linear imputation (ROAD paper; pytorch-grad-cam):
-# (dy, dx, weight).
-_OFFSETS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6), (0, 1, 1 / 6),
-            (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))
-
-
-# -- maps --------------------------------------------------------------------------------------
-
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each (h, w) map of a batch to [0, 1]; a constant map becomes zeros.
-
-    Non-finite values count as 0 (they are flagged in ``/images/nonfinite`` at extraction).
-    """
-    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    flat = maps.flatten(1)
-    lo = flat.amin(1).view(-1, 1, 1)
-    span = (flat.amax(1).view(-1, 1, 1) - lo)
-    return torch.where(span > 0, (maps - lo) / span.clamp_min(1e-30), torch.zeros_like(maps))
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) -> (N, H, W), bilinear with half-pixel centres (align_corners=False), as
-    pytorch-grad-cam's and torchcam's resizing; maps already at ``size`` are returned as is."""
-    maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-# -- deletion and insertion --------------------------------------------------------------------
-
-def rise_kernel(size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """The 1-D factor of RISE's blur kernel (``gkern``): a Gaussian filter (scipy's
-    ``gaussian_filter``, mode ``reflect``, truncated at 4 sigma) applied to a centred delta of
-    ``size`` samples. The 2-D kernel is its outer product; it sums to 1."""
-    radius = int(4.0 * sigma + 0.5)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
-    centre = size // 2
-    out = np.zeros(size)
-    for i in range(size):  # size * taps iterations, once per call: not per pixel
-        for t, weight in zip(range(-radius, radius + 1), taps, strict=True):
-            j = i + t
-            period = 2 * size
-            j %= period
-            j = j if j < size else period - 1 - j  # half-sample symmetric ("reflect")
-            if j == centre:
-                out[i] += weight
-    return torch.tensor(out, dtype=torch.float32)
-
-
-def make_baseline(x: torch.Tensor, kind: str, blur_sigma: float = 5.0,
-                  blur_size: int = 11) -> torch.Tensor:
-    """What removed pixels become, for a normalized batch (N, C, H, W).
-
-    ``zero``: 0 in normalized units, i.e. the normalization's mean colour (RISE's deletion
-    substrate, ``torch.zeros_like`` of the normalized tensor); ``mean``: each image's own mean
-    colour; ``blur``: RISE's insertion substrate, the image convolved with its ``gkern``
-    (``blur_size`` x ``blur_size``, ``blur_sigma``) with zero padding, as in RISE's code.
-    """
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
-    if kind == "blur":
-        k = rise_kernel(blur_size, blur_sigma).to(x)
-        n, c, h, w = x.shape
-        flat = x.reshape(n * c, 1, h, w)
-        flat = F.conv2d(flat, k.view(1, 1, 1, -1), padding=(0, blur_size // 2))
-        flat = F.conv2d(flat, k.view(1, 1, -1, 1), padding=(blur_size // 2, 0))
-        return flat.reshape(n, c, h, w)
-    raise ConfigError(unknown("baseline", kind, BASELINES))
-
-
-def saliency_ranks(saliency: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) -> (N, H*W) int64: each pixel's position in order of decreasing saliency.
-
-    Ties are broken in raster order (row by row from the top-left pixel), as a stable sort
-    gives: a constant map removes pixels row by row from the top. Non-finite values rank last.
-    """
-    flat = torch.nan_to_num(saliency.flatten(1).float(), nan=-math.inf, posinf=-math.inf)
-    order = flat.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ranks
-
-
-class Scorer:
-    """The target class's score for batches of model inputs: softmax probability (``prob``,
-    as RISE, Grad-CAM++, torchcam) or the logit (``logit``), ``chunk`` inputs per forward."""
-
-    def __init__(self, model: nn.Module, kind: str = "prob",
-                 autocast_dtype: torch.dtype | None = None, chunk: int = 64) -> None:
-        if kind not in SCORES:
-            raise ConfigError(unknown("evaluate.score", kind, SCORES))
-        self.model = model
-        self.kind = kind
-        self.autocast_dtype = autocast_dtype
-        self.chunk = max(1, int(chunk))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            if self.autocast_dtype is None:
-                return self.model(x).float()
-            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                return self.model(x).float()
-
-    def from_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        values = logits.softmax(1) if self.kind == "prob" else logits
-        return values.gather(1, target.view(-1, 1)).squeeze(1)
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        out = [self.from_logits(self.logits(x[s:s + self.chunk]), target[s:s + self.chunk])
-               for s in range(0, len(x), self.chunk)]
-        return torch.cat(out) if out else x.new_empty(0)
-
-
-def perturbation_curves(
-    scorer: Scorer,
-    x: torch.Tensor,
-    saliency: torch.Tensor,
-    target: torch.Tensor,
-    baseline: torch.Tensor,
-    steps: int,
-    mode: str,
-    original: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Deletion or insertion curves (RISE's causal metrics), batched.
-
-    Point k (0..steps) has the ``k * H*W // steps`` most salient pixels (all channels)
-    replaced by the baseline (``deletion``) or, starting from the baseline, restored
-    (``insertion``); its value is the target's score. Pixel order: :func:`saliency_ranks`.
-
-    Args:
-        scorer: Scores inputs, ``scorer.chunk`` per forward pass.
-        x: (N, C, H, W) normalized input.
-        saliency: (N, H, W) map at the input's resolution (only its order matters).
-        target: (N,) class explained per image.
-        baseline: (N, C, H, W) substrate (:func:`make_baseline`).
-        steps: Number of intervals; curves have ``steps + 1`` points.
-        mode: ``deletion`` or ``insertion``.
-        original: (N,) scores of ``x`` if known (deletion's first, insertion's last point).
-
-    Returns:
-        (N, steps + 1) float32 curves.
-    """
-    if mode not in ("deletion", "insertion"):
-        raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
-    n, c, h, w = x.shape
-    pixels = h * w
-    ranks = saliency_ranks(saliency)
-    counts = torch.arange(steps + 1, device=x.device) * pixels // steps
-    curves = torch.full((n, steps + 1), math.nan, device=x.device)
-    known = 0 if mode == "deletion" else steps  # the point that is x itself
-    if original is not None:
-        curves[:, known] = original.float()
-    jobs = torch.arange(n * (steps + 1), device=x.device)
-    if original is not None:
-        jobs = jobs[jobs % (steps + 1) != known]
-    for start in range(0, len(jobs), scorer.chunk):
-        job = jobs[start:start + scorer.chunk]
-        image, point = job // (steps + 1), job % (steps + 1)
-        changed = (ranks[image] < counts[point, None]).view(-1, 1, h, w)
-        if mode == "deletion":
-            inputs = torch.where(changed, baseline[image], x[image])
-        else:
-            inputs = torch.where(changed, x[image], baseline[image])
-        curves[image, point] = scorer(inputs, target[image])
-    return curves
-
-
-def curve_auc(curves: torch.Tensor) -> torch.Tensor:
-    """Area under (N, steps + 1) curves over [0, 1] by the trapezoid rule (RISE's ``auc``)."""
-    steps = curves.shape[1] - 1
-    return torch.trapezoid(curves, dx=1.0 / steps, dim=1)
-
-
-# -- Average Drop / Increase in Confidence -----------------------------------------------------
-
-def explanation_confidence(
-    scorer: Scorer, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-    original: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Grad-CAM++'s Average Drop / Increase in Confidence terms per image, as torchcam.
-
-    The explanation map is ``x * upsample(normalize(map))`` (normalized input, map min-max
-    scaled at its own resolution then bilinearly upsampled). With Y the original and O the
-    explanation's score: ``drop = max(0, Y - O) / (Y + 1e-7)``, ``increase = [Y < O]``;
-    Average Drop (%) is 100 x the mean drop, Increase in Confidence (%) 100 x the mean
-    increase.
-
-    Returns:
-        ``drop``, ``increase`` (0/1) and ``explanation_score``, each (N,).
-    """
-    mask = upsample(normalize_maps(maps), tuple(x.shape[-2:]))
-    explained = scorer(x * mask[:, None], target)
-    drop = (original - explained).clamp_min(0) / (original + 1e-7)
-    return {"drop": drop, "increase": (original < explained).float(),
-            "explanation_score": explained}
-
-
-# -- ROAD --------------------------------------------------------------------------------------
-
-def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """Row-wise ``q``-th percentile (0..100) of (N, P) values, linear interpolation as
-    ``numpy.percentile``'s default (no size limit, unlike ``torch.quantile``)."""
-    s = values.sort(dim=1).values
-    pos = (s.shape[1] - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[:, lo] + (s[:, hi] - s[:, lo]) * (pos - lo)
-
-
-def _impute_one(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """One image's missing pixels, solved exactly: (C, H, W) float64 image, (H, W) bool."""
-    from scipy.sparse import csc_matrix
-    from scipy.sparse.linalg import spsolve
-
-    h, w = keep.shape
-    miss = ~keep
-    m = int(miss.sum())
-    if m == 0:
-        return x
-    if m == keep.size:  # nothing kept to interpolate from: the normalization's mean colour
-        return np.zeros_like(x)
-    index = np.full((h + 2, w + 2), -2, dtype=np.int64)  # -2: outside the image
-    index[1:-1, 1:-1] = -1  # -1: kept
-    index[1:-1, 1:-1][miss] = np.arange(m)
-    padded = np.zeros((x.shape[0], h + 2, w + 2))
-    padded[:, 1:-1, 1:-1] = x
-    ys, xs = np.nonzero(miss)  # row-major, the order of the unknowns
-    rows, cols, vals = [np.arange(m)], [np.arange(m)], [np.zeros(m)]
-    b = np.zeros((m, x.shape[0]))
-    for dy, dx, weight in _OFFSETS:
-        near = index[ys + 1 + dy, xs + 1 + dx]
-        inside = near != -2
-        vals[0][inside] += weight  # diagonal: the weights of the in-image neighbours
-        unknown = near >= 0
-        rows.append(np.flatnonzero(unknown))
-        cols.append(near[unknown])
-        vals.append(np.full(int(unknown.sum()), -weight))
-        known = near == -1
-        b[known] += weight * padded[:, ys[known] + 1 + dy, xs[known] + 1 + dx].T
-    a = csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                   shape=(m, m))
-    u = spsolve(a, b).reshape(m, -1)
-    out = x.copy()
-    out[:, ys, xs] = u.T
-    return out
-
-
-def linear_impute(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Fill the pixels where ``keep`` is 0 by the ROAD paper's linear imputation.
-
-    Each missing pixel equals the weighted mean of its in-image 8-neighbours (weights 1/6
-    for edge neighbours, 1/12 for diagonal ones): per image one sparse system over its
-    missing pixels, all channels at once, solved exactly (SuperLU, float64) as
-    pytorch-grad-cam's ``NoisyLinearImputer`` does, its system built vectorized and the
-    images solved in parallel threads. An
-    image with no pixel kept gets zeros (the normalization's mean colour).
-
-    Args:
-        x: (N, C, H, W) normalized images (any device; solved on the host).
-        keep: (N, H, W) 1 where the pixel stays, 0 where it is imputed.
-
-    Returns:
-        (N, C, H, W) float32 images with the missing pixels imputed (no noise added), on
-        ``x``'s device.
-    """
-    images = x.detach().double().cpu().numpy()
-    kept = keep.detach().cpu().numpy() > 0.5
-    # SuperLU releases the GIL: the images' systems are solved in parallel threads.
-    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(images)))) as pool:
-        out = np.stack(list(pool.map(_impute_one, images, kept)))
-    return torch.from_numpy(out).float().to(x.device)
-
-
-def road_masks(maps: torch.Tensor, removed: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep-masks (N, H, W) of ROAD's MoRF and LeRF orders for ``removed`` percent.
-
-    As pytorch-grad-cam (its percentile p is ``100 - removed``): MoRF keeps the pixels with
-    ``map < percentile(map, p)``, LeRF those with ``1 - map < percentile(1 - map, p)``, on
-    the min-max normalized map. Pixels tied at the threshold are removed.
-    """
-    flat = maps.flatten(1)
-    keep = 100.0 - removed
-    morf = flat < percentile(flat, keep)[:, None]
-    inv = 1 - flat
-    lerf = inv < percentile(inv, keep)[:, None]
-    return morf.view_as(maps), lerf.view_as(maps)
-
-
-def road_scores(
-    scorer: Scorer, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
-    removed: Sequence[float], noise: float = 0.01, seeds: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ROAD (Rong et al., 2022) scores: (MoRF, LeRF), each (N, len(removed)).
-
-    For each percentage the pixels ranked most (MoRF) or least (LeRF) relevant are removed
-    (:func:`road_masks`) and filled by noisy linear imputation (:func:`linear_impute`, then
-    Gaussian noise of std ``noise`` on the imputed pixels, in normalized units as
-    pytorch-grad-cam); the value is the target's score on the imputed image. A good map has a
-    low MoRF and a high LeRF curve.
-
-    Args:
-        maps: (N, H, W) min-max normalized maps at the input's resolution.
-        seeds: (N,) int64 per-image noise seeds, so an image's noise does not depend on the
-            batch it is in; None draws from the global generator.
-    """
-    n = len(x)
-    morf = torch.empty(n, len(removed), device=x.device)
-    lerf = torch.empty_like(morf)
-    for j, q in enumerate(removed):
-        keep_m, keep_l = road_masks(maps, float(q))
-        keep = torch.cat([keep_m, keep_l])
-        both = torch.cat([x, x])
-        imputed = linear_impute(both, keep)
-        if noise > 0:
-            imputed = imputed + noise * (1 - keep.float())[:, None] * _noise(
-                imputed, None if seeds is None else torch.cat([seeds * 4 + 0, seeds * 4 + 1]),
-                j)
-        scores = scorer(imputed, torch.cat([target, target]))
-        morf[:, j], lerf[:, j] = scores[:n], scores[n:]
-    return morf, lerf
-
-
-def _noise(like: torch.Tensor, seeds: torch.Tensor | None, salt: int) -> torch.Tensor:
-    if seeds is None:
-        return torch.randn_like(like)
-    out = torch.empty_like(like)
-    gen = torch.Generator(device=like.device)
-    for i, seed in enumerate(seeds.tolist()):  # one generator call per image, not per pixel
-        gen.manual_seed(int(seed) * 1009 + salt)
-        out[i] = torch.randn(like.shape[1:], generator=gen, device=like.device, dtype=like.dtype)
-    return out
-
-
-# -- pointing game -----------------------------------------------------------------------------
-
-def pointing_game(
-    maps: torch.Tensor, seen: torch.Tensor, boxes: torch.Tensor, tolerance: float = 15.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointing game hits and energy-based pointing game proportions, batched.
-
-    The map's pixels are placed on the original photo through the region the model saw
-    (``/images/box``): input pixel (i, j) of an H x W input has its centre at
-    ``y0 + (i + 0.5) (y1 - y0) / H``, ``x0 + (j + 0.5) (x1 - x0) / W`` in photo pixels.
-
-    Pointing game (Zhang et al., 2016): a hit when the map's maximum (first in raster order
-    among equal maxima) lies within ``tolerance`` photo pixels of a ground-truth box.
-    Energy (Wang et al., Score-CAM, 2020): the share of the map's sum that falls on pixels
-    whose centre lies inside a box (boxes of an image are merged).
-
-    Args:
-        maps: (N, H, W) min-max normalized maps at the input's resolution.
-        seen: (N, 4) region of the photo the model saw, (y0, x0, y1, x1).
-        boxes: (N, B, 4) ground-truth boxes (xmin, ymin, xmax, ymax) in photo pixels, NaN
-            rows for padding.
-        tolerance: Pointing tolerance in photo pixels (15 in Zhang et al.).
-
-    Returns:
-        (hit, energy), each (N,) float32; NaN for images without boxes (and energy NaN for
-        an all-zero map).
-    """
-    n, h, w = maps.shape
-    seen = seen.to(maps)
-    boxes = boxes.to(maps)
-    valid = torch.isfinite(boxes).all(-1)  # (N, B)
-    ys = seen[:, :1] + (torch.arange(h, device=maps.device) + 0.5) * (
-        (seen[:, 2:3] - seen[:, :1]) / h)  # (N, H)
-    xs = seen[:, 1:2] + (torch.arange(w, device=maps.device) + 0.5) * (
-        (seen[:, 3:4] - seen[:, 1:2]) / w)  # (N, W)
-    top = maps.flatten(1).argmax(1)
-    py = ys.gather(1, (top // w)[:, None])  # (N, 1)
-    px = xs.gather(1, (top % w)[:, None])
-    x0, y0, x1, y1 = (torch.nan_to_num(boxes[..., i]) for i in range(4))  # (N, B)
-    dx = torch.maximum(x0 - px, px - x1).clamp_min(0)
-    dy = torch.maximum(y0 - py, py - y1).clamp_min(0)
-    near = (torch.hypot(dx, dy) <= tolerance) & valid
-    has_box = valid.any(1)
-    hit = torch.where(has_box, near.any(1).float(), torch.full_like(has_box, math.nan,
-                                                                     dtype=maps.dtype))
-    inside_y = (ys[:, None, :] >= y0[..., None]) & (ys[:, None, :] <= y1[..., None])  # N,B,H
-    inside_x = (xs[:, None, :] >= x0[..., None]) & (xs[:, None, :] <= x1[..., None])  # N,B,W
-    inside_y &= valid[..., None]
-    inside = (inside_y[..., :, None] & inside_x[..., None, :]).any(1)  # (N, H, W)
-    total = maps.flatten(1).sum(1)
-    energy = (maps * inside).flatten(1).sum(1) / total.clamp_min(1e-30)
-    energy = torch.where(has_box & (total > 0), energy, torch.full_like(energy, math.nan))
-    return hit, energy
-
-
-def read_boxes_csv(path: str | os.PathLike) -> dict[str, list[tuple[float, float, float,
-                                                                     float]]]:
-    """``file,xmin,ymin,xmax,ymax`` lines (header first, one box a line) -> file -> boxes."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"evaluate.boxes={str(path)!r} does not exist")
-    out: dict[str, list[tuple[float, float, float, float]]] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        need = ("file", "xmin", "ymin", "xmax", "ymax")
-        missing = [k for k in need if k not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: the header must name {','.join(need)}; missing "
-                            f"{missing} (has {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            try:
-                box = tuple(float(row[k]) for k in need[1:])
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{path}:{line}: not a box: {row}") from e
-            out.setdefault(str(row["file"]).strip(), []).append(box)  # type: ignore[arg-type]
-    return out
-
-
-def read_imagenet_boxes(path: str | os.PathLike) -> dict[str, list[tuple[float, float, float,
-                                                                          float]]]:
-    """ImageNet's ``LOC_val_solution.csv``: ImageId -> boxes from its PredictionString
-    (``wnid xmin ymin xmax ymax`` repeated, in original pixel coordinates)."""
-    out: dict[str, list[tuple[float, float, float, float]]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parts = row["PredictionString"].split()
-            out[row["ImageId"]] = [tuple(float(v) for v in parts[i + 1:i + 5])  # type: ignore
-                                   for i in range(0, len(parts) - 4, 5)]
-    return out
-
-
-def match_boxes(paths: Sequence[str], table: dict[str, list[Any]],
-                by_stem: bool = False) -> list[list[Any]]:
-    """Boxes of each image: a ``file`` entry matches an image path when it equals it or is
-    a trailing part of it (``a.jpg`` or ``sub/a.jpg`` matches ``/data/sub/a.jpg``); with
-    ``by_stem`` the key is the file stem (ImageNet's ImageId)."""
-    if by_stem:
-        return [list(table.get(Path(p.replace("\\", "/")).stem, [])) for p in paths]
-    by_name: dict[str, list[tuple[str, list[Any]]]] = {}
-    for key, boxes in table.items():
-        norm = key.replace("\\", "/")
-        by_name.setdefault(norm.rsplit("/", 1)[-1], []).append((norm, boxes))
-    out = []
-    for p in paths:
-        norm = p.replace("\\", "/")
-        found: list[Any] = []
-        for key, boxes in by_name.get(norm.rsplit("/", 1)[-1], []):
-            if norm == key or norm.endswith("/" + key.lstrip("./")):
-                found.extend(boxes)
-        out.append(found)
-    return out
-
-
-def pad_boxes(boxes: Sequence[Sequence[Any]]) -> torch.Tensor:
-    """Lists of (xmin, ymin, xmax, ymax) -> (N, B, 4) float32, NaN-padded."""
-    most = max((len(b) for b in boxes), default=0)
-    out = torch.full((len(boxes), max(1, most), 4), math.nan)
-    for i, b in enumerate(boxes):
-        if b:
-            out[i, :len(b)] = torch.tensor(b, dtype=torch.float32)
-    return out
-
-
-# -- sanity check ------------------------------------------------------------------------------
-
-def rankdata(values: torch.Tensor) -> torch.Tensor:
-    """Row-wise ranks (1-based) of (N, P) values, ties given their average rank (as
-    ``scipy.stats.rankdata``), batched without Python loops."""
-    n, p = values.shape
-    s, order = values.sort(dim=1, stable=True)
-    pos = torch.arange(p, device=values.device).expand(n, p)
-    starts = torch.ones_like(s, dtype=torch.bool)
-    starts[:, 1:] = s[:, 1:] != s[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.cummax(torch.where(starts, pos, 0), dim=1).values
-    last = torch.where(ends, pos, p).flip(1).cummin(dim=1).values.flip(1)
-    avg = (first + last).double() / 2 + 1
-    ranks = torch.empty_like(avg)
-    ranks.scatter_(1, order, avg)
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of two (N, ...) batches; NaN where either is
-    constant (no order to compare)."""
-    ra = rankdata(torch.nan_to_num(a.flatten(1).float()))
-    rb = rankdata(torch.nan_to_num(b.flatten(1).float()))
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    den = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    rho = (ra * rb).sum(1) / den.clamp_min(1e-300)
-    return torch.where(den > 0, rho, torch.full_like(rho, math.nan)).float()
-
-
-def randomization_units(model: nn.Module, example: torch.Tensor,
-                        names: Sequence[str] | None = None,
-                        depth: int = 2) -> dict[str, nn.Module]:
-    """The modules cascading randomization re-initializes, top (logits) first.
-
-    With ``names`` (``evaluate.sanity_layers``; patterns as ``model.target_layers``) they are
-    used in the order given. Otherwise: every module with parameters that is a leaf or sits
-    at ``depth`` (``layer4.1`` is depth 2), ordered by when a forward pass first calls it,
-    reversed, so that the last layer to run (the classifier) is randomized first.
-    """
-    from .models import resolve_layers
-
-    if names:
-        units = resolve_layers(model, list(names))
-        empty = [n for n, m in units.items() if next(m.parameters(), None) is None]
-        if empty:
-            raise ConfigError(f"evaluate.sanity_layers {empty} have no parameters to randomize")
-        return units
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        d = name.count(".") + 1
-        if not name or d > depth or next(module.parameters(), None) is None:
-            continue
-        if d == depth or next(module.children(), None) is None:
-            found[name] = module
-    order: dict[str, int] = {}
-
-    def seen(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: object) -> None:  # returns None: input unchanged
-            order.setdefault(name, len(order))
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(seen(name)) for name, m in found.items()]
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    called = sorted((n for n in found if n in order), key=order.__getitem__, reverse=True)
-    return {n: found[n] for n in called}
-
-
-def _reinitialized(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """A freshly initialized copy's state (CPU): ``reset_parameters`` of every submodule that
-    has one (PyTorch's default initializations; batch norms back to identity statistics), and
-    parameters no such method covers re-drawn from a normal of their own mean and std."""
-    clone = copy.deepcopy(module).cpu()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        covered: set[int] = set()
-        for m in clone.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-                covered.update(id(p) for p in m.parameters(recurse=False))
-        for p in clone.parameters():
-            if id(p) not in covered:
-                values = p.detach().float()
-                std = float(values.std()) if values.numel() > 1 else 0.0
-                p.normal_(float(values.mean()), std if std > 0 else 0.02)
-    return {k: v.detach().clone() for k, v in clone.state_dict().items()}
-
-
-class CascadingRandomization:
-    """Holds the original and a re-initialized state of each unit, so every batch sees the
-    same randomized networks: :meth:`randomize` unit i after units 0..i-1 (cascading), and
-    :meth:`restore` puts the original weights back (in place: hooks stay valid)."""
-
-    def __init__(self, units: dict[str, nn.Module], seed: int) -> None:
-        self.units = units
-        self.original = {n: {k: v.detach().clone() for k, v in m.state_dict().items()}
-                         for n, m in units.items()}
-        self.random = {}
-        for i, (n, m) in enumerate(units.items()):
-            device = next(m.parameters()).device
-            self.random[n] = {k: v.to(device) for k, v in _reinitialized(m, seed + i).items()}
-
-    @staticmethod
-    def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, tensor in module.state_dict(keep_vars=True).items():
-                tensor.data.copy_(state[key])
-
-    def randomize(self, name: str) -> None:
-        self._load(self.units[name], self.random[name])
-
-    def restore(self) -> None:
-        for name, module in self.units.items():
-            self._load(module, self.original[name])
+__all__ = ["METRICS", "METRICS_FILE", "PARTIAL", "EvaluateSummary", "MapSummary",
+           "check_settings", "evaluate"]
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -679,58 +98,19 @@ def check_settings(ev: Any) -> None:
 # -- the stage ---------------------------------------------------------------------------------
 
 @dataclass
-class MapSummary:
-    """Means over the evaluated images of one map's metrics (NaN where not computed)."""
-
-    key: str
-    n: int
-    figures: dict[str, float] = field(default_factory=dict)
-
-    def line(self) -> str:
-        f = self.figures
-        parts = [f"{self.key} ({self.n} images):"]
-        labels = (("deletion_auc", "deletion AUC {:.3f}"),
-                  ("insertion_auc", "insertion AUC {:.3f}"),
-                  ("avg_drop", "avg drop {:.1f}%"), ("increase", "increase {:.1f}%"),
-                  ("road", "ROAD {:.3f}"), ("pointing", "pointing {:.1f}%"),
-                  ("energy", "energy {:.1f}%"), ("sanity_last", "sanity rho {:.2f}"))
-        parts += [fmt.format(f[k]) for k, fmt in labels if k in f and np.isfinite(f[k])]
-        return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
-
-
-@dataclass
 class EvaluateSummary:
-    path: Path
+    path: Path  # the metrics file
     evaluated: int
     skipped: int
     maps: list[MapSummary]
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"evaluated {self.evaluated} images -> {self.path}:/{GROUP}"
+        out = [f"evaluated {self.evaluated} images -> {self.path}"
                + (f" ({self.skipped} were done before this run)" if self.skipped else "")]
         out += [f"  {m.line()}" for m in self.maps]
         out += [f"  note: {n}" for n in self.notes]
         return out
-
-
-def _attr_list(value: Any) -> list[Any]:
-    if isinstance(value, bytes):
-        value = value.decode()
-    return list(json.loads(value)) if isinstance(value, str) else list(value)
-
-
-def stored_maps(f: h5py.File) -> list[str]:
-    """``group/layer`` of every attribution map in a results file, in the run's layer order."""
-    from .methods import METHODS
-
-    order = {name: i for i, name in enumerate(_attr_list(f.attrs.get("target_layers", "[]")))}
-    keys = []
-    for group, cls in METHODS.items():
-        if cls.kind in ("cam", "input") and group in f and isinstance(f[group], h5py.Group):
-            names = sorted(f[group], key=lambda n: (order.get(n, len(order)), n))
-            keys += [f"{group}/{n}" for n in names if isinstance(f[group][n], h5py.Dataset)]
-    return keys
 
 
 @dataclass
@@ -755,51 +135,79 @@ class _Setup:
     n: int
     autocast: torch.dtype | None
     boxes: list[list[Any]] | None
+    results: dict[str, str]  # identity of the results file (store.identity)
 
 
-def _stored_config(f: h5py.File, path: Path) -> DictConfig:
+def _literal(value: Any) -> Any:
+    """A stored config as plain data: ``${...}`` would be an OmegaConf interpolation that
+    runs a resolver when read, so it is escaped (the stored config was resolved when
+    written and holds none)."""
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    return value
+
+
+def _stored_config(f: Any, path: Path) -> DictConfig:
     text = f.attrs.get("config")
     if not text:
         raise StoreError(f"{path} has no stored config (attribute 'config'); cannot rebuild "
                          "its model")
-    return OmegaConf.create(yaml.safe_load(text))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StoreError(f"{path} is damaged: its stored config is not YAML ({e})") from e
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict)
+                                             for k in ("model", "method", "data")):
+        raise StoreError(f"{path} is damaged: its stored config lacks model/method/data")
+    return OmegaConf.create(_literal(data))
 
 
-def _model_config(stored: DictConfig) -> DictConfig:
+def _model_config(stored: DictConfig, cfg: DictConfig, path: Path) -> DictConfig:
+    """The stored model config, once it is known to name only code the user allowed.
+
+    A stored ``model._target_`` (any importable callable) is honoured only when this
+    invocation's ``model._target_`` is the same; shipped model names are checked by
+    :func:`pipeline.models.build_model`.
+    """
     from .config import ModelConfig
 
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), stored.model)
+    target = stored.model.get("_target_")
+    if target is not None:
+        given = cfg.model.get("_target_") if "model" in cfg else None
+        if given != target:
+            raise ConfigError(
+                f"{path} asks to import and call model._target_={target!r}; a results file "
+                f"does not choose code to run: pass model._target_={target} on the evaluate "
+                "command line to allow it")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), stored.model)
+    except OmegaConfBaseException as e:
+        raise StoreError(f"{path}: its stored model config does not fit ("
+                         f"{str(e).splitlines()[0]})") from e
 
 
-def _find_boxes(cfg: DictConfig, stored: DictConfig, paths: list[str]) -> tuple[
-        list[list[Any]] | None, str]:
-    """Boxes per image and where they came from, or (None, why not)."""
-    if cfg.evaluate.boxes:
-        return match_boxes(paths, read_boxes_csv(cfg.evaluate.boxes)), str(cfg.evaluate.boxes)
-    data = stored.get("data", {})
-    if data.get("name") != "imagenet_val":
-        return None, "no evaluate.boxes file and the data is not imagenet_val"
-    candidates = []
-    if data.get("labels") and str(data.labels).endswith(".csv"):
-        candidates.append(Path(data.labels))
-    if data.get("root"):
-        root = Path(data.root)
-        candidates += [root / "LOC_val_solution.csv", root.parent / "LOC_val_solution.csv"]
-    for c in candidates:
-        if c.is_file():
-            return match_boxes(paths, read_imagenet_boxes(c), by_stem=True), str(c)
-    return None, "no LOC_val_solution.csv beside data.root (or evaluate.boxes=FILE)"
+def _attr(f: Any, name: str, path: Path) -> Any:
+    if name not in f.attrs:
+        raise StoreError(f"{path} is damaged: root attribute {name!r} is missing")
+    return f.attrs[name]
 
 
 def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) -> _Setup:
+    """Read what evaluation needs from the results file (read-only, checked), then rebuild
+    the model and find the boxes."""
     from .methods import METHODS
     from .models import build_model, resolve_layers, use_channels_last
     from .runtime import AUTOCAST, Normalize
-    from .store import DONE, open_results
+    from .store import attr_list
 
     with open_results(path) as f:
         stored = _stored_config(f, path)
-        maps = stored_maps(f)
+        model_cfg = _model_config(stored, cfg, path)  # before anything is imported
+        maps = [m.key for m in checked_maps(f, path, kinds=(LAYER_MAP, INPUT_MAP))]
         if not maps:
             raise StoreError(f"{path} holds no attribution maps to evaluate (method="
                              f"{f.attrs.get('method')}); evaluate needs a CAM or saliency run")
@@ -811,38 +219,43 @@ def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) 
         rows = np.flatnonzero(status == DONE)
         if cfg.evaluate.limit is not None:
             rows = rows[: max(0, int(cfg.evaluate.limit))]
-        attrs = f.attrs
+        try:
+            mean, std = attr_list(_attr(f, "mean", path)), attr_list(_attr(f, "std", path))
+            image_size = int(_attr(f, "image_size", path))
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{path} is damaged: mean/std/image_size do not parse") from e
         setup_kw = dict(
             paths=list(f["images/path"].asstr()[:]), labels=f["images/label"][:],
             targets=f["targets/class"][:], scores=f["targets/score"][:],
-            sizes=f["images/size"][:], seen=f["images/box"][:], n=len(status),
-            image_size=int(attrs["image_size"]), resize=str(attrs.get("resize", "square")),
-            mean=_attr_list(attrs["mean"]), std=_attr_list(attrs["std"]))
+            sizes=f["images/size"][:], seen=read_rows(f, "images/box", path), n=len(status),
+            image_size=image_size, resize=str(f.attrs.get("resize", "square")),
+            results=identity(f))
     if setup_kw["resize"] == "none":
         raise StoreError(f"{path} was extracted at native resolution; evaluate needs a fixed "
                          "input size")
+    method_name = stored.method.get("name")
+    if method_name not in METHODS:
+        raise StoreError(f"{path}: {unknown('stored method', method_name, METHODS)}")
     torch.manual_seed(int(stored.get("seed", 0)))  # random-init models: the same weights
-    model, _ = build_model(_model_config(stored))
+    model, _ = build_model(model_cfg)
     model.to(device)
     size = setup_kw["image_size"]
     # Speed only (the numbers agree up to float rounding): NHWC where channels_last says.
     use_channels_last(model, cfg.channels_last, torch.zeros(1, 3, size, size, device=device))
-    method_name = stored.method.name
     layers = (resolve_layers(model, list(stored.model.target_layers))
               if METHODS[method_name].uses_layers else {})
     boxes: list[list[Any]] | None = None
     if "pointing" in cfg.evaluate.metrics:
-        boxes, source = _find_boxes(cfg, stored, setup_kw["paths"])
+        boxes, source = find_boxes(cfg.evaluate.boxes, stored.data, setup_kw["paths"])
         if boxes is None:
             notes.append(f"pointing game skipped: {source}")
         else:
             have = sum(1 for r in rows if boxes[r])
             notes.append(f"boxes from {source}: {have} of {len(rows)} images have boxes")
-    mean, std = setup_kw.pop("mean"), setup_kw.pop("std")
     return _Setup(
         stored=stored, model=model, layers=layers,
         normalize=Normalize(tuple(mean), tuple(std)).to(device),
-        decode=str(stored.get("data", {}).get("decode", "cpu")), rows=rows, maps=wanted,
+        decode=str(stored.data.get("decode", "cpu")), rows=rows, maps=wanted,
         autocast=AUTOCAST.get(stored.get("precision", "fp32")), boxes=boxes, **setup_kw)
 
 
@@ -856,208 +269,103 @@ def _settings(cfg: DictConfig, setup: _Setup, sanity_layers: list[str]) -> dict[
     return ev
 
 
-def _layout(ev: dict[str, Any], maps: list[str], metrics: Iterable[str], n_sanity: int,
-            classes: int = 0) -> dict[str, tuple[tuple[int, ...], list[str], str]]:
-    """Dataset path (under /metrics) -> (per-image shape, dims, description); ``classes`` > 0
-    (a target=topk run) puts a class axis after the image axis, as in the stored maps."""
-    out = _layout_per_map(ev, maps, metrics, n_sanity)
-    if not classes:
-        return out
-    return {key: ((classes, *shape), [dims[0], "class", *dims[1:]], text)
-            for key, (shape, dims, text) in out.items()}
-
-
-def _layout_per_map(ev: dict[str, Any], maps: list[str], metrics: Iterable[str],
-                    n_sanity: int) -> dict[str, tuple[tuple[int, ...], list[str], str]]:
-    steps = int(ev["steps"])
-    n_road = len(ev["road_percentiles"])
-    score = "softmax probability" if ev["score"] == "prob" else "logit"
-    out: dict[str, tuple[tuple[int, ...], list[str], str]] = {
-        "score": ((), ["image"], f"target class {score} of the re-loaded image (check of the "
-                                 "reproduction: compare /targets/score)"),
-    }
-    for key in maps:
-        if "deletion" in metrics:
-            out[f"{key}/deletion"] = ((steps + 1,), ["image", "step"],
-                                      f"target {score} with k/steps of the pixels deleted")
-            out[f"{key}/deletion_auc"] = ((), ["image"], "area under the deletion curve")
-        if "insertion" in metrics:
-            out[f"{key}/insertion"] = ((steps + 1,), ["image", "step"],
-                                       f"target {score} with k/steps of the pixels inserted")
-            out[f"{key}/insertion_auc"] = ((), ["image"], "area under the insertion curve")
-        if "confidence" in metrics:
-            out[f"{key}/drop"] = ((), ["image"], "max(0, Y - O) / Y (Average Drop = 100 x mean)")
-            out[f"{key}/increase"] = ((), ["image"], "1 if O > Y (Increase in Confidence = "
-                                                     "100 x mean)")
-            out[f"{key}/explanation_score"] = ((), ["image"], f"O: target {score} of "
-                                                              "input x normalized map")
-        if "road" in metrics:
-            out[f"{key}/road_morf"] = ((n_road,), ["image", "removed_percent"],
-                                       f"target {score}, most relevant pixels imputed")
-            out[f"{key}/road_lerf"] = ((n_road,), ["image", "removed_percent"],
-                                       f"target {score}, least relevant pixels imputed")
-            out[f"{key}/road"] = ((), ["image"], "mean over percentages of (LeRF - MoRF) / 2 "
-                                                 "(pytorch-grad-cam's ROADCombined)")
-        if "pointing" in metrics:
-            out[f"{key}/pointing_hit"] = ((), ["image"], "1 if the map's maximum is within "
-                                                         "tolerance of a box; NaN: no box")
-            out[f"{key}/pointing_energy"] = ((), ["image"], "share of the map's energy inside "
-                                                            "the boxes; NaN: no box")
-        if "sanity" in metrics and n_sanity:
-            out[f"{key}/sanity_spearman"] = ((n_sanity,), ["image", "randomized_layer"],
-                                             "Spearman rho with the stored map after "
-                                             "randomizing layers 0..j (top first)")
-    return out
-
-
-class _Partial:
-    """The side file that collects metrics batch by batch (resumable)."""
-
-    def __init__(self, path: Path, n: int, settings: dict[str, Any],
-                 layout: dict[str, tuple[tuple[int, ...], list[str], str]]) -> None:
-        self.path = path
-        text = json.dumps(settings, sort_keys=True)
-        if path.exists():
-            try:
-                with h5py.File(path, "r") as f:
-                    same = f.attrs.get("settings") == text and f["status"].shape == (n,)
-            except (OSError, KeyError):
-                same = False
-            if not same:
-                log.info("evaluate: discarding %s (other settings)", path)
-                path.unlink()
-        if not path.exists():
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            with h5py.File(tmp, "w") as f:
-                f.attrs["settings"] = text
-                f.create_dataset("status", shape=(n,), dtype=np.uint8, fillvalue=0)
-                g = f.create_group(GROUP)
-                for key, (shape, dims, description) in layout.items():
-                    ds = g.create_dataset(key, shape=(n, *shape), dtype=np.float32,
-                                          fillvalue=np.nan,
-                                          chunks=(min(n, max(1, 4096 // max(1, int(np.prod(
-                                              shape, dtype=np.int64))))), *shape))
-                    ds.attrs["dims"] = json.dumps(dims)
-                    ds.attrs["description"] = description
-            os.replace(tmp, path)
-        self.file = h5py.File(path, "r+")
-
-    def pending(self, rows: np.ndarray) -> np.ndarray:
-        return rows[self.file["status"][:][rows] == 0]
-
-    def write(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        g = self.file[GROUP]
-        for key, value in arrays.items():
-            g[key][rows] = value  # rows ascending (h5py's fancy indexing)
-        self.file.flush()  # values reach the file before the status that vouches for them
-        self.file["status"][rows] = 1
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
-
-
-def _confirm_replace(path: Path, overwrite: bool) -> None:
-    """Refuse to replace existing metrics unless told to (or the user says yes)."""
-    from .store import open_results
-
-    with open_results(path) as f:
-        if GROUP not in f:
-            return
-        old = f[GROUP].attrs.get("created", "?")
-    if overwrite:
-        log.warning("evaluate.overwrite=true: replacing /%s (from %s) in %s", GROUP, old, path)
+def _confirm_replace(path: Path, results: dict[str, str], overwrite: bool) -> None:
+    """Refuse to replace an existing metrics file unless told to (or the user says yes).
+    Metrics of an earlier results file (re-extracted since) describe nothing: replaced."""
+    found = existing(path, results)
+    if found is None:
         return
-    question = f"{path} already has /{GROUP} (from {old}). Replace them? [y/N] "
+    state, old = found
+    if state == "stale":
+        log.warning("evaluate: replacing %s, computed from an earlier results.h5", path)
+        return
+    what = f"{path} already holds metrics (from {old})" if state == "current" else (
+        f"{path} exists but is not a camsweep metrics file")
+    if overwrite:
+        log.warning("evaluate.overwrite=true: replacing %s", path)
+        return
     if sys.stdin is not None and sys.stdin.isatty():
-        if input(question).strip().lower() in ("y", "yes"):
+        if input(f"{what}. Replace it? [y/N] ").strip().lower() in ("y", "yes"):
             return
-        raise StoreError(f"kept the existing /{GROUP} in {path}")
-    raise StoreError(f"{path} already has /{GROUP} (from {old}); pass evaluate.overwrite=true "
-                     "to replace them")
-
-
-def _install(path: Path, partial: Path, attrs: dict[str, Any]) -> None:
-    """Copy the finished metrics into the results file in one short step."""
-    from .store import open_results
-
-    with h5py.File(partial, "r") as src, open_results(path, "r+") as dst:
-        if GROUP in dst:
-            del dst[GROUP]
-        src.copy(src[GROUP], dst, name=GROUP)
-        g = dst[GROUP]
-        for key, value in attrs.items():
-            g.attrs[key] = value if not isinstance(value, (list, dict)) else json.dumps(value)
-        for key in g:  # map groups say which layer they belong to
-            if isinstance(g[key], h5py.Group):
-                for layer in g[key]:
-                    if isinstance(g[key][layer], h5py.Group):
-                        g[key][layer].attrs["layer"] = layer
-        dst.flush()
-    partial.unlink()
+        raise StoreError(f"kept {path}")
+    raise StoreError(f"{what}; pass evaluate.overwrite=true to replace them")
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
-    """Score the maps of the run in ``run_dir`` and store the metrics in its results file.
+    """Score the maps of the run in ``run_dir`` and write them to ``run_dir/metrics.h5``.
 
     Args:
         cfg: The invocation's config: ``evaluate.*``, ``device``, ``batch_size``,
-            ``num_workers``. Model, method, data, target and seed come from the config
-            stored in the results file.
+            ``num_workers``, ``channels_last`` (and ``model._target_``, which allows a
+            stored one). Model, method, data, target and seed come from the config stored
+            in the results file.
         run_dir: The run's folder (holding ``results.h5``).
 
     Returns:
         What was evaluated, with per-map means (also logged by the CLI).
+
+    Raises:
+        StoreError: No, a damaged or a busy results file (another process holds its writer
+            lock), or existing metrics without ``evaluate.overwrite=true``.
+        ConfigError: Bad ``evaluate.*`` values, or a stored ``model._target_`` that this
+            command line does not name.
     """
     from .runtime import auto_workers, resolve_device
 
     ev = cfg.evaluate
     check_settings(ev)
-    path = Path(run_dir) / "results.h5"
-    _confirm_replace(path, bool(ev.overwrite))
-    device = resolve_device(cfg.device)
-    notes: list[str] = []
-    setup = _setup(cfg, path, device, notes)
-    metrics = [m for m in METRICS if m in ev.metrics and (m != "pointing" or setup.boxes)]
-    size = setup.image_size
-    example = setup.normalize(torch.zeros(1, 3, size, size, device=device))
-    units: dict[str, nn.Module] = {}
-    if "sanity" in metrics:
-        units = randomization_units(setup.model, example, ev.sanity_layers, ev.sanity_depth)
-        if ev.sanity_max_steps is not None:
-            units = dict(list(units.items())[: max(0, int(ev.sanity_max_steps))])
-        if not units:
-            notes.append("sanity check skipped: no layer with parameters to randomize")
-            metrics.remove("sanity")
-    settings = _settings(cfg, setup, list(units))
-    classes = setup.targets.shape[1] if setup.targets.ndim == 2 else 0
-    layout = _layout(settings, setup.maps, metrics, len(units), classes)
-    partial = _Partial(path.parent / PARTIAL, setup.n, settings, layout)
-    try:
-        todo = partial.pending(setup.rows)
-        skipped = len(setup.rows) - len(todo)
-        worker = _BatchEvaluator(cfg, setup, metrics, units, device, path)
-        workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-            len(todo), cfg.batch_size)
-        worker.run(todo, partial, workers)
-        notes += worker.notes
-    finally:
-        partial.close()
-    attrs = {
-        "created": datetime.now(timezone.utc).isoformat(), "settings": settings,
-        "metrics": metrics, "maps": setup.maps, "camsweep_version": __version__,
-        "n_evaluated": int(len(setup.rows)),
-        "score_check_max_abs_diff": worker.max_score_diff,
-        "sanity_layers": list(units),
-        "road_removed_percent": [float(q) for q in ev.road_percentiles],
-        "steps": int(ev.steps), "score": str(ev.score),
-    }
-    _install(path, partial.path, attrs)
-    with h5py.File(path, "r") as f:
-        summaries = summarize(f)
-    return EvaluateSummary(path=path, evaluated=len(setup.rows) - skipped, skipped=skipped,
-                           maps=summaries, notes=notes)
+    run_dir = Path(run_dir)
+    path = run_dir / "results.h5"
+    if not path.is_file():  # before the lock, which would create the folder
+        raise StoreError(f"no results file at {path}")
+    target = run_dir / METRICS_FILE
+    with writer_lock(path, "evaluating"):
+        # Temporaries of an evaluation killed while writing one; nobody else writes here now.
+        for tmp in (*run_dir.glob(f".{METRICS_FILE}.tmp-*"), *run_dir.glob(f"{PARTIAL}.tmp-*")):
+            tmp.unlink(missing_ok=True)
+        with open_results(path) as f:
+            results = identity(f)
+        _confirm_replace(target, results, bool(ev.overwrite))
+        device = resolve_device(cfg.device)
+        notes: list[str] = []
+        setup = _setup(cfg, path, device, notes)
+        metrics = [m for m in METRICS if m in ev.metrics and (m != "pointing" or setup.boxes)]
+        size = setup.image_size
+        example = setup.normalize(torch.zeros(1, 3, size, size, device=device))
+        units: dict[str, nn.Module] = {}
+        if "sanity" in metrics:
+            units = randomization_units(setup.model, example, ev.sanity_layers, ev.sanity_depth)
+            if ev.sanity_max_steps is not None:
+                units = dict(list(units.items())[: max(0, int(ev.sanity_max_steps))])
+            if not units:
+                notes.append("sanity check skipped: no layer with parameters to randomize")
+                metrics.remove("sanity")
+        settings = _settings(cfg, setup, list(units))
+        classes = setup.targets.shape[1] if setup.targets.ndim == 2 else 0
+        spec = layout(settings, setup.maps, metrics, len(units), classes)
+        partial = Partial(run_dir / PARTIAL, setup.n, settings, results, spec)
+        try:
+            todo = partial.pending(setup.rows)
+            skipped = len(setup.rows) - len(todo)
+            worker = _BatchEvaluator(cfg, setup, metrics, units, device, path)
+            workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
+                len(todo), cfg.batch_size)
+            worker.run(todo, partial, workers)
+            notes += worker.notes
+        finally:
+            partial.close()
+        attrs = {
+            "created": datetime.now(timezone.utc).isoformat(), "settings": settings,
+            "metrics": metrics, "maps": setup.maps, "camsweep_version": __version__,
+            "n_evaluated": int(len(setup.rows)),
+            "score_check_max_abs_diff": worker.max_score_diff,
+            "sanity_layers": list(units),
+            "road_removed_percent": [float(q) for q in ev.road_percentiles],
+            "steps": int(ev.steps), "score": str(ev.score),
+        }
+        install(partial.path, target, results, attrs)
+    return EvaluateSummary(path=target, evaluated=len(setup.rows) - skipped, skipped=skipped,
+                           maps=summarize_run(run_dir), notes=notes)
 
 
 class _BatchEvaluator:
@@ -1072,21 +380,27 @@ class _BatchEvaluator:
         self.removed = [float(q) for q in ev.road_percentiles]
         self.units = units
         self.randomizer = CascadingRandomization(units, int(ev.seed)) if units else None
+        self.method = self._method() if self.randomizer is not None else None
         self.max_score_diff = 0.0
         self.notes: list[str] = []
 
     def _method(self) -> Any:
+        """The stored method on the re-loaded model (the sanity check recomputes maps)."""
         from .methods import build_method
         from .models import reshape_transform
         from .runtime import AUTOCAST
 
         stored = self.setup.stored
-        return build_method(stored.method, self.setup.model, self.setup.layers,
-                            reshape=reshape_transform(stored.model.get("reshape")),
-                            topk=int(stored.get("topk", 5)),
-                            autocast_dtype=AUTOCAST.get(stored.get("precision", "fp32")))
+        try:
+            return build_method(stored.method, self.setup.model, self.setup.layers,
+                                reshape=reshape_transform(stored.model.get("reshape")),
+                                topk=int(stored.get("topk", 5)),
+                                autocast_dtype=AUTOCAST.get(stored.get("precision", "fp32")))
+        except (TypeError, ValueError) as e:  # options of a damaged or forged config
+            raise StoreError(f"{self.path}: its stored method config does not build "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
 
-    def run(self, rows: np.ndarray, partial: _Partial, workers: int) -> None:
+    def run(self, rows: np.ndarray, partial: Partial, workers: int) -> None:
         from tqdm import tqdm
 
         from .data import ImageDataset, Record, collate, decode_on_device
@@ -1100,7 +414,7 @@ class _BatchEvaluator:
         bar = tqdm(total=len(rows), desc=f"evaluate {self.path.parent.name}", unit="img",
                    dynamic_ncols=True, disable=None)
         try:
-            with h5py.File(self.path, "r") as f:
+            with open_results(self.path) as f:
                 for batch in loader:
                     batch_rows = batch["index"].numpy()
                     x = batch["pixels"].to(self.device, non_blocking=True)
@@ -1127,9 +441,8 @@ class _BatchEvaluator:
                 f"|diff| {self.max_score_diff:.3g}): weights, images or preprocessing changed "
                 "since extraction; the metrics describe today's model, not the stored maps'")
 
-    def batch(self, f: h5py.File, rows: np.ndarray, pixels: torch.Tensor
-              ) -> dict[str, np.ndarray]:
-        """All metrics of one batch, as host arrays keyed by dataset path under /metrics.
+    def batch(self, f: Any, rows: np.ndarray, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """All metrics of one batch, as host arrays keyed by their path in the metrics file.
 
         A target=topk run explains k classes per image: every (image, class) pair is scored
         as an item of its own (the image repeated, as at extraction), and the results get
@@ -1152,7 +465,7 @@ class _BatchEvaluator:
         out: dict[str, torch.Tensor] = {"score": original}
         stored_maps = {}
         for key in s.maps:
-            raw = torch.from_numpy(f[key][rows]).to(dev)
+            raw = torch.from_numpy(read_rows(f, key, self.path, rows)).to(dev)
             stored_maps[key] = raw.reshape(-1, *raw.shape[-2:])
         baselines: dict[str, torch.Tensor] = {}
         for key, raw in stored_maps.items():
@@ -1193,9 +506,9 @@ class _BatchEvaluator:
 
     def _sanity(self, x: torch.Tensor, target: torch.Tensor,
                 stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        assert self.randomizer is not None
+        assert self.randomizer is not None and self.method is not None
         rho = {key: torch.empty(len(x), len(self.units), device=x.device) for key in stored}
-        method = self._method()
+        method = self.method
         try:
             with method:
                 for j, name in enumerate(self.units):
@@ -1206,47 +519,3 @@ class _BatchEvaluator:
         finally:
             self.randomizer.restore()
         return {f"{key}/sanity_spearman": value for key, value in rho.items()}
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-def summarize(f: h5py.File) -> list[MapSummary]:
-    """Per-map means of the stored metrics of an open results file (empty without them)."""
-    if GROUP not in f:
-        return []
-    g = f[GROUP]
-    maps = _attr_list(g.attrs.get("maps", "[]"))
-    status = f["images/status"][:]
-    out = []
-    for key in maps:
-        if key not in g:
-            continue
-        m = g[key]
-        figures: dict[str, float] = {}
-
-        def mean(name: str, scale: float = 1.0, m: h5py.Group = m) -> float | None:
-            if name not in m:
-                return None
-            values = m[name][:].ravel()  # (N,) or (N, k) for target=topk
-            values = values[np.isfinite(values)]
-            return float(np.mean(values) * scale) if values.size else math.nan
-
-        for name, label, scale in (("deletion_auc", "deletion_auc", 1), ("insertion_auc",
-                                   "insertion_auc", 1), ("drop", "avg_drop", 100),
-                                   ("increase", "increase", 100), ("road", "road", 1),
-                                   ("pointing_hit", "pointing", 100),
-                                   ("pointing_energy", "energy", 100)):
-            value = mean(name, scale)
-            if value is not None:
-                figures[label] = value
-        if "sanity_spearman" in m:
-            last = m["sanity_spearman"][..., -1].ravel()
-            last = last[np.isfinite(last)]
-            figures["sanity_last"] = float(last.mean()) if last.size else math.nan
-        if "score" in g:  # images evaluated (any class of a target=topk run)
-            score = g["score"][:]
-            n = int(np.isfinite(score.reshape(len(score), -1)).any(1).sum())
-        else:
-            n = int((status == 1).sum())
-        out.append(MapSummary(key=key, n=n, figures=figures))
-    return out

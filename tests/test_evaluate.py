@@ -1,22 +1,34 @@
 """Evaluate: each metric on a case with a known answer, parity with pytorch-grad-cam's ROAD
-imputation, and the stage end to end (metrics in the same file, extraction untouched)."""
+imputation, and the stage end to end (metrics in their own file, results.h5 untouched,
+stale partial and metrics files refused, stored code never run, one writer at a time)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_cfg, write_images
+import yaml
+from conftest import ROOT, TINY, compose_cfg, write_images
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline import evaluate as E
 from pipeline.cli import run
-from pipeline.data import input_box
 from pipeline.errors import ConfigError, DataError, StoreError
+from pipeline.images import input_box
+from pipeline.metrics import common, confidence, perturbation, pointing, road, sanity
+from pipeline.metrics.file import METRICS_FILE, PARTIAL, Partial, layout, summarize_run
+from pipeline.store import identity, open_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,10 +54,10 @@ def bottom_half(side: int = 16) -> torch.Tensor:
 
 def curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, mode: str, steps: int,
            score: str = "logit", baseline: str = "zero") -> torch.Tensor:
-    scorer = E.Scorer(model, score, chunk=32)
+    scorer = common.Scorer(model, score, chunk=32)
     target = torch.zeros(len(x), dtype=torch.long)
-    base = E.make_baseline(x, baseline)
-    return E.perturbation_curves(scorer, x, maps, target, base, steps, mode)
+    base = perturbation.make_baseline(x, baseline)
+    return perturbation.perturbation_curves(scorer, x, maps, target, base, steps, mode)
 
 
 # -- deletion and insertion --------------------------------------------------------------------
@@ -60,9 +72,9 @@ def test_constant_map_removes_rows_from_the_top_and_has_the_documented_auc():
     deletion = curves(model, x, flat, "deletion", steps=16)
     expected = torch.tensor([1.0] * 9 + [(16 - k) / 8 for k in range(9, 17)])
     torch.testing.assert_close(deletion[0], expected)
-    torch.testing.assert_close(E.curve_auc(deletion), torch.full((2,), 0.75))
+    torch.testing.assert_close(perturbation.curve_auc(deletion), torch.full((2,), 0.75))
     insertion = curves(model, x, flat, "insertion", steps=16)
-    torch.testing.assert_close(E.curve_auc(insertion), torch.full((2,), 0.25))
+    torch.testing.assert_close(perturbation.curve_auc(insertion), torch.full((2,), 0.25))
     # Softmax probability of logits (s, 0) is sigmoid(s): the same curve through sigmoid.
     prob = curves(model, x, flat, "deletion", steps=16, score="prob")
     torch.testing.assert_close(prob[0], torch.sigmoid(expected))
@@ -75,11 +87,12 @@ def test_a_map_of_the_region_deletes_it_first():
     model = RegionMean(region)
     x = torch.ones(1, 3, 16, 16)
     best = region[None].clone()
-    assert E.curve_auc(curves(model, x, best, "deletion", 16)).item() == pytest.approx(0.25)
-    assert E.curve_auc(curves(model, x, best, "insertion", 16)).item() == pytest.approx(0.75)
+    auc = perturbation.curve_auc
+    assert auc(curves(model, x, best, "deletion", 16)).item() == pytest.approx(0.25)
+    assert auc(curves(model, x, best, "insertion", 16)).item() == pytest.approx(0.75)
     # The known first/last point is taken as given, not recomputed.
-    scorer = E.Scorer(model, "logit")
-    c = E.perturbation_curves(scorer, x, best, torch.zeros(1, dtype=torch.long),
+    scorer = common.Scorer(model, "logit")
+    c = perturbation.perturbation_curves(scorer, x, best, torch.zeros(1, dtype=torch.long),
                               torch.zeros_like(x), 4, "deletion", original=torch.tensor([9.0]))
     assert c[0, 0].item() == 9.0 and c[0, -1].item() == 0.0
 
@@ -93,33 +106,33 @@ def test_random_maps_score_chance_level():
     x = torch.ones(64, 3, 16, 16)
     maps = torch.rand(64, 16, 16, generator=gen)
     for mode in ("deletion", "insertion"):
-        auc = E.curve_auc(curves(model, x, maps, mode, steps=16))
+        auc = perturbation.curve_auc(curves(model, x, maps, mode, steps=16))
         assert auc.mean().item() == pytest.approx(0.5, abs=0.02), mode
 
 
 def test_saliency_ranks_break_ties_in_raster_order_and_put_nan_last():
     maps = torch.tensor([[[1.0, 2.0], [2.0, math.nan]]])
-    assert E.saliency_ranks(maps).tolist() == [[2, 0, 1, 3]]
+    assert perturbation.saliency_ranks(maps).tolist() == [[2, 0, 1, 3]]
 
 
 def test_baselines():
     x = torch.randn(2, 3, 24, 24)
-    assert torch.equal(E.make_baseline(x, "zero"), torch.zeros_like(x))
-    torch.testing.assert_close(E.make_baseline(x, "mean")[:, :, 5, 7], x.mean((2, 3)))
+    assert torch.equal(perturbation.make_baseline(x, "zero"), torch.zeros_like(x))
+    torch.testing.assert_close(perturbation.make_baseline(x, "mean")[:, :, 5, 7], x.mean((2, 3)))
     flat = torch.full((1, 3, 24, 24), 2.0)
-    blurred = E.make_baseline(flat, "blur")
+    blurred = perturbation.make_baseline(flat, "blur")
     # A constant stays constant away from the borders (RISE pads with zeros).
     torch.testing.assert_close(blurred[..., 5:19, 5:19], flat[..., 5:19, 5:19])
     assert blurred[0, 0, 0, 0] < 2.0
     with pytest.raises(ConfigError, match="unknown baseline 'gray'"):
-        E.make_baseline(x, "gray")
+        perturbation.make_baseline(x, "gray")
 
 
 def test_blur_kernel_is_rises_gkern():
     ndimage = pytest.importorskip("scipy.ndimage")
     delta = np.zeros((11, 11))
     delta[5, 5] = 1
-    k1 = E.rise_kernel(11, 5.0).numpy()
+    k1 = perturbation.rise_kernel(11, 5.0).numpy()
     np.testing.assert_allclose(np.outer(k1, k1), ndimage.gaussian_filter(delta, 5), atol=1e-7)
 
 
@@ -127,7 +140,7 @@ def test_blur_kernel_is_rises_gkern():
 
 def test_confidence_terms_on_known_cases():
     model = RegionMean(torch.ones(8, 8))
-    scorer = E.Scorer(model, "prob")
+    scorer = common.Scorer(model, "prob")
     target = torch.zeros(2, dtype=torch.long)
     # Image 0: ones with a constant map -> normalized to zeros -> input x 0 -> logit 0.
     # Image 1: +1 on top, -1 below (logit 0); a map of the top keeps only the +1 half.
@@ -137,7 +150,7 @@ def test_confidence_terms_on_known_cases():
     maps[0] = 3.0
     maps[1, :4] = 5.0
     original = scorer(x, target)
-    out = E.explanation_confidence(scorer, x, maps, target, original)
+    out = confidence.explanation_confidence(scorer, x, maps, target, original)
     p0 = torch.sigmoid(torch.tensor(1.0))
     torch.testing.assert_close(out["explanation_score"], torch.sigmoid(torch.tensor([0.0, 0.5])))
     torch.testing.assert_close(out["drop"][0], (p0 - 0.5) / (p0 + 1e-7))
@@ -149,15 +162,15 @@ def test_confidence_terms_on_known_cases():
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
-    road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    theirs = pytest.importorskip("pytorch_grad_cam.metrics.road")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 20, 18, generator=gen).cumsum(-1)
     keep = (torch.rand(2, 20, 18, generator=gen) > 0.6).float()
     keep[1] = 1
     keep[1, 3:15, 2:12] = 0  # one large hole
-    ours = E.linear_impute(x, keep)
+    ours = road.linear_impute(x, keep)
     for i in range(2):
-        ref = road.NoisyLinearImputer(noise=0)(x[i], keep[i])
+        ref = theirs.NoisyLinearImputer(noise=0)(x[i], keep[i])
         torch.testing.assert_close(ours[i], ref, atol=1e-6, rtol=0)
     assert torch.equal(ours[keep[:, None].expand_as(x) > 0], x[keep[:, None].expand_as(x) > 0])
 
@@ -166,23 +179,23 @@ def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
 def test_road_equals_pytorch_grad_cam_without_noise():
     """Our batched ROAD (noise off) against pytorch-grad-cam's per-image MoRF/LeRF metrics
     with the same percentiles (theirs: 100 - removed) on a small random network."""
-    road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    theirs = pytest.importorskip("pytorch_grad_cam.metrics.road")
     pc = pytest.importorskip("pytorch_grad_cam.metrics.perturbation_confidence")
     targets_mod = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(24, 5)).eval()
     x = torch.randn(3, 3, 14, 14)
-    maps = E.normalize_maps(torch.rand(3, 14, 14))
+    maps = common.normalize_maps(torch.rand(3, 14, 14))
     target = torch.tensor([0, 3, 4])
     removed = [20.0, 70.0]
-    morf, lerf = E.road_scores(E.Scorer(model, "prob"), x, maps, target, removed, noise=0.0)
+    morf, lerf = road.road_scores(common.Scorer(model, "prob"), x, maps, target, removed, noise=0.0)
     targets = [targets_mod.ClassifierOutputSoftmaxTarget(int(t)) for t in target]
     for j, q in enumerate(removed):
         for ours, remover in ((morf, pc.RemoveMostRelevantFirst),
                               (lerf, pc.RemoveLeastRelevantFirst)):
             metric = pc.PerturbationConfidenceMetric(
-                remover(100 - q, road.NoisyLinearImputer(noise=0)))
+                remover(100 - q, theirs.NoisyLinearImputer(noise=0)))
             ref = metric(x, maps.numpy(), targets, model, return_diff=False)
             np.testing.assert_allclose(ours[:, j].numpy(), ref, atol=1e-6)
 
@@ -192,10 +205,10 @@ def test_linear_imputation_edge_cases():
     pixel at the threshold): the normalization's mean colour, not a singular solve."""
     x = torch.randn(2, 3, 6, 5)
     keep = torch.stack([torch.ones(6, 5), torch.zeros(6, 5)])
-    out = E.linear_impute(x, keep)
+    out = road.linear_impute(x, keep)
     assert torch.equal(out[0], x[0]) and torch.equal(out[1], torch.zeros_like(x[1]))
     flat = torch.ones(1, 6, 5)
-    assert not E.road_masks(flat, 50.0)[0].any()  # all tied: all removed
+    assert not road.road_masks(flat, 50.0)[0].any()  # all tied: all removed
 
 
 def test_road_of_a_constant_image_is_zero():
@@ -203,9 +216,9 @@ def test_road_of_a_constant_image_is_zero():
     map, so MoRF = LeRF = the original score."""
     model = RegionMean(torch.ones(12, 12))
     x = torch.full((2, 3, 12, 12), 0.8)
-    maps = E.normalize_maps(torch.rand(2, 12, 12))
-    scorer = E.Scorer(model, "logit")
-    morf, lerf = E.road_scores(scorer, x, maps, torch.zeros(2, dtype=torch.long), [10, 50, 90],
+    maps = common.normalize_maps(torch.rand(2, 12, 12))
+    scorer = common.Scorer(model, "logit")
+    morf, lerf = road.road_scores(scorer, x, maps, torch.zeros(2, dtype=torch.long), [10, 50, 90],
                                noise=0.0, seeds=torch.arange(2))
     torch.testing.assert_close(morf, torch.full_like(morf, 0.8))
     torch.testing.assert_close(lerf, morf)
@@ -213,19 +226,19 @@ def test_road_of_a_constant_image_is_zero():
 
 def test_road_noise_does_not_depend_on_the_batch():
     model = RegionMean(torch.ones(10, 10))
-    scorer = E.Scorer(model, "logit")
+    scorer = common.Scorer(model, "logit")
     x = torch.randn(3, 3, 10, 10)
-    maps = E.normalize_maps(torch.rand(3, 10, 10))
+    maps = common.normalize_maps(torch.rand(3, 10, 10))
     target = torch.zeros(3, dtype=torch.long)
     seeds = torch.tensor([7, 8, 9])
-    whole = E.road_scores(scorer, x, maps, target, [50], 0.05, seeds)[0]
-    alone = E.road_scores(scorer, x[2:], maps[2:], target[2:], [50], 0.05, seeds[2:])[0]
+    whole = road.road_scores(scorer, x, maps, target, [50], 0.05, seeds)[0]
+    alone = road.road_scores(scorer, x[2:], maps[2:], target[2:], [50], 0.05, seeds[2:])[0]
     torch.testing.assert_close(whole[2:], alone)
 
 
 def test_road_masks_follow_pytorch_grad_cams_percentile_rule():
     maps = torch.arange(10.0).view(1, 2, 5) / 9
-    morf, lerf = E.road_masks(maps, 30.0)  # their percentile 70
+    morf, lerf = road.road_masks(maps, 30.0)  # their percentile 70
     thr = np.percentile(maps.numpy(), 70)
     assert torch.equal(morf, maps < thr)
     assert morf.sum().item() == 7 and lerf.sum().item() == 7
@@ -238,21 +251,21 @@ def test_a_map_equal_to_the_box_hits_with_all_its_energy():
     """A 128 x 192 photo squashed to 64 x 64 (2 and 3 photo pixels per input pixel); the
     box x 30..120, y 20..80 covers input rows 10..39 and columns 10..39 exactly."""
     seen = torch.tensor([input_box((128, 192), 64, "square")], dtype=torch.float32)
-    boxes = E.pad_boxes([[(30.0, 20.0, 120.0, 80.0)]])
+    boxes = pointing.pad_boxes([[(30.0, 20.0, 120.0, 80.0)]])
     box_map = torch.zeros(1, 64, 64)
     box_map[0, 10:40, 10:40] = 1.0
-    hit, energy = E.pointing_game(box_map, seen, boxes)
+    hit, energy = pointing.pointing_game(box_map, seen, boxes)
     assert hit.item() == 1.0 and energy.item() == pytest.approx(1.0)
     # A peak outside the box: 14 photo pixels from it is still a hit, 20 is not.
     peak = torch.zeros(1, 64, 64)
     peak[0, 25, 44] = 1.0  # column 44 -> x = 133.5: 13.5 px right of the box
-    assert E.pointing_game(peak, seen, boxes)[0].item() == 1.0
+    assert pointing.pointing_game(peak, seen, boxes)[0].item() == 1.0
     peak = torch.zeros(1, 64, 64)
     peak[0, 25, 46] = 1.0  # x = 139.5: 19.5 px away
-    hit, energy = E.pointing_game(peak, seen, boxes)
+    hit, energy = pointing.pointing_game(peak, seen, boxes)
     assert hit.item() == 0.0 and energy.item() == 0.0
     # No boxes: NaN, not a miss.
-    hit, energy = E.pointing_game(box_map, seen, E.pad_boxes([[]]))
+    hit, energy = pointing.pointing_game(box_map, seen, pointing.pad_boxes([[]]))
     assert math.isnan(hit.item()) and math.isnan(energy.item())
 
 
@@ -263,8 +276,8 @@ def test_pointing_game_follows_the_center_crop_box():
     box_map = torch.zeros(1, 35, 35)
     box_map[0, 4:10, 20:30] = 2.0  # rows 4..9, columns 20..29
     y0, x0 = seen_box[0], seen_box[1]
-    boxes = E.pad_boxes([[(x0 + 100, y0 + 20, x0 + 150, y0 + 50), (0.0, 0.0, 1.0, 1.0)]])
-    hit, energy = E.pointing_game(box_map, seen, boxes)
+    boxes = pointing.pad_boxes([[(x0 + 100, y0 + 20, x0 + 150, y0 + 50), (0.0, 0.0, 1.0, 1.0)]])
+    hit, energy = pointing.pointing_game(box_map, seen, boxes)
     assert hit.item() == 1.0 and energy.item() == pytest.approx(1.0)
 
 
@@ -272,18 +285,18 @@ def test_box_files(tmp_path):
     csv_file = tmp_path / "boxes.csv"
     csv_file.write_text("file,xmin,ymin,xmax,ymax\na.jpg,1,2,3,4\nsub/b.jpg,5,6,7,8\n"
                         "sub/b.jpg,0,0,1,1\n")
-    table = E.read_boxes_csv(csv_file)
-    got = E.match_boxes(["/data/x/a.jpg", "/data/sub/b.jpg", "/data/other/b.jpg"], table)
+    table = pointing.read_boxes_csv(csv_file)
+    got = pointing.match_boxes(["/data/x/a.jpg", "/data/sub/b.jpg", "/data/other/b.jpg"], table)
     assert got == [[(1, 2, 3, 4)], [(5, 6, 7, 8), (0, 0, 1, 1)], []]
     loc = tmp_path / "LOC_val_solution.csv"
     loc.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 111 108 "
                    "441 193 n01751748 10 20 30 40 \n")
-    boxes = E.match_boxes(["/v/ILSVRC2012_val_00000001.JPEG"], E.read_imagenet_boxes(loc),
-                          by_stem=True)
+    boxes = pointing.match_boxes(["/v/ILSVRC2012_val_00000001.JPEG"],
+                                 pointing.read_imagenet_boxes(loc), by_stem=True)
     assert boxes == [[(111, 108, 441, 193), (10, 20, 30, 40)]]
     (tmp_path / "bad.csv").write_text("path,x0\n")
     with pytest.raises(DataError, match="header must name"):
-        E.read_boxes_csv(tmp_path / "bad.csv")
+        pointing.read_boxes_csv(tmp_path / "bad.csv")
 
 
 # -- sanity check ------------------------------------------------------------------------------
@@ -293,11 +306,11 @@ def test_ranks_and_spearman_match_scipy():
     gen = torch.Generator().manual_seed(3)
     a = torch.randint(0, 4, (5, 40), generator=gen).float()  # many ties
     b = torch.randn(5, 40, generator=gen)
-    np.testing.assert_array_equal(E.rankdata(a).numpy(),
+    np.testing.assert_array_equal(sanity.rankdata(a).numpy(),
                                   np.stack([stats.rankdata(r) for r in a.numpy()]))
     ref = [stats.spearmanr(a[i], b[i]).statistic for i in range(5)]
-    np.testing.assert_allclose(E.spearman(a, b).numpy(), ref, atol=1e-6)
-    assert math.isnan(E.spearman(torch.ones(1, 9), b[:1, :9]).item())
+    np.testing.assert_allclose(sanity.spearman(a, b).numpy(), ref, atol=1e-6)
+    assert math.isnan(sanity.spearman(torch.ones(1, 9), b[:1, :9]).item())
 
 
 class Scale(nn.Module):
@@ -337,17 +350,17 @@ def test_cascading_randomization_from_the_top_with_known_answers():
     torch.manual_seed(0)
     model = TinyNet().eval().requires_grad_(False)
     x = torch.randn(4, 3, 8, 8)
-    units = E.randomization_units(model, x[:1])
+    units = sanity.randomization_units(model, x[:1])
     assert list(units) == ["scale", "fc", "conv"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     target = torch.tensor([0, 1, 2, 3])
-    randomizer = E.CascadingRandomization(units, seed=5)
+    randomizer = sanity.CascadingRandomization(units, seed=5)
     with GradCAM(model, {"conv": model.conv}) as cam:
         stored = cam(x, lambda _logits: target)["gradcam/conv"]
         rho = []
         for name in units:
             randomizer.randomize(name)
-            rho.append(E.spearman(stored, cam(x, lambda _logits: target)["gradcam/conv"]))
+            rho.append(sanity.spearman(stored, cam(x, lambda _logits: target)["gradcam/conv"]))
         randomizer.restore()
         again = cam(x, lambda _logits: target)["gradcam/conv"]
     torch.testing.assert_close(rho[0], torch.ones(4))
@@ -356,19 +369,23 @@ def test_cascading_randomization_from_the_top_with_known_answers():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # The same seed gives the same randomized weights (every batch sees the same networks).
-    other = E.CascadingRandomization(units, seed=5)
+    other = sanity.CascadingRandomization(units, seed=5)
     assert all(torch.equal(other.random["fc"][k], randomizer.random["fc"][k])
                for k in randomizer.random["fc"])
 
 
 # -- the stage ---------------------------------------------------------------------------------
 
-def _datasets(path: Path, skip: str = "metrics") -> dict[str, np.ndarray]:
+def _datasets(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with h5py.File(path) as f:
         f.visititems(lambda k, v: out.__setitem__(k, v[...]) if isinstance(v, h5py.Dataset)
-                     and not k.startswith(skip) else None)
+                     else None)
     return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -386,19 +403,32 @@ def tiny_run(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
     return root, base
 
 
-def test_evaluate_writes_metrics_into_the_results_file(tiny_run):
-    root, base = tiny_run
-    run_dir = root / "run"
-    before = _datasets(run_dir / "results.h5")
+def _copy(tiny_run: tuple[Path, tuple[str, ...]], to: Path) -> Path:
+    """The extracted run, without metrics of an earlier test."""
+    shutil.copytree(tiny_run[0] / "run", to)
+    (to / METRICS_FILE).unlink(missing_ok=True)
+    return to
+
+
+def test_evaluate_writes_metrics_to_their_own_file(tiny_run, tmp_path):
+    _, base = tiny_run
+    root = tiny_run[0]
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    path = run_dir / "results.h5"
+    before, digest = _datasets(path), _sha256(path)
+    (run_dir / f".{METRICS_FILE}.tmp-4242").write_bytes(b"left by a killed evaluation")
     options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=4",
                "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=3",
                f"evaluate.boxes={root}/boxes.csv")
     result = run(compose_cfg(*base, *options), run_dir)
-    assert result["evaluated"] == 5
-    path = run_dir / "results.h5"
-    with h5py.File(path) as f:
-        m = f["metrics"]
+    assert result["evaluated"] == 5 and result["metrics"] == str(run_dir / METRICS_FILE)
+    with open_results(path) as f:
         status = f["images/status"][:]
+        results = identity(f)
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        assert m.attrs["format"] == "camsweep-metrics" and m.attrs["format_version"] == 1
+        assert (m.attrs["results_run_id"], m.attrs["results_created"]) == (
+            results["run_id"], results["created"]) and len(results["run_id"]) == 32
         assert float(m.attrs["score_check_max_abs_diff"]) < 1e-3  # images and model reproduced
         assert m.attrs["sanity_layers"] == '["fc", "layer4.1", "layer4.0"]'
         for layer in ("layer3", "layer4"):
@@ -415,56 +445,99 @@ def test_evaluate_writes_metrics_into_the_results_file(tiny_run):
             assert np.isfinite(hits).sum() == 2  # two images have boxes
             assert np.nanmax(np.abs(g["sanity_spearman"][:])) <= 1 + 1e-6
             assert g["deletion"].attrs["dims"] == '["image", "step"]'
-    assert not (run_dir / E.PARTIAL).exists()
+    assert not (run_dir / PARTIAL).exists()
+    assert not list(run_dir.glob(f".{METRICS_FILE}.tmp-*"))
+    # results.h5 is not written at all: the same bytes, the same arrays, no /metrics.
+    assert _sha256(path) == digest
     after = _datasets(path)
-    assert before.keys() == after.keys()
+    assert before.keys() == after.keys() and not any(k.startswith("metrics") for k in after)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
 
-    # An existing /metrics is never replaced silently.
-    with pytest.raises(StoreError, match=r"already has /metrics \(from .*\); pass "
+    # An existing metrics file is never replaced silently.
+    with pytest.raises(StoreError, match=r"metrics.h5 already holds metrics \(from .*\); pass "
                                          "evaluate.overwrite=true"):
         run(compose_cfg(*base, *options), run_dir)
     result = run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=2",
                              "evaluate.metrics=[deletion]", "evaluate.overwrite=true"), run_dir)
-    with h5py.File(path) as f:
-        assert sorted(f["metrics/gradcam/layer4"]) == ["deletion", "deletion_auc"]
-        assert f["metrics/gradcam/layer4/deletion"].shape == (6, 3)
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        assert sorted(m["gradcam/layer4"]) == ["deletion", "deletion_auc"]
+        assert m["gradcam/layer4/deletion"].shape == (6, 3)
+    assert _sha256(path) == digest
+
+
+def _partial_of(cfg, run_dir: Path, metrics: list[str], rows: np.ndarray, value: float) -> None:
+    """A partial file as a killed evaluation leaves it: ``rows`` done, holding ``value``."""
+    setup = E._setup(cfg, run_dir / "results.h5", torch.device("cpu"), [])
+    settings = E._settings(cfg, setup, [])
+    spec = layout(settings, setup.maps, metrics, 0)
+    side = Partial(run_dir / PARTIAL, setup.n, settings, setup.results, spec)
+    side.write(rows, {"gradcam/layer3/deletion": np.full((len(rows), 4), value, np.float32)})
+    side.close()
 
 
 def test_evaluate_resumes_from_its_partial_file(tiny_run, tmp_path):
     """A killed evaluation leaves the side file; the rerun computes only what is missing and
     gives the same numbers."""
-    import shutil
-
-    root, base = tiny_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(root / "run", run_dir)
-    with h5py.File(run_dir / "results.h5", "r+") as f:
-        if "metrics" in f:
-            del f["metrics"]
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
     options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=3",
                "evaluate.metrics=[deletion,confidence]", "batch_size=2")
     run(compose_cfg(*base, *options), run_dir)
-    with h5py.File(run_dir / "results.h5") as f:
-        clean = f["metrics/gradcam/layer3/deletion"][:]
-    with h5py.File(run_dir / "results.h5", "r+") as f:
-        del f["metrics"]
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        clean = m["gradcam/layer3/deletion"][:]
+    (run_dir / METRICS_FILE).unlink()
     # Pretend the first run died after its first batch: keep that batch in the side file.
     cfg = compose_cfg(*base, *options)
     partial_rows = np.array([1, 2])
-    setup = E._setup(cfg, run_dir / "results.h5", torch.device("cpu"), [])
-    settings = E._settings(cfg, setup, [])
-    layout = E._layout(settings, setup.maps, ["deletion", "confidence"], 0)
-    side = E._Partial(run_dir / E.PARTIAL, setup.n, settings, layout)
-    side.write(partial_rows, {"gradcam/layer3/deletion": np.full((2, 4), 42.0, np.float32)})
-    side.close()
+    _partial_of(cfg, run_dir, ["deletion", "confidence"], partial_rows, 42.0)
     result = run(cfg, run_dir)
     assert result["evaluated"] == 3  # rows 1 and 2 were done
-    with h5py.File(run_dir / "results.h5") as f:
-        resumed = f["metrics/gradcam/layer3/deletion"][:]
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        resumed = m["gradcam/layer3/deletion"][:]
     np.testing.assert_array_equal(resumed[3:], clean[3:])
     assert (resumed[partial_rows] == 42.0).all()  # taken from the side file, not recomputed
+
+
+def test_a_re_extracted_run_gets_no_stale_rows_and_old_metrics_are_refused(tiny_run,
+                                                                          tmp_path):
+    """overwrite=true replaces results.h5 (same settings, same N, new identity): the partial
+    file of the old one is discarded, not installed; its metrics.h5 is refused by readers
+    until evaluate runs again, which then replaces it without asking."""
+    from pipeline.report import report
+
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    options = ("stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=3",
+               "evaluate.metrics=[deletion,confidence]")
+    cfg = compose_cfg(*base, *options)
+    run(cfg, run_dir)
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        clean = m["gradcam/layer3/deletion"][:]
+    _partial_of(cfg, run_dir, ["deletion", "confidence"], np.array([0, 1, 2]), 42.0)
+    with open_results(run_dir / "results.h5") as f:
+        old = identity(f)
+    run(compose_cfg(*base, "stage=extract", f"run_dir={run_dir}", "overwrite=true",
+                    "resume=false"), run_dir)
+    with open_results(run_dir / "results.h5") as f:
+        new = identity(f)
+    assert new["run_id"] != old["run_id"]
+    stale = re.escape(f"{run_dir}/metrics.h5 is stale: computed from an earlier results.h5 "
+                      f"(created {old['created']}; the current one was created "
+                      f"{new['created']}); rerun stage=evaluate run_dir={run_dir}") + "$"
+    with pytest.raises(StoreError, match=stale):
+        summarize_run(run_dir)
+    with pytest.raises(StoreError, match=stale):
+        report(run_dir)
+    assert not (run_dir / "report").exists()
+    result = run(cfg, run_dir)  # no evaluate.overwrite needed: the old file describes nothing
+    assert result["evaluated"] == 5
+    with h5py.File(run_dir / METRICS_FILE) as m:
+        fresh = m["gradcam/layer3/deletion"][:]
+        assert m.attrs["results_run_id"] == new["run_id"]
+    assert not (fresh == 42.0).any()  # nothing of the old partial file
+    np.testing.assert_allclose(fresh, clean, rtol=1e-5, atol=1e-6)  # same model, same images
+    assert summarize_run(run_dir)[0].n == 5
 
 
 def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
@@ -481,31 +554,113 @@ def test_evaluate_refuses_what_it_cannot_score(tiny_run, tmp_path):
     run(compose_cfg(*base, "stage=extract", "method=activations", "data.limit=2"), act)
     with pytest.raises(StoreError, match="holds no attribution maps"):
         run(compose_cfg(*base, "stage=evaluate", f"run_dir={act}"), act)
+    with pytest.raises(StoreError, match=f"no results file at {tmp_path}/nowhere/results.h5"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={tmp_path}/nowhere"),
+            tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_evaluate_waits_for_no_writer(tiny_run, tmp_path):
+    """Another process holding the run's writer lock (an extract, a merge, a second
+    evaluate) makes evaluate fail at once with one line; nothing is written."""
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pipeline.store import writer_lock\n"
+         "with writer_lock(sys.argv[1], 'extracting'):\n"
+         "    print('held', flush=True)\n    sys.stdin.read()\n", str(run_dir / "results.h5")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=r"another camsweep process \(pid \d+ on .*, "
+                                             r"extracting\)"):
+            run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}",
+                            "evaluate.metrics=[deletion]", "evaluate.steps=2"), run_dir)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (run_dir / METRICS_FILE).exists() and not (run_dir / PARTIAL).exists()
+
+
+def _forge(run_dir: Path, **model: object) -> None:
+    """Rewrite the model part of the config stored in a results file, as an attacker could."""
+    with h5py.File(run_dir / "results.h5", "r+") as f:
+        stored = yaml.safe_load(f.attrs["config"])
+        stored["model"].update(model)
+        f.attrs["config"] = yaml.safe_dump(stored)
+
+
+def test_a_stored_target_is_never_imported_unless_the_command_line_names_it(tiny_run,
+                                                                             tmp_path):
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    marker = tmp_path / "MARKER"
+    _forge(run_dir, _target_="os.system", kwargs={"command": f"touch {marker}"})
+    refusal = (r"asks to import and call model._target_='os.system'; a results file does not "
+               r"choose code to run: pass model._target_=os.system on the evaluate command line")
+    with pytest.raises(ConfigError, match=refusal):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}"), run_dir)
+    assert not marker.exists()
+    # Through the real command line: exit 2, one line, no traceback, nothing ran.
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=evaluate",
+                           f"run_dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "os.system" in errors[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not marker.exists() and not (run_dir / METRICS_FILE).exists()
+
+
+def test_a_stored_target_is_allowed_by_the_same_one_on_the_command_line(tmp_path):
+    stored = OmegaConf.create({"model": {"name": "custom", "weights": None,
+                                         "_target_": "torchvision.models.resnet18",
+                                         "kwargs": {"num_classes": 3}}})
+    path = tmp_path / "results.h5"
+    allowed = E._model_config(stored, compose_cfg("model=custom"), path)
+    assert allowed._target_ == "torchvision.models.resnet18" and allowed.kwargs.num_classes == 3
+    for other in (compose_cfg(*TINY), compose_cfg("model=custom",
+                                                  "model._target_=torchvision.models.vgg16")):
+        with pytest.raises(ConfigError, match="model._target_='torchvision.models.resnet18'"):
+            E._model_config(stored, other, path)
+    plain = OmegaConf.create({"model": {"name": "resnet18", "weights": None}})
+    assert E._model_config(plain, compose_cfg(*TINY), path).name == "resnet18"
+
+
+def test_stored_interpolations_are_text_not_resolvers(tiny_run, tmp_path):
+    """``${oc.env:...}`` in a stored config would run a resolver when read; it stays text."""
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    _forge(run_dir, weights="${oc.env:HOME}")
+    with pytest.raises(ConfigError, match=r"model.weights='\$\{oc.env:HOME\}' is neither"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}"), run_dir)
 
 
 def test_topk_runs_are_scored_per_class(tmp_path, image_dir):
     """target=topk stores k maps per image; each (image, class) is scored as the run that
     explains that class alone would be."""
-    common = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=2")
+    common_args = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "data.limit=2")
     metrics = ("evaluate.metrics=[deletion,confidence,road,sanity]", "evaluate.steps=4",
                "evaluate.road_percentiles=[50]", "evaluate.sanity_max_steps=2")
     top = tmp_path / "top"
-    run(compose_cfg(*common, "stage=extract", "target=topk", "target.k=2"), top)
-    run(compose_cfg(*common, "stage=evaluate", f"run_dir={top}", *metrics), top)
+    run(compose_cfg(*common_args, "stage=extract", "target=topk", "target.k=2"), top)
+    run(compose_cfg(*common_args, "stage=evaluate", f"run_dir={top}", *metrics), top)
     with h5py.File(top / "results.h5") as f:
         cls = f["targets/class"][:]
-        g = f["metrics/gradcam/layer4"]
+    with h5py.File(top / METRICS_FILE) as m:
+        g = m["gradcam/layer4"]
         assert g["deletion"].shape == (2, 2, 5) and g["sanity_spearman"].shape == (2, 2, 2)
         assert g["deletion"].attrs["dims"] == '["image", "class", "step"]'
-        assert f["metrics/score"].shape == (2, 2)
+        assert m["score"].shape == (2, 2)
         by_class = {k: g[k][0, 1] for k in ("deletion_auc", "drop", "road", "sanity_spearman")}
     one = tmp_path / "one"
-    run(compose_cfg(*common, "stage=extract", "target=class", f"target.index={int(cls[0, 1])}",
-                    "data.limit=1"), one)
-    run(compose_cfg(*common, "stage=evaluate", f"run_dir={one}", *metrics), one)
-    with h5py.File(one / "results.h5") as f:
-        g = f["metrics/gradcam/layer4"]
+    run(compose_cfg(*common_args, "stage=extract", "target=class",
+                    f"target.index={int(cls[0, 1])}", "data.limit=1"), one)
+    run(compose_cfg(*common_args, "stage=evaluate", f"run_dir={one}", *metrics), one)
+    with h5py.File(one / METRICS_FILE) as m:
+        g = m["gradcam/layer4"]
         for key, value in by_class.items():
             np.testing.assert_allclose(g[key][0], value, rtol=1e-4, atol=1e-5, err_msg=key)
-    summary = E.summarize(h5py.File(top / "results.h5"))
+    summary = summarize_run(top)
     assert summary[0].n == 2 and np.isfinite(summary[0].figures["deletion_auc"])

@@ -4,31 +4,33 @@ are drawn, file names stay inside pictures/, and nothing crashes on missing phot
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY, compose_cfg, write_images
+from conftest import ROOT, TINY, compose_cfg, photo, write_images
 from PIL import Image
 
 from pipeline.config import RenderConfig
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
-from pipeline.render import (
-    _Labels,
+from pipeline.pictures import (
     activation_grid,
     add_title,
     grid_shape,
     normalize_cam,
     overlay_cam,
     picture_name,
-    render_run,
     safe_name,
     saliency_picture,
 )
+from pipeline.render import MAX_SIDE, _Labels, render_run
 from pipeline.store import DONE, FAILED, PENDING, create_results
 
 show_cam_on_image = pytest.importorskip("pytorch_grad_cam.utils.image").show_cam_on_image
@@ -354,3 +356,145 @@ def test_render_a_real_run(tmp_path, method):
         assert pic.ndim == 3 and pic.shape[0] > 40
     if method == "gradcam":  # photos are 80 x 96: overlay at full size under the title
         assert all(read_png(p).shape[1] == 96 for p in written)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+# Runs the command after it as its only child and prints the child's output and peak RSS
+# (kB): a fresh parent, so no earlier subprocess of the test session counts.
+PEAK_OF_CHILD = """
+import resource, subprocess, sys
+child = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(child.stderr)
+print(child.stdout.strip(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(child.returncode)
+"""
+RENDER_UNTITLED = """
+import sys, types
+from pipeline.render import render_run
+written = render_run(sys.argv[1], types.SimpleNamespace(title=False))
+print(len(written), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_render_memory_does_not_grow_with_the_photo(tmp_path):
+    """An 8000 x 8000 JPEG: one float32 RGB copy of it at full size is 768 MB (the old
+    full-resolution overlay peaked near 4 GB). Decoded reduced and drawn at MAX_SIDE, the
+    whole render process stays under 350 MB (about 240 MB here), and the overlay's hot
+    spot is where the map puts it."""
+    side = 8000
+    huge = tmp_path / "huge.jpg"
+    Image.fromarray(photo(5, 250, 250)).resize((side, side), Image.Resampling.BILINEAR).save(
+        huge, quality=90)
+    sal = np.zeros((1, 32, 32), np.float32)
+    sal[0, 4:8, 24:28] = 1.0
+    run = make_run(tmp_path / "run", [str(huge)], {"gradcam/layer4": peak_cam(7, 7, 1, 5)[None],
+                                                   "saliency/input": sal},
+                   sizes=[(side, side)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, sys.executable, "-c",
+                           RENDER_UNTITLED, str(run)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, torch_loaded, peak_kb = proc.stdout.split()
+    assert (count, torch_loaded) == ("2", "False")
+    assert int(peak_kb) / 1024 < 350, f"render peaked at {int(peak_kb) / 1024:.0f} MB"
+    overlay = read_png(run / "pictures" / "huge-0__layer4__gradcam.png").astype(int)
+    assert overlay.shape == (MAX_SIDE, MAX_SIDE, 3) and MAX_SIDE == 2048
+    red = overlay[..., 0] - overlay[..., 2]
+    y, x = np.unravel_index(np.argmax(red), red.shape)
+    cell = MAX_SIDE / 7
+    assert cell <= y < 2 * cell and 5 * cell <= x < 6 * cell  # cell (1, 5) of the 7 x 7 map
+    panels = read_png(run / "pictures" / "huge-0__input__saliency.png")
+    assert panels.shape == (1024, 2 * 1024 + 2, 3)
+
+
+# -- every reading stage checks what it reads ----------------------------------------------
+
+def _delete(key: str):
+    def damage(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            del f[key]
+    return damage
+
+
+def _status_7(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        f["images/status"][1] = 7
+
+
+DAMAGES = {  # name -> (what is done to results.h5, the one line every stage gives)
+    "map deleted": (_delete("gradcam/layer4"),
+                    r"results.h5 is damaged: /gradcam/layer4 missing \(target_layers: "
+                    r"\['layer3', 'layer4'\]\); rerun the extraction with overwrite=true"),
+    "box deleted": (_delete("images/box"), r"results.h5 is damaged: /images/box is missing"),
+    "score deleted": (_delete("targets/score"),
+                      r"results.h5 is damaged: missing targets/score"),
+    # store.validate prints the byte as np.uint8(7) today (reported to the format's owner).
+    "status byte 7": (_status_7, r"results.h5 is damaged: /images/status holds "
+                                 r"(7|np\.uint8\(7\)) at row 1 \(valid: 0 pending, 1 done, "
+                                 r"2 failed\)"),
+    "shard deleted": (lambda path: (path.parent / "results.shard-1-of-2.h5").unlink(),
+                      r"results.h5 is a merge of shards, but results.shard-1-of-2.h5 is "
+                      r"missing; restore it, or rerun the shards and stage=merge"),
+}
+
+
+@pytest.fixture(scope="module")
+def sound_runs(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """A Grad-CAM run at two layers, and the same run made of two merged shards."""
+    from pipeline.cli import run
+
+    root = tmp_path_factory.mktemp("damaged")
+    write_images(root / "images", 3)
+    base = (*TINY, "data=glob", f"data.pattern={root}/images/*.jpg",
+            "model.target_layers=[layer3,layer4]")
+    run(compose_cfg(*base, "stage=extract"), root / "plain")
+    for shard in (0, 1):
+        run(compose_cfg(*base, "stage=extract", "data.num_shards=2", f"data.shard={shard}"),
+            root / "merged")
+    assert (root / "merged" / "results.h5").is_file()
+    return root, base
+
+
+def _damaged(sound_runs, damage: str, to: Path) -> Path:
+    import shutil
+
+    root, _ = sound_runs
+    shutil.copytree(root / ("merged" if damage == "shard deleted" else "plain"), to)
+    DAMAGES[damage][0](to / "results.h5")
+    return to
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_every_reading_stage_refuses_a_damaged_file(sound_runs, damage, tmp_path):
+    """render, evaluate and report each stop with the one line of the damage, before they
+    draw, score or write anything."""
+    from pipeline.cli import run
+    from pipeline.errors import StoreError
+
+    _, base = sound_runs
+    run_dir = _damaged(sound_runs, damage, tmp_path / "run")
+    for stage in ("render", "evaluate", "report"):
+        with pytest.raises(StoreError, match=DAMAGES[damage][1]) as caught:
+            run(compose_cfg(*base, f"stage={stage}", f"run_dir={run_dir}"), run_dir)
+        assert "\n" not in str(caught.value), stage
+    assert not (run_dir / "pictures").exists() and not (run_dir / "report").exists()
+    assert not (run_dir / "metrics.h5").exists() and not (run_dir / ".metrics-partial.h5").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["render", "evaluate", "report"])
+def test_a_damaged_file_is_one_line_and_exit_2_on_the_command_line(sound_runs, stage,
+                                                                   tmp_path):
+    run_dir = _damaged(sound_runs, "status byte 7", tmp_path / "run")
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), f"stage={stage}",
+                           f"run_dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert re.search(DAMAGES["status byte 7"][1], lines[0])
+    assert "Traceback" not in proc.stderr + proc.stdout

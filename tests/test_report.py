@@ -4,6 +4,7 @@ console errors, every picture there, a screenshot that is not blank)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -201,7 +203,7 @@ def test_sweep_report_in_a_browser(sweep_dir, tmp_path):
     assert (sweep_dir / "report" / "plots" / "vs_model.svg").is_file()
     assert parser.images == 2
     assert parser.row_classes.count("failed") == 1
-    assert "unknown layer &#x27;layer9&#x27;" in text and "FAILED" in text
+    assert "unknown layer &#39;layer9&#39;" in text and "FAILED" in text
     assert "../1/report/index.html" in parser.links
     console, shot = browse(index, tmp_path)
     assert_clean(console, parser.images)
@@ -221,3 +223,74 @@ def test_report_stage_through_run_py(sweep_dir, tmp_path):
 def test_report_refuses_a_folder_that_is_neither(tmp_path):
     with pytest.raises(StoreError, match="neither a run"):
         report(tmp_path)
+
+
+def test_render_and_report_never_import_torch():
+    """The reading stages run where torch is not installed (or too heavy to load)."""
+    code = ("import sys\nimport pipeline.render, pipeline.report, pipeline.pictures, "
+            "pipeline.images, pipeline.metrics.file\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_names_from_files_are_escaped_in_the_page(tmp_path):
+    """File names are data: markup in them shows as text, it does not become markup."""
+    folder = tmp_path / "photos"
+    (hostile,) = write_images(folder, 1)
+    hostile = hostile.rename(folder / "<b onmouseover=alert(1)>cat.jpg")
+    (folder / "<script>alert(2)<!--.jpg").write_bytes(b"")  # fails to decode: listed
+    run_dir = tmp_path / "run"
+    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={folder}/*.jpg"),
+        run_dir)
+    index = report(run_dir)
+    text = index.read_text()
+    assert "&lt;b onmouseover=alert(1)&gt;cat.jpg" in text
+    assert "&lt;script&gt;alert(2)&lt;!--.jpg" in text
+    assert "<b onmouseover" not in text and "<script>alert" not in text
+    parser = check_links(index)
+    assert parser.images == 1 and parser.row_classes.count("failed") == 1
+
+
+def _metrics_table(text: str) -> str:
+    return text[text.index("<h2>Metrics"):text.index("</table>", text.index("<h2>Metrics"))]
+
+
+def test_report_reads_metrics_stored_inside_older_results_files(evaluated_run, tmp_path):
+    """Before metrics.h5, evaluate wrote them to /metrics inside results.h5: such a run's
+    report shows the same numbers (read only)."""
+    current = _metrics_table(report(evaluated_run).read_text())
+    old = tmp_path / "run"
+    shutil.copytree(evaluated_run, old)
+    with h5py.File(old / "metrics.h5", "r") as m, h5py.File(old / "results.h5", "r+") as f:
+        g = f.create_group("metrics")
+        for name in m:
+            m.copy(m[name], g, name=name)
+        g.attrs.update({k: v for k, v in m.attrs.items() if not k.startswith(("format",
+                                                                              "results_"))})
+    (old / "metrics.h5").unlink()
+    legacy = _metrics_table(report(old).read_text())
+    assert "Deletion AUC" in legacy and "gradcam/layer4" in legacy
+    assert legacy == current
+
+
+def test_gallery_pictures_older_than_the_results_are_drawn_again(evaluated_run, tmp_path,
+                                                                  caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated_run, run_dir)
+    pictures = sorted((run_dir / "pictures").glob("*.png"))
+    assert len(pictures) == 8
+    made = (run_dir / "results.h5").stat().st_mtime
+    for p in pictures:
+        os.utime(p, (made - 60, made - 60))  # as if left by an earlier extraction
+    with caplog.at_level(logging.INFO, logger="pipeline.report.run_page"):
+        report(run_dir)
+    assert "drawing 8 gallery pictures with render_run" in caplog.text
+    assert all(p.stat().st_mtime >= made for p in pictures)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.report.run_page"):
+        report(run_dir)  # up to date now: nothing drawn
+    assert "gallery pictures" not in caplog.text

@@ -1,0 +1,82 @@
+"""Photos from disk, without torch: decoding (upright, RGB, optionally reduced) and the
+region of a photo that the model sees. Shared by the data loader (extract, evaluate) and
+by the stages that must not import torch (render, report)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+CROP_RATIO = 0.875  # ImageNet evaluation: resize to 256, center crop 224
+_T = Image.Transpose
+_EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
+                   5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+
+
+def open_image(path: str, draft_size: int | None = None,
+               max_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to RGB, upright per EXIF; returns the image and the original (height, width).
+
+    Args:
+        path: The image file.
+        draft_size: Let the JPEG decoder skip detail finer than this many pixels (DCT
+            scaling: 1/2, 1/4 or 1/8 of the size, never below ``draft_size``), which makes
+            big photos several times cheaper to decode. The image may stay larger.
+        max_side: Return the image reduced so that its longest side is at most this many
+            pixels (aspect ratio kept). JPEGs are decoded reduced (draft) first, so a huge
+            photo never exists in memory at full size; other formats are decoded in full,
+            8 bits per channel, and reduced at once.
+
+    Returns:
+        (RGB image, (height, width) of the original, upright).
+    """
+    with Image.open(path) as im:
+        orientation = im.getexif().get(0x0112, 1)
+        full_w, full_h = im.size
+        request = (draft_size, draft_size) if draft_size else (0, 0)
+        if max_side and max(full_w, full_h) > max_side:  # the reduced size, at least
+            scale = max_side / max(full_w, full_h)
+            request = (max(request[0], math.ceil(full_w * scale)),
+                       max(request[1], math.ceil(full_h * scale)))
+        if min(request) > 0 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+            im.draft(None, request)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # PIL clips 16-bit values when converting to 8 bits; scale them instead.
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        im.load()
+        if max_side and max(im.size) > max_side:
+            # Reduced straight from the decoded image: no full-size RGB copy is made.
+            # reducing_gap: an integer box reduction first, then an antialiased resize.
+            size = capped(im.width, im.height, max_side)
+            rgb = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        else:
+            rgb = im.copy()  # the decoded file's image is released when it closes
+    if orientation in _EXIF_TRANSPOSE:
+        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
+        if orientation >= 5:  # quarter turns swap height and width
+            full_h, full_w = full_w, full_h
+    return rgb, (full_h, full_w)
+
+
+def capped(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_side`` on the longest."""
+    scale = min(1.0, max_side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def input_box(
+    size: tuple[int, int], image_size: int, resize: str
+) -> tuple[float, float, float, float]:
+    """The region (y0, x0, y1, x1) of the original image that the model sees."""
+    h, w = size
+    if resize == "square":
+        return 0.0, 0.0, float(h), float(w)
+    side = min(h, w) * CROP_RATIO  # center crop of 224/256 of the shorter side
+    y0, x0 = (h - side) / 2, (w - side) / 2
+    return y0, x0, y0 + side, x0 + side

@@ -1,0 +1,73 @@
+"""The page of a sweep (a Hydra multirun folder): the jobs table of
+:func:`pipeline.results.load_sweep` (failed jobs marked in red with their error), every
+figure and metric plotted against the layer and the model, and a table of the metrics per
+job and map. A job whose metrics cannot be used (stale, damaged) is listed with the reason
+instead of its numbers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from ..metrics.file import summarize_run
+from ..results import load_sweep
+from .page import FIGURES, card, figure_table, render_page
+from .plots import sweep_plots
+
+log = logging.getLogger(__name__)
+
+REPORT = "report"
+# Columns of the sweep table that are not swept overrides.
+STANDARD = ("job", "state", "error", "method", "model", "layers", "n", "done", "failed",
+            "pending", "mean_prob", "mean_score", "accuracy", "run_dir")
+
+
+class SweepPage:
+    """Collects what a sweep's page shows, as plain data, and renders ``sweep.html``."""
+
+    def __init__(self, root: Path, out: Path) -> None:
+        self.root = root
+        self.out = out
+
+    def build(self) -> str:
+        table = load_sweep(self.root).table
+        swept = [c for c in table.columns if c not in STANDARD]
+        records: list[dict[str, Any]] = []  # one per (job, map) with metrics
+        notes: list[str] = []
+        for _, row in table.iterrows():
+            if row["state"] not in ("done", "incomplete"):
+                continue
+            try:
+                summaries = summarize_run(row["run_dir"])
+            except StoreError as e:  # this job's metrics only; the sweep's page goes on
+                log.warning("report: job %s: %s", row["job"], e)
+                notes.append(f"job {row['job']}: {e}")
+                continue
+            records += [{"job": row["job"], "model": row["model"], "method": row["method"],
+                         "layer": s.key.split("/", 1)[1], "map": s.key, "images": s.n,
+                         **s.figures} for s in summaries]
+        counts = table["state"].value_counts().to_dict()
+        overview = [card("jobs", len(table))] + [
+            card(state, counts[state], state != "done")
+            for state in ("done", "incomplete", "failed", "missing") if counts.get(state)]
+        keys = [k for k in FIGURES if any(k in r for r in records)]
+        return render_page(
+            "sweep.html", title=f"camsweep sweep · {len(table)} jobs", root=str(self.root),
+            swept=swept, overview=overview, plot_items=sweep_plots(table, records, self.out),
+            jobs=[self._job(row, swept) for _, row in table.iterrows()],
+            metrics=(figure_table(records, keys, ["job", "model", "method", "layer", "images"],
+                                  FIGURES) if records else None),
+            notes=notes)
+
+    @staticmethod
+    def _job(row: Any, swept: list[str]) -> dict[str, Any]:
+        job_dir = Path(row["run_dir"])
+        link = job_dir / REPORT / "index.html"
+        return {"job": row["job"], "swept": [row[c] for c in swept], "state": str(row["state"]),
+                "error": row["error"], "model": row["model"], "method": row["method"],
+                "layers": row["layers"], "done": int(row["done"]), "n": int(row["n"]),
+                "failed": int(row["failed"]), "mean_prob": float(row["mean_prob"]),
+                "accuracy": float(row["accuracy"]),
+                "report": f"../{job_dir.name}/{REPORT}/index.html" if link.is_file() else None}
