@@ -10,7 +10,7 @@ then times ``pipeline.evaluate.evaluate`` on it once per metric, each alone
     python benchmarks/bench_evaluate.py --quick    # 4 images
 
 Every call includes the stage's fixed cost (rebuild the model, read the file, write
-/metrics); an ``evaluate.limit=0`` call measures it (``setup``), and "per image" takes it
+metrics.h5); an ``evaluate.limit=0`` call measures it (``setup``), and "per image" takes it
 out. "× forward" is that per-image cost over one plain forward pass per image of the same
 model (batch = ``--batch-size``, ``torch.inference_mode``), measured before and after the
 metrics (the faster of the two, so a burst of load on the machine inflates it less).
@@ -185,7 +185,7 @@ def report(info: dict[str, Any], settings: dict[str, Any], rows: list[dict[str, 
         f"- one forward pass: {extra['forward_s_per_image'] * 1e3:.2f} ms/image "
         f"(batch {settings['batch_size']}, inference mode; the faster of a measurement before "
         "and one after the metrics)",
-        f"- setup (an `evaluate.limit=0` call: model, file, /metrics): {extra['setup_s']:.2f} s,"
+        f"- setup (an `evaluate.limit=0` call: model, files, metrics.h5): {extra['setup_s']:.2f} s,"
         f" taken out of the per-image figures; {settings['repeats']} call(s) per metric, median",
         f"- total wall time {settings['wall_s']:.0f} s",
         *busy_warning([r["other_cores"] for r in rows]), "",

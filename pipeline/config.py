@@ -203,7 +203,7 @@ class EvaluateConfig:
     batch_points: int = 64  # perturbed inputs per forward pass (bounds memory)
     limit: int | None = None  # evaluate only the first k done images
     seed: int = 0  # randomized weights and ROAD noise
-    overwrite: bool = False  # replace existing /metrics without asking
+    overwrite: bool = False  # replace an existing metrics.h5 without asking
 
 
 @dataclass

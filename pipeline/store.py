@@ -446,8 +446,8 @@ def writer_lock(path: str | os.PathLike, what: str = "writing",
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            raise RunRefused(f"another camsweep process ({holder}) is {what} {path}; wait for "
-                             f"it to finish, or use another run_dir") from None
+            raise RunRefused(f"another camsweep process ({holder}) holds {path}; wait for it "
+                             "to finish, or use another run_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)
         _HELD[key] = what
