@@ -57,8 +57,16 @@ from .metrics.perturbation import BASELINES, curve_auc, make_baseline, perturbat
 from .metrics.pointing import find_boxes, pad_boxes, pointing_game
 from .metrics.road import road_scores
 from .metrics.sanity import CascadingRandomization, randomization_units, spearman
-from .render import checked_maps, read_rows
-from .store import DONE, INPUT_MAP, LAYER_MAP, identity, open_results, writer_lock
+from .render import read_rows
+from .store import (
+    DONE,
+    INPUT_MAP,
+    LAYER_MAP,
+    identity,
+    open_results,
+    stored_maps,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +215,7 @@ def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) 
     with open_results(path) as f:
         stored = _stored_config(f, path)
         model_cfg = _model_config(stored, cfg, path)  # before anything is imported
-        maps = [m.key for m in checked_maps(f, path, kinds=(LAYER_MAP, INPUT_MAP))]
+        maps = [m.key for m in stored_maps(f, kinds=(LAYER_MAP, INPUT_MAP))]
         if not maps:
             raise StoreError(f"{path} holds no attribution maps to evaluate (method="
                              f"{f.attrs.get('method')}); evaluate needs a CAM or saliency run")
@@ -463,12 +471,12 @@ class _BatchEvaluator:
         self.max_score_diff = max(self.max_score_diff, diff)
         original = self.scorer.from_logits(logits, target)
         out: dict[str, torch.Tensor] = {"score": original}
-        stored_maps = {}
+        maps_in = {}
         for key in s.maps:
             raw = torch.from_numpy(read_rows(f, key, self.path, rows)).to(dev)
-            stored_maps[key] = raw.reshape(-1, *raw.shape[-2:])
+            maps_in[key] = raw.reshape(-1, *raw.shape[-2:])
         baselines: dict[str, torch.Tensor] = {}
-        for key, raw in stored_maps.items():
+        for key, raw in maps_in.items():
             saliency = upsample(raw, size)
             normalized = upsample(normalize_maps(raw), size)
             for mode in ("deletion", "insertion"):
@@ -499,7 +507,7 @@ class _BatchEvaluator:
                 hit, energy = pointing_game(normalized, seen, boxes, float(ev.tolerance))
                 out[f"{key}/pointing_hit"], out[f"{key}/pointing_energy"] = hit, energy
         if "sanity" in self.metrics and self.randomizer is not None:
-            out.update(self._sanity(x, target, stored_maps))
+            out.update(self._sanity(x, target, maps_in))
         shape = (n, classes) if classes else (n,)
         return {k: v.detach().float().reshape(*shape, *v.shape[1:]).cpu().numpy()
                 for k, v in out.items()}

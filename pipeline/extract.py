@@ -186,6 +186,10 @@ def _check_existing(path: Path, cfg: DictConfig, records: list[Record], start: i
         with open_results(path) as f:
             old = str(f.attrs.get("fingerprint", ""))
             changed = _listing_change(f, records, start, stop)
+            merged = "merged_from" in f.attrs
+        if merged and not cfg.overwrite:  # its rows live in the shard files
+            raise RunRefused(f"{path} is a merge of shards; rerun the shards (data.shard=i "
+                             "data.num_shards=N) to complete them, or use another run_dir")
     except StoreError:
         if not cfg.overwrite:
             raise

@@ -43,9 +43,7 @@ from .store import (
     DONE,
     INPUT_MAP,
     LAYER_MAP,
-    MAP_KINDS,
     MapInfo,
-    attr_list,
     categories,
     open_results,
     stored_maps,
@@ -55,29 +53,6 @@ log = logging.getLogger(__name__)
 
 PICTURES = "pictures"
 MAX_SIDE = 2048  # longest side of a drawn picture (before its title banner), in pixels
-
-
-def checked_maps(f: h5py.File, path: str | Path,
-                 kinds: tuple[str, ...] = MAP_KINDS) -> list[MapInfo]:
-    """The map datasets of an open results file (:func:`pipeline.store.stored_maps`), after
-    checking that the run's own maps are all there: one per target layer (or its input
-    map), so a deleted dataset is an error, not a picture or a metric quietly missing.
-
-    Raises:
-        StoreError: One line naming what is missing.
-    """
-    every = stored_maps(f)
-    method = str(f.attrs.get("method", ""))
-    own = [m for m in every if m.group == method]
-    # A layer is found by its ``layer`` attribute or by its dataset name.
-    names = {m.layer for m in own} | {m.key.split("/", 1)[1] for m in own}
-    layers = [str(name) for name in attr_list(f.attrs.get("target_layers"))]
-    missing = [name for name in layers if name not in names]
-    if missing or not own:
-        what = ", ".join(f"/{method}/{name}" for name in missing) or f"every /{method}/ map"
-        raise StoreError(f"{path} is damaged: {what} missing (target_layers: {layers or '[]'}); "
-                         "rerun the extraction with overwrite=true")
-    return [m for m in every if m.kind in kinds]
 
 
 def read_rows(f: h5py.File, key: str, path: str | Path, rows: Any = slice(None)) -> np.ndarray:
@@ -194,7 +169,7 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
     out_dir = run_dir / PICTURES
     written: list[Path] = []
     with open_results(path) as f:
-        maps = checked_maps(f, path)
+        maps = stored_maps(f)
         status = f["images/status"][:]
         rows = np.flatnonzero(status == DONE)
         if max_images is not None:

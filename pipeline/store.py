@@ -328,12 +328,26 @@ def validate(f: h5py.File, path: str | os.PathLike) -> None:
             bad = int(np.flatnonzero(status > FAILED)[0]) if (status > FAILED).any() else 0
             raise StoreError(f"{path} is damaged: /images/status holds {int(status[bad])} at row "
                              f"{bad} (valid: 0 pending, 1 done, 2 failed)")
-        attr_list(f.attrs.get("target_layers", "[]"))
+        check_own_maps(f, path)
     except StoreError:
         raise
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise StoreError(f"{path} is damaged: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
+def check_own_maps(f: h5py.File, path: str | os.PathLike) -> None:
+    """The run's own maps are all there: one per target layer (or its input map), so a
+    deleted dataset is an error, not a picture or a metric quietly missing."""
+    method = str(f.attrs.get("method", ""))
+    own = [m for m in stored_maps(f) if m.group == method]
+    names = {m.layer for m in own} | {m.key.split("/", 1)[1] for m in own}
+    layers = [str(name) for name in attr_list(f.attrs.get("target_layers"))]
+    missing = [name for name in layers if name not in names]
+    if missing or not own:
+        what = ", ".join(f"/{method}/{name}" for name in missing) or f"every /{method}/ map"
+        raise StoreError(f"{path} is damaged: {what} missing (target_layers: {layers or '[]'}); "
+                         "rerun the extraction with overwrite=true")
 
 
 def check_shards(f: h5py.File, path: str | os.PathLike) -> None:

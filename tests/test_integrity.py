@@ -370,6 +370,9 @@ def test_merged_run_with_a_missing_or_replaced_shard_is_refused(tmp_path, image_
     merge_shards(tmp_path)
     with load_run(tmp_path) as r:
         assert r.done.all()
+    # Its rows live in the shards: an unsharded run does not write through the merge.
+    with pytest.raises(RunRefused, match="is a merge of shards; rerun the shards"):
+        extract(_cfg(image_dir), tmp_path)
 
 
 # -- 9. smaller ones ----------------------------------------------------------------------------

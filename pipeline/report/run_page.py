@@ -24,8 +24,9 @@ import numpy as np
 
 from ..metrics.file import MapSummary, read_metrics, summarize
 from ..pictures import picture_name
-from ..render import PICTURES, checked_maps, pictures_of, render_run
+from ..render import PICTURES, pictures_of, render_run
 from ..results import Run, load_run
+from ..store import stored_maps
 from .page import FIGURES, card, class_name, figure_table, render_page
 from .plots import run_plots
 
@@ -81,7 +82,7 @@ class RunPage:
         with load_run(path) as run, read_metrics(self.run_dir, run.file) as metrics:
             f = run.file
             self.views = [_View(m.group, m.layer, m.key, k)
-                          for m, k in pictures_of(f, checked_maps(f, path))]
+                          for m, k in pictures_of(f, stored_maps(f))]
             self.categories = run.categories
             status = run.status
             done = np.flatnonzero(status == 1)
