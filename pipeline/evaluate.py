@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .errors import ConfigError, StoreError, unknown
+from .locks import writer_lock
 from .metrics import METRICS
 from .metrics.common import SCORES, Scorer, normalize_maps, upsample
 from .metrics.confidence import explanation_confidence
@@ -65,7 +66,6 @@ from .store import (
     identity,
     open_results,
     stored_maps,
-    writer_lock,
 )
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from .data import (
     shard_range,
 )
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
+from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
@@ -54,7 +55,6 @@ from .store import (
     create_results,
     open_results,
     remove_stale_temporaries,
-    writer_lock,
 )
 
 log = logging.getLogger(__name__)

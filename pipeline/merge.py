@@ -20,17 +20,16 @@ import h5py
 import numpy as np
 
 from .errors import StoreError
+from .locks import lock_is_held, writer_lock
 from .store import (
     DONE,
     PENDING,
     SCALE_ATTRS,
     attach_dims,
     attr_list,
-    lock_is_held,
     open_results,
     remove_stale_temporaries,
     walk,
-    writer_lock,
 )
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ import numpy as np
 import yaml
 
 from .errors import StoreError
-from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, lock_is_held, open_results
+from .locks import lock_is_held
+from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, open_results
 from .store import categories as stored_categories
 
 

@@ -8,22 +8,23 @@ raw data only, never HDF5 metadata, and a row's status is set only after its arr
 flushed without error. A process killed at any moment therefore leaves a file that opens,
 whose "done" rows are complete; the rest are recomputed on resume.
 
-One writer per file: :func:`writer_lock` takes an exclusive lock that dies with its holder.
-Writers open without HDF5's own file lock, so readers can watch a run that is being written.
+Longer than our other modules on purpose: creating, validating, reading helpers and the
+writer of one format belong in one place, the one that docs/FORMAT.md describes.
+
+One writer per file (``pipeline.locks.writer_lock``). Writers open without HDF5's own file
+lock, so readers can watch a run that is being written.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import RunRefused, StoreError
+from .errors import StoreError
 
 FORMAT = "camsweep"
 FORMAT_VERSION = 1
@@ -431,64 +432,6 @@ def categories(f: h5py.File) -> list[str]:
 def identity(f: h5py.File) -> dict[str, str]:
     """What names one results file for files derived from it (merges, metrics)."""
     return {"run_id": str(f.attrs.get("run_id", "")), "created": str(f.attrs.get("created", ""))}
-
-
-# -- one writer ----------------------------------------------------------------------------
-
-_HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see their own
-
-
-@contextmanager
-def writer_lock(path: str | os.PathLike, what: str = "writing",
-                wait: bool = False) -> Iterator[None]:
-    """Hold the exclusive writer lock of results file ``path`` (``.<name>.lock`` beside it).
-
-    A POSIX record lock (``lockf``: honoured across NFS clients) that the kernel drops when
-    its holder exits or is killed, and that forked DataLoader workers do not inherit, so a
-    killed run never leaves a stale lock. A second writer fails at once with one line, or
-    with ``wait=True`` waits for the first (for short holds, such as a merge).
-    """
-    path = Path(path)
-    lock_path = path.with_name(f".{path.name}.lock")
-    key = str(lock_path.resolve())
-    if key in _HELD:
-        raise StoreError(f"this process is already {_HELD[key]} {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            raise RunRefused(f"another camsweep process ({holder}) holds {path}; wait for it "
-                             "to finish, or use another run_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)
-        _HELD[key] = what
-        try:
-            yield
-        finally:
-            del _HELD[key]
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def lock_is_held(path: str | os.PathLike) -> bool:
-    """Whether some process holds the writer lock of ``path`` right now."""
-    path = Path(path)
-    lock_path = path.with_name(f".{path.name}.lock")
-    if str(lock_path.resolve()) in _HELD:
-        return True
-    if not lock_path.exists():
-        return False
-    fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 # -- writing -------------------------------------------------------------------------------

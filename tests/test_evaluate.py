@@ -566,7 +566,7 @@ def test_evaluate_waits_for_no_writer(tiny_run, tmp_path):
     _, base = tiny_run
     run_dir = _copy(tiny_run, tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom pipeline.store import writer_lock\n"
+        [sys.executable, "-c", "import sys\nfrom pipeline.locks import writer_lock\n"
          "with writer_lock(sys.argv[1], 'extracting'):\n"
          "    print('held', flush=True)\n    sys.stdin.read()\n", str(run_dir / "results.h5")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

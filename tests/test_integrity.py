@@ -27,9 +27,10 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 from pipeline.cli import main
 from pipeline.errors import RunRefused, StoreError
 from pipeline.extract import extract, prepare
+from pipeline.locks import writer_lock
 from pipeline.merge import merge_shards
 from pipeline.results import load_run
-from pipeline.store import DONE, FAILED, PENDING, open_results, writer_lock
+from pipeline.store import DONE, FAILED, PENDING, open_results
 
 CI = os.environ.get("CI") is not None
 ARRAYS = ("gradcam/layer4", "gradcam_weights/layer4", "targets/class", "targets/score",
@@ -306,7 +307,7 @@ def test_two_runs_started_together_in_one_run_dir(tmp_path):
 def test_a_second_writer_fails_at_once(tmp_path, image_dir):
     results = tmp_path / "run" / "results.h5"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.store import writer_lock\n"
+        "import sys, time; from pipeline.locks import writer_lock\n"
         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)"),
         str(results)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -484,7 +485,7 @@ def test_a_run_being_written_reads_as_running(tmp_path, image_dir):
     with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:
         f["images/status"][3:] = PENDING  # as if interrupted
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.store import writer_lock\n"
+        "import sys, time; from pipeline.locks import writer_lock\n"
         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)"),
         str(tmp_path / "run" / "results.h5")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
