@@ -15,7 +15,7 @@ import yaml
 
 from .errors import StoreError
 from .locks import lock_is_held
-from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, open_results
+from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, is_scale, open_results
 from .store import categories as stored_categories
 
 
@@ -130,8 +130,8 @@ class Run:
     # -- arrays -------------------------------------------------------------------------
     def _array(self, group: str, layer: str, rows: Any = slice(None)) -> h5py.Dataset | np.ndarray:
         g = self.file.get(group)
-        if g is None or layer not in g:
-            have = list(g) if g is not None else []
+        if g is None or layer not in g or is_scale(g[layer]):
+            have = [k for k in g if not is_scale(g[k])] if g is not None else []
             raise StoreError(f"{self.path} has no {group}/{layer}; it has {have or 'none'} "
                              f"(method={self.method})")
         return g[layer] if rows is None else g[layer][rows]
