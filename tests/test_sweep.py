@@ -159,3 +159,28 @@ def test_merge_refuses_to_replace_an_unsharded_run(tmp_path, image_dir):
     run(compose_cfg(*base, "data.shard=0", "data.num_shards=1"), tmp_path)  # 1 shard = whole
     with pytest.raises(StoreError, match="holds no results.shard"):
         merge_shards(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("num_shards", "rounds"), [(2, 2), (4, 1)])
+def test_shards_started_together_all_succeed_and_one_merges(tmp_path, num_shards, rounds):
+    """Real concurrent processes: every shard exits 0, exactly one merges, and the merged
+    file equals the unsharded run."""
+    images = tmp_path / "images"
+    write_images(images, 12)
+    args = [*TINY, "stage=extract", "data=glob", f"data.pattern={images}/*.jpg"]
+    whole = tmp_path / "whole"
+    run(compose_cfg(*args), whole)
+    for r in range(rounds):
+        run_dir = tmp_path / f"sharded{r}"
+        procs = [subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), *args, f"run_dir={run_dir}",
+             f"data.shard={i}", f"data.num_shards={num_shards}"], cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(num_shards)]
+        outs = [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+        assert [code for code, _ in outs] == [0] * num_shards, [o[-1500:] for _, o in outs]
+        assert sum("all shards done, merged" in out for _, out in outs) == 1
+        merged, ref = _arrays(run_dir / "results.h5"), _arrays(whole / "results.h5")
+        for key in ref:
+            assert_same(merged[key], ref[key], key)
