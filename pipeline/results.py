@@ -52,7 +52,16 @@ class Run:
 
     @property
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.file.attrs["config"])
+        """The run's resolved config, read as plain data (a safe YAML load: never code)."""
+        try:
+            value = yaml.safe_load(str(self.file.attrs.get("config", "")))
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"{self.path} is damaged: its stored config is not plain YAML "
+                             f"({first})") from e
+        if not isinstance(value, dict):
+            raise StoreError(f"{self.path} is damaged: its stored config is not a mapping")
+        return value
 
     @property
     def categories(self) -> list[str]:

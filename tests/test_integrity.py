@@ -509,3 +509,18 @@ def test_each_shard_writes_its_own_status(tmp_path, image_dir):
         assert status["status"] == "ok" and status["n"] == 3
     assert json.loads((tmp_path / "camsweep.shard-1-of-2.json").read_text())["results"] == str(
         tmp_path / "results.h5")  # the last shard merged
+
+
+def test_a_crafted_config_is_data_not_code(tmp_path, image_dir):
+    """A colleague's file whose stored config carries a Python tag: every reader refuses it
+    as damaged, nothing runs."""
+    extract(_cfg(image_dir), tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:
+        f.attrs["config"] = f"model: !!python/object/apply:os.system ['touch {marker}']\n"
+    with load_run(tmp_path / "run") as r, pytest.raises(StoreError, match="not plain YAML"):
+        r.config  # noqa: B018
+    proc = subprocess.run(_cmd("stage=evaluate", f"run_dir={tmp_path / 'run'}"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "stored config is not YAML" in proc.stderr
+    assert not marker.exists()
