@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "target", "hydra/launcher")
 STATUS_FILE = "camsweep.json"  # per job: outcome and figures, read by load_sweep
 EXTRACTING = ("all", "extract")
+# OS errors that come from the machine (full disk, quota, read-only or forbidden folder):
+# one line like a user error, not a traceback.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                      errno.EPERM)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -98,11 +103,16 @@ def status_file(run_dir: Path, cfg: DictConfig) -> Path:
 
 
 def _write_status(run_dir: Path, cfg: DictConfig, status: dict[str, Any]) -> None:
-    if run_dir.is_dir():
-        path = status_file(run_dir, cfg)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if not run_dir.is_dir():
+        return
+    path = status_file(run_dir, cfg)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
         tmp.write_text(json.dumps(status, indent=1))
         os.replace(tmp, path)  # readers never see half a file
+    except OSError as e:  # a full disk: the results file says what is done
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write %s: %s", path, e)
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:
@@ -115,7 +125,15 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     extracting = cfg.stage in EXTRACTING
     try:
-        result = run(cfg, run_dir)
+        try:
+            result = run(cfg, run_dir)
+        except OSError as e:
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            # The machine's, not ours: a full disk, a read-only or forbidden folder.
+            where = e.filename or run_dir
+            raise CamsweepError(f"{e.strerror or e} ({where}); free space or fix permissions "
+                                "and rerun: finished work is kept") from e
     except CamsweepError as e:
         if extracting and not isinstance(e, RunRefused):
             _write_status(run_dir, cfg, {"status": "failed", "error": str(e), "stage": cfg.stage})

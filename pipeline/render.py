@@ -18,6 +18,7 @@ what a 2048 x 2048 one does. (A ``render.max_side`` option would need a key in
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,17 @@ def _box_hw(size: np.ndarray, box: np.ndarray) -> tuple[int, int]:
 
 
 def _write(path: Path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    """Encode to PNG in memory, then write under a temporary name and rename: a full disk is
+    an OSError with its errno (one line from the CLI), never half a picture."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise StoreError(f"could not encode {path.name} as PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(png.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:

@@ -524,3 +524,19 @@ def test_a_crafted_config_is_data_not_code(tmp_path, image_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "stored config is not YAML" in proc.stderr
     assert not marker.exists()
+
+
+def test_full_disk_while_rendering_is_one_line(tmp_path, tmpfs, image_dir):
+    """Extraction fits, the pictures do not: one line, exit 2, no half-written PNG."""
+    disk = tmpfs(120)
+    proc = subprocess.run(_cmd("stage=all", f"run_dir={disk / 'run'}", *TINY, "data=glob",
+                               f"data.pattern={image_dir}/*.jpg", "data.image_size=32"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: No space left on device" in proc.stderr
+    assert "finished work is kept" in proc.stderr
+    with load_run(disk / "run") as r:
+        assert r.done.all()
+    for png in (disk / "run" / "pictures").glob("*"):
+        assert png.suffix == ".png" and png.stat().st_size > 100  # whole pictures only
