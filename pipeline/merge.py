@@ -30,6 +30,7 @@ from .store import (
     open_results,
     remove_stale_temporaries,
     walk,
+    write_error,
 )
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
             paths = np.concatenate([f["images/path"].asstr()[:] for f in files])
             attach_dims(dst, paths)
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # a full disk while writing the merge
+        raise write_error(out, e) from e
     finally:
         for f in files:
             f.close()

@@ -128,6 +128,13 @@ def _no_space(e: BaseException) -> bool:
             or "errno = 27" in text or "Disk quota" in text)
 
 
+def write_error(path: Path, e: BaseException) -> StoreError:
+    """One line for a failed write of ``path``: a full disk says so."""
+    if _no_space(e):
+        return _space_error(Path(path), None, e)
+    return StoreError(f"cannot write {path}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
+
+
 def _space_error(path: Path, need: int | None, e: BaseException) -> StoreError:
     free = shutil.disk_usage(path.parent).free
     need_text = f"needs {need / 1e6:.1f} MB, " if need else ""
