@@ -46,6 +46,8 @@ from _common import (
 )
 from PIL import Image, ImageDraw
 
+from pipeline.runtime import PRECISIONS
+
 IMAGE_SIZE = 224
 SEED = 0
 
@@ -90,6 +92,7 @@ def overrides_for(args: argparse.Namespace, device: torch.device, folder: Path, 
         f"method={method}", "data=glob", f"data.pattern='{folder}/*.jpg'",
         f"data.image_size={IMAGE_SIZE}", f"batch_size={args.batch_size}",
         f"num_workers={workers}", f"device={device}", f"precision={args.precision}",
+        f"data.decode={args.decode}",
     ]
 
 
@@ -138,9 +141,12 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
     what ``extract`` uses; its run time is the setup cost of an extract run."""
     from pipeline.config import target_spec
     from pipeline.extract import explain, micro_batch_of, prepare
+    from pipeline.locks import writer_lock
+    from pipeline.runtime import to_host
 
     t0 = time.perf_counter()
-    job = prepare(cfg, scratch)
+    with writer_lock(scratch / "results.h5"):
+        job = prepare(cfg, scratch / "results.h5")
     setup = time.perf_counter() - t0
     batches = [b["pixels"] for b in loader(folder, cfg.batch_size, 0, job.device)]
     target = target_spec(cfg.target)
@@ -155,9 +161,9 @@ def time_model_only(cfg: Any, folder: Path, n: int, scratch: Path, repeats: int
 
     def run() -> None:
         for pixels in batches:
-            out = explained(pixels)
-            {k: v.cpu().numpy() for k, v in out.items()}  # the host hand-off extract does
-        synchronize(job.device)
+            arrays, ready = to_host(explained(pixels))  # the host hand-off extract does
+            if ready is not None:
+                ready.synchronize()  # as extract's writer thread waits before writing
 
     with job.method:
         explained(batches[0])  # warm-up: first-call costs are not the steady rate
@@ -261,7 +267,9 @@ def report(info: dict[str, Any], settings: dict[str, Any], rows: list[dict[str, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__, "e2e-<device>[-<precision>][-quick]")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="data.decode: PIL in the loader workers, or JPEGs on the device")
     p.add_argument("--model", default="resnet34", help="a conf/model/*.yaml name")
     p.add_argument("--methods", nargs="+", choices=["gradcam", "saliency", "activations"],
                    help="default: gradcam saliency activations (--quick: gradcam)")
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     settings: dict[str, Any] = {
         "n_images": args.n, "model": args.model, "batch_size": args.batch_size,
         "methods": methods, "workers": args.workers, "repeats": args.repeats,
-        "precision": args.precision, "quick": args.quick,
+        "precision": args.precision, "decode": args.decode, "quick": args.quick,
     }
     info = machine_info(device)
     print("\n".join(machine_lines(info)), flush=True)
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + markdown)
     stem = args.name or "-".join(
         [f"e2e-{device.type}"] + ([args.precision] if args.precision != "fp32" else [])
+        + (["device-decode"] if args.decode == "device" else [])
         + (["quick"] if args.quick else []))
     paths = write_results(stem, {"benchmark": "e2e", "machine": info, "settings": settings,
                                  "rows": rows}, markdown, args.out)
