@@ -5,7 +5,9 @@ Random-init resnet18 and vgg11 (in-place ReLUs) at 64x64. The references run on 
 with ``requires_grad=True`` (they call ``backward`` or replace modules). Target layers are
 ReLU / block outputs that nothing modifies in place afterwards: pytorch-grad-cam keeps
 ``output.cpu()``, which on the CPU is no copy, so a conv followed by ``ReLU(inplace=True)``
-would corrupt its reference (a known issue of it, not of ours).
+would corrupt its reference (a known issue of it, not of ours). Each test imports its
+reference (``peers.require``): a missing one skips only its own tests, and fails them
+under CI.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import torch
 import torchvision
 from conftest import TINY, compose_cfg
+from peers import require
 from torch import nn
 
 from pipeline.config import validate
@@ -41,11 +44,6 @@ from pipeline.methods import (
     target_fn,
 )
 from pipeline.methods.integrated_gradients import baseline_of
-
-pgc = pytest.importorskip("pytorch_grad_cam")
-captum_attr = pytest.importorskip("captum.attr")
-from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 SIZE = 64
 FAMILY = ("gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam",
@@ -101,8 +99,15 @@ def run(cls: type, model: nn.Module, x: torch.Tensor, layers: tuple[str, ...] = 
 def normalized(cams: torch.Tensor) -> np.ndarray:
     """pytorch-grad-cam's post-processing of one layer: ReLU, per-image min-max, cv2 resize
     to the input, then the multi-layer aggregation (ReLU, mean, min-max again)."""
+    scale_cam_image = require("pytorch_grad_cam.utils.image").scale_cam_image
     scaled = scale_cam_image(np.maximum(cams.numpy(), 0), (SIZE, SIZE))
     return scale_cam_image(np.maximum(scaled, 0))
+
+
+def pgc_targets(out: dict[str, torch.Tensor]) -> list:
+    """pytorch-grad-cam's target objects for the classes our run explained."""
+    targets = require("pytorch_grad_cam.utils.model_targets")
+    return [targets.ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,10 +130,11 @@ def assert_batched_equals_per_image(out: dict[str, torch.Tensor], per_image: lis
 @pytest.mark.parametrize("arch", list(LAYERS))
 @pytest.mark.parametrize("name", list(GRAD_CAMS))
 def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
+    pgc = require("pytorch_grad_cam")
     model, names = models[arch], LAYERS[arch]
     cls, ref_name = GRAD_CAMS[name]
     out = run(cls, model, x, names)
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     for layer in names:
         with getattr(pgc, ref_name)(ref_model, [ref_model.get_submodule(layer)]) as cam:
@@ -146,6 +152,7 @@ def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
 def test_scorecam_shares_one_pass_among_all_zero_channels(x):
     """Channels that a ReLU zeroes everywhere mask the input to zeros: one pass of a zero
     image serves them all, and the maps still equal pytorch-grad-cam's (which runs each)."""
+    pgc = require("pytorch_grad_cam")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(64, 10)).eval().requires_grad_(False)
@@ -159,7 +166,7 @@ def test_scorecam_shares_one_pass_among_all_zero_channels(x):
         counter.remove()
     # The prediction pass, one zero image, then the 10 live channels of each image.
     assert images[:2] == [2, 1] and sum(images[2:]) == 2 * 10
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     with pgc.ScoreCAM(ref_model, [ref_model[1]]) as cam, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -172,11 +179,12 @@ def test_scorecam_shares_one_pass_among_all_zero_channels(x):
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_scorecam_matches_pytorch_grad_cam(models, x, arch):
+    pgc = require("pytorch_grad_cam")
     model, names = models[arch], SCORE_LAYERS[arch]
     n = 2 if arch == "resnet18" else 1  # vgg11 is ~4x the cost per masked input
     # 48 masks per pass: chunks that straddle two images.
     out = run(ScoreCAM, model, x[:n], names, batch_masks=48)
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     cam = pgc.ScoreCAM(ref_model, [ref_model.get_submodule(names[0])])
     cam.batch_size = 64
@@ -199,6 +207,7 @@ def test_scorecam_matches_pytorch_grad_cam(models, x, arch):
 # -- input attributions against Captum ---------------------------------------------------------
 
 def test_smoothgrad_matches_captum_with_the_same_noise(models, x):
+    captum_attr = require("captum.attr")
     model = models["resnet18"]
     samples, sigma, seed = 6, 0.2, 7
     # 4 noisy inputs per pass: chunks that straddle two images.
@@ -242,6 +251,7 @@ def test_smoothgrad_is_the_mean_gradient_over_its_noise(models, x):
 @pytest.mark.parametrize(("baseline", "integration"), [
     ("zero", "gausslegendre"), ("mean", "riemann_trapezoid"), ("blur", "riemann_middle")])
 def test_integrated_gradients_match_captum(models, x, baseline, integration):
+    captum_attr = require("captum.attr")
     model, steps = models["resnet18"], 6
     out = run(IntegratedGradients, model, x, steps=steps, integration=integration,
               baseline=baseline, blur_sigma=2.0, batch_steps=5, save_attribution=True)
@@ -268,6 +278,7 @@ def test_integrated_gradient_baselines():
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_guided_backprop_matches_captum(models, x, arch):
+    captum_attr = require("captum.attr")
     model = models[arch]
     out = run(GuidedBackprop, model, x, save_attribution=True)
     target = out["targets/class"].long()
@@ -279,6 +290,7 @@ def test_guided_backprop_matches_captum(models, x, arch):
     assert_batched_equals_per_image(
         out, [run(GuidedBackprop, model, x[i:i + 1], save_attribution=True) for i in range(2)])
     if arch == "resnet18":  # and pytorch-grad-cam's (one image; it replaces the ReLUs)
+        pgc = require("pytorch_grad_cam")
         gb = pgc.GuidedBackpropReLUModel(reference(model), device="cpu")
         ref0 = torch.from_numpy(gb(x[:1].clone(), int(target[0]))).permute(2, 0, 1)
         assert rel(out["guided_backprop_attribution/input"][0], ref0) <= 1e-5
@@ -289,6 +301,7 @@ def test_guided_backprop_matches_captum(models, x, arch):
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_guided_gradcam_matches_captum(models, x, arch):
+    captum_attr = require("captum.attr")
     model, names = models[arch], LAYERS[arch]
     out = run(GuidedGradCAM, model, x, names, save_attribution=True)
     target = out["targets/class"].long()
