@@ -23,10 +23,12 @@ import pytest
 import torch
 import torchvision
 from conftest import TINY, compose_cfg
+from omegaconf import DictConfig
 from peers import require
 from torch import nn
 
 from pipeline.config import validate
+from pipeline.data import ImageDataset, build_records, collate
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.methods import (
@@ -44,6 +46,8 @@ from pipeline.methods import (
     target_fn,
 )
 from pipeline.methods.integrated_gradients import baseline_of
+from pipeline.models import build_model, resolve_layers
+from pipeline.runtime import Normalize
 
 SIZE = 64
 FAMILY = ("gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam",
@@ -374,15 +378,35 @@ def test_bad_family_options():
 
 FAST = {"scorecam": ("model.target_layers=[layer1]", "method.batch_masks=128"),
         "smoothgrad": ("method.samples=2",), "integrated_gradients": ("method.steps=2",)}
+BUILT_IN = tuple(sorted(METHODS))  # the 13 shipped methods (tests may register more)
 
 
-@pytest.mark.parametrize("name", FAMILY)
-def test_extract_stage_writes_every_method(tmp_path: Path, name):
+def direct_call(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The method class of ``cfg`` called by hand, with the config's options, on the first
+    two images of ``cfg.data`` prepared as extract prepares them (same model seed)."""
+    torch.manual_seed(cfg.seed)
+    model, info = build_model(cfg.model)
+    records = build_records(cfg.data)[:2]
+    dataset = ImageDataset(records, np.arange(2), cfg.data.image_size, cfg.data.resize)
+    x = Normalize(info.mean, info.std)(collate([dataset[0], dataset[1]])["pixels"])
+    cls = METHODS[cfg.method.name]
+    layers = resolve_layers(model, cfg.model.target_layers) if cls.uses_layers else {}
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    with cls(model, layers, topk=cfg.topk, **options) as method:
+        return method(x, target_fn("pred"))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_extract_stage_writes_what_the_method_computes(tmp_path: Path, name):
+    """extract (loader, batches, writer, file layout) stores exactly what the method class
+    returns when called directly with the same options; NCHW so that both run the same
+    kernels (channels_last changes float rounding, tested in test_speed_options.py)."""
     cfg = compose_cfg(*TINY, f"method={name}", "stage=extract", "data.limit=2",
-                      *FAST.get(name, ()))
+                      "channels_last=false", *FAST.get(name, ()))
     validate(cfg)
     summary = extract(cfg, tmp_path / "run")
     assert summary.done == 2 and summary.failed == 0
+    expected = direct_call(cfg)
     with h5py.File(summary.path) as f:
         assert f.attrs["method"] == name
         group = f[name]
@@ -390,6 +414,15 @@ def test_extract_stage_writes_every_method(tmp_path: Path, name):
         assert keys == (["input"] if not METHODS[name].uses_layers
                         else list(cfg.model.target_layers))
         ds = group[keys[0]]
-        assert ds.shape[0] == 2 and ds.dtype == np.float32 and np.isfinite(ds[:]).all()
+        assert ds.shape[0] == 2 and np.isfinite(ds[:]).all()
+        assert ds.dtype == (np.float16 if name == "activations" else np.float32)
         dims = json.loads(ds.attrs["dims"])
         assert dims[0] == "image" and len(dims) == ds.ndim and not dims[-1].startswith("d")
+        assert ds.attrs["kind"] == {"cam": "layer_map", "input": "input_map",
+                                    "activations": "activations"}[METHODS[name].kind]
+        assert float(np.abs(ds[:]).max()) > 0  # a real map: all-zero ones would agree
+        maps = [k for k in expected if not k.startswith(("predictions/", "targets/"))]
+        assert f"{name}/{keys[0]}" in maps
+        for key in expected:
+            np.testing.assert_allclose(f[key][:], expected[key].numpy(), rtol=0, atol=1e-5,
+                                       err_msg=key)
