@@ -17,9 +17,11 @@ from .activations import Activations
 from .base import (
     METHODS,
     AttributionOptions,
+    Batch,
     CAMWeightOptions,
     Method,
     MethodOptions,
+    TargetFn,
     explain_topk,
     on_register,
     option,
@@ -33,6 +35,7 @@ from .gradcampp import GradCAMPlusPlus
 from .guided_backprop import GuidedBackprop
 from .guided_gradcam import GuidedGradCAM
 from .hirescam import HiResCAM
+from .input_gradient import InputGradient
 from .integrated_gradients import IntegratedGradients
 from .layercam import LayerCAM
 from .saliency import Saliency
@@ -59,9 +62,11 @@ def build_method(cfg: Any, model: nn.Module, layers: Any, **kwargs: Any) -> Meth
     return method_class(cfg.name)(model, layers, **options, **kwargs)
 
 
-__all__ = ["METHODS", "Method", "MethodOptions", "CAMWeightOptions", "AttributionOptions",
-           "option", "register", "on_register", "method_class", "build_method", "explain_topk",
-           "target_fn", "reduce_channels", "cam_from_gradients", "weighted_cam", "GradientCAM",
-           "GradCAM", "Saliency", "Activations", "GradCAMPlusPlus", "XGradCAM", "LayerCAM",
-           "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad", "IntegratedGradients",
-           "GuidedBackprop", "GuidedGradCAM"]
+__all__ = [
+    "METHODS", "Method", "MethodOptions", "CAMWeightOptions", "AttributionOptions", "Batch",
+    "TargetFn", "InputGradient", "GradientCAM", "option", "register", "on_register",
+    "method_class", "build_method", "explain_topk", "target_fn", "reduce_channels",
+    "cam_from_gradients", "weighted_cam", "GradCAM", "Saliency", "Activations",
+    "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad",
+    "IntegratedGradients", "GuidedBackprop", "GuidedGradCAM",
+]
