@@ -161,14 +161,20 @@ def test_input_boxes():
     assert (y1 - y0, x1 - x0) == (262.5, 262.5) and (y0 + y1) / 2 == 150 and (x0 + x1) / 2 == 200
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="CUDA TESTS NOT RUN: no CUDA GPU on this machine")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
 @pytest.mark.parametrize("resize", ["square", "center_crop"])
 @pytest.mark.parametrize("size", [64, 224])
-def test_decode_on_device_gives_the_pixels_of_cpu_decoding(tmp_path, resize, size):
+def test_decode_on_device_gives_the_pixels_of_cpu_decoding(tmp_path, resize, size, device):
     """data.decode=device (torchvision's decoder, crop and antialiased resize on the
-    device: nvJPEG on a GPU, libjpeg-turbo here) against PIL in the workers, pixel by pixel.
+    device: nvJPEG on a GPU, libjpeg-turbo on the CPU) against PIL in the workers, pixel by
+    pixel.
 
-    Measured: mean |diff| <= 0.4 grey levels per image, max 8 where the crop box is
-    rounded to whole pixels; up to 25 on a few pixels of big photos, which PIL decodes
+    Measured on the CPU: mean |diff| <= 0.4 grey levels per image, max 8 where the crop box
+    is rounded to whole pixels; up to 25 on a few pixels of big photos, which PIL decodes
     DCT-reduced (draft mode) and the device decodes whole."""
     write_images(tmp_path, 3)
     write_images(tmp_path, 2, size=(300, 200), start=10)
@@ -181,8 +187,9 @@ def test_decode_on_device_gives_the_pixels_of_cpu_decoding(tmp_path, resize, siz
     dev = collate([ImageDataset(recs, rows, size, resize, decode="device")[i] for i in rows])
     assert all(j is not None for j in dev["jpeg"])  # every file took the device path
     assert not dev["pixels"].any()  # ... so no pixels yet: the decoder makes all of them
-    pixels = dev["pixels"].clone()
+    pixels = dev["pixels"].to(device)
     assert decode_on_device(dev, pixels, size) == {}
+    pixels = pixels.cpu()
     assert torch.equal(dev["size"], cpu["size"]) and torch.equal(dev["box"], cpu["box"])
     assert cpu["pixels"].float().std() > 20  # real pictures, not blank ones that agree
     diff = (pixels.int() - cpu["pixels"].int()).abs().float()
