@@ -18,10 +18,10 @@ from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
+from pipeline_inputs import model_and_inputs
 
 import pipeline.config
 from pipeline.config import validate
-from pipeline.data import ImageDataset, build_records, collate
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.methods import (
@@ -34,8 +34,6 @@ from pipeline.methods import (
     option,
     register,
 )
-from pipeline.models import build_model
-from pipeline.runtime import Normalize
 
 # -- the toy method: what a new method's module holds -----------------------------------------
 
@@ -98,11 +96,7 @@ def test_a_registered_method_runs_through_extract(toy_conf, tmp_path):
     assert (summary.done, summary.failed) == (3, 0)
 
     # The same numbers by hand: extract's preprocessing, the method's formula.
-    torch.manual_seed(cfg.seed)
-    _, info = build_model(cfg.model)
-    records = build_records(cfg.data)[:3]
-    dataset = ImageDataset(records, np.arange(3), cfg.data.image_size, cfg.data.resize)
-    x = Normalize(info.mean, info.std)(collate([dataset[i] for i in range(3)])["pixels"])
+    _, x = model_and_inputs(cfg, 3)
     with h5py.File(summary.path) as f:
         assert f.attrs["method"] == "toy_scaled_input"
         ds = f["toy_scaled_input/input"]

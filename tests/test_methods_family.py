@@ -25,10 +25,10 @@ import torchvision
 from conftest import TINY, compose_cfg
 from omegaconf import DictConfig
 from peers import require
+from pipeline_inputs import model_and_inputs
 from torch import nn
 
 from pipeline.config import validate
-from pipeline.data import ImageDataset, build_records, collate
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.methods import (
@@ -46,8 +46,7 @@ from pipeline.methods import (
     target_fn,
 )
 from pipeline.methods.integrated_gradients import baseline_of
-from pipeline.models import build_model, resolve_layers
-from pipeline.runtime import Normalize
+from pipeline.models import resolve_layers
 
 SIZE = 64
 FAMILY = ("gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam",
@@ -384,11 +383,7 @@ BUILT_IN = tuple(sorted(METHODS))  # the 13 shipped methods (tests may register 
 def direct_call(cfg: DictConfig) -> dict[str, torch.Tensor]:
     """The method class of ``cfg`` called by hand, with the config's options, on the first
     two images of ``cfg.data`` prepared as extract prepares them (same model seed)."""
-    torch.manual_seed(cfg.seed)
-    model, info = build_model(cfg.model)
-    records = build_records(cfg.data)[:2]
-    dataset = ImageDataset(records, np.arange(2), cfg.data.image_size, cfg.data.resize)
-    x = Normalize(info.mean, info.std)(collate([dataset[0], dataset[1]])["pixels"])
+    model, x = model_and_inputs(cfg, 2)
     cls = METHODS[cfg.method.name]
     layers = resolve_layers(model, cfg.model.target_layers) if cls.uses_layers else {}
     options = {k: v for k, v in cfg.method.items() if k != "name"}
