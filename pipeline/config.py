@@ -63,26 +63,42 @@ class MethodConfig:
     name: str = MISSING
 
 
+# The generated schema classes by class name; module-level names of this module (see
+# __getattr__), so that pickle finds them as it found the hand-written ones: a composed
+# config's method node refers to its schema class.
+_SCHEMAS: dict[str, type] = {}
+
+
 def method_schema(cls: type[_methods.Method]) -> type:
     """The Hydra schema of method ``cls`` (``<name>_schema``, which its YAML extends):
-    ``name`` plus the fields of ``cls.Options`` with their types and defaults."""
+    ``name`` plus the fields of ``cls.Options`` with their types and defaults, as a
+    dataclass ``pipeline.config.<Class>Config`` (``GradCAMConfig``, ``SmoothGradConfig``)."""
     hints = get_type_hints(cls.Options)
     specs: list[tuple[str, Any, Any]] = [("name", str, field(default=cls.name))]
     for f in fields(cls.Options):
         default = (field(default=f.default) if f.default is not NO_DEFAULT
                    else field(default_factory=f.default_factory))
         specs.append((f.name, hints[f.name], default))
-    return make_dataclass(f"{cls.__name__}Config", specs, bases=(MethodConfig,))
+    qualname = f"{cls.__name__}Config"
+    taken = _SCHEMAS.get(qualname)
+    if taken is not None and taken().name != cls.name:  # two methods, one class name
+        qualname = f"{cls.__name__}_{cls.name}_Config"
+    schema = make_dataclass(qualname, specs, bases=(MethodConfig,))
+    schema.__module__ = __name__
+    return schema
 
 
 def _store_method_schema(cls: type[_methods.Method]) -> None:
-    ConfigStore.instance().store(group="method", name=f"{cls.name}_schema",
-                                 node=method_schema(cls))
+    schema = method_schema(cls)
+    _SCHEMAS[schema.__qualname__] = schema
+    ConfigStore.instance().store(group="method", name=f"{cls.name}_schema", node=schema)
 
 
 def __getattr__(name: str) -> Any:
     if name == "METHODS":  # the registry's names now, so methods registered later count
         return tuple(_methods.METHODS)
+    if name in _SCHEMAS:
+        return _SCHEMAS[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -5,6 +5,7 @@ conf/ runs through compose, validate and extract like a shipped method."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,3 +161,16 @@ def test_registration_checks_the_declaration():
         with pytest.raises(TypeError, match=message):
             register(cls)
     assert dict(METHODS) == before  # nothing half-registered
+
+
+def test_composed_method_configs_pickle(toy_conf):
+    """A composed config's method node refers to its schema class, generated from the
+    declaration: pickle (launchers, worker processes) must find it by name, as it found the
+    hand-written classes, in pipeline.config."""
+    for name in pipeline.config.METHODS:
+        cfg = compose_in(toy_conf, f"method={name}")
+        schema = cfg.method._metadata.object_type
+        assert schema.__module__ == "pipeline.config"
+        assert getattr(pipeline.config, schema.__qualname__) is schema
+        assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert pipeline.config.ScaledInputConfig().scale == 2.0  # the dataclass's default
