@@ -250,9 +250,9 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.reshape", cfg.model.reshape, RESHAPES)
     _validate_method(cfg.method)
     target_spec(cfg.target)
-    if cfg.target.name == "topk" and cfg.method.name == "activations":
-        raise ConfigError("target=topk has no effect on method=activations (they do not depend "
-                          "on a class); use target=pred")
+    if cfg.target.name == "topk" and _methods.METHODS[cfg.method.name].kind == "activations":
+        raise ConfigError(f"target=topk has no effect on method={cfg.method.name} (they do not "
+                          f"depend on a class); use target=pred")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 (or null: chosen from the CPUs), got "
                           f"{cfg.num_workers}")
