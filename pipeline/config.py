@@ -7,24 +7,18 @@ so a misspelled key fails when the config is composed, naming the key.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from . import methods as _methods
 from .errors import ConfigError, unknown
 
-METHODS = ("gradcam", "saliency", "activations", "gradcampp", "xgradcam", "layercam", "hirescam",
-           "scorecam", "eigencam", "smoothgrad", "integrated_gradients", "guided_backprop",
-           "guided_gradcam")
-# Options of the method family, checked by validate (the methods check them again).
-IG_INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-                   "riemann_trapezoid")
-IG_BASELINES = ("zero", "mean", "blur")
-INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 STAGES = ("all", "extract", "render", "merge", "evaluate", "report")
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
@@ -64,95 +58,48 @@ class TargetConfig:
 
 @dataclass
 class MethodConfig:
+    """Base of every method's schema; the fields come from the method's own declaration."""
+
     name: str = MISSING
 
 
-@dataclass
-class GradCAMConfig(MethodConfig):
-    name: str = "gradcam"
-    save_weights: bool = True  # also store alpha_c per layer under /gradcam_weights
+# The generated schema classes by class name; module-level names of this module (see
+# __getattr__), so that pickle finds them as it found the hand-written ones: a composed
+# config's method node refers to its schema class.
+_SCHEMAS: dict[str, type] = {}
 
 
-@dataclass
-class SaliencyConfig(MethodConfig):
-    name: str = "saliency"
+def method_schema(cls: type[_methods.Method]) -> type:
+    """The Hydra schema of method ``cls`` (``<name>_schema``, which its YAML extends):
+    ``name`` plus the fields of ``cls.Options`` with their types and defaults, as a
+    dataclass ``pipeline.config.<Class>Config`` (``GradCAMConfig``, ``SmoothGradConfig``)."""
+    hints = get_type_hints(cls.Options)
+    specs: list[tuple[str, Any, Any]] = [("name", str, field(default=cls.name))]
+    for f in fields(cls.Options):
+        default = (field(default=f.default) if f.default is not NO_DEFAULT
+                   else field(default_factory=f.default_factory))
+        specs.append((f.name, hints[f.name], default))
+    qualname = f"{cls.__name__}Config"
+    taken = _SCHEMAS.get(qualname)
+    if taken is not None and taken().name != cls.name:  # two methods, one class name
+        qualname = f"{cls.__name__}_{cls.name}_Config"
+    schema = make_dataclass(qualname, specs, bases=(MethodConfig,))
+    schema.__module__ = __name__
+    return schema
 
 
-@dataclass
-class ActivationsConfig(MethodConfig):
-    name: str = "activations"
-    dtype: str = "float16"  # float16 | float32
-    pool: str = "none"  # none | avg (global average over h, w -> (N, C))
-    max_channels: int | None = None  # keep only the first k channels
+def _store_method_schema(cls: type[_methods.Method]) -> None:
+    schema = method_schema(cls)
+    _SCHEMAS[schema.__qualname__] = schema
+    ConfigStore.instance().store(group="method", name=f"{cls.name}_schema", node=schema)
 
 
-@dataclass
-class GradCAMPlusPlusConfig(MethodConfig):
-    name: str = "gradcampp"
-    save_weights: bool = True  # also store the channel weights under /gradcampp_weights
-
-
-@dataclass
-class XGradCAMConfig(MethodConfig):
-    name: str = "xgradcam"
-    save_weights: bool = True  # also store the channel weights under /xgradcam_weights
-
-
-@dataclass
-class LayerCAMConfig(MethodConfig):
-    name: str = "layercam"  # element-wise weights: no per-channel weights to store
-
-
-@dataclass
-class HiResCAMConfig(MethodConfig):
-    name: str = "hirescam"  # element-wise weights: no per-channel weights to store
-
-
-@dataclass
-class ScoreCAMConfig(MethodConfig):
-    name: str = "scorecam"
-    batch_masks: int = 64  # masked inputs per forward pass (bounds memory)
-    save_weights: bool = True  # also store the softmaxed scores under /scorecam_weights
-
-
-@dataclass
-class EigenCAMConfig(MethodConfig):
-    name: str = "eigencam"
-    save_weights: bool = True  # also store the first principal direction under /eigencam_weights
-
-
-@dataclass
-class SmoothGradConfig(MethodConfig):
-    name: str = "smoothgrad"
-    samples: int = 50  # noisy copies per image
-    sigma: float = 0.15  # noise std as a fraction of each image's range (max - min)
-    batch_samples: int = 32  # noisy inputs per forward pass (bounds memory)
-    seed: int = 0  # the noise is drawn once from this seed: reproducible, batch-independent
-    save_attribution: bool = False  # also store the signed (N, C, H, W) mean gradient
-
-
-@dataclass
-class IntegratedGradientsConfig(MethodConfig):
-    name: str = "integrated_gradients"
-    steps: int = 50
-    integration: str = "gausslegendre"  # gausslegendre | riemann_{left,right,middle,trapezoid}
-    baseline: str = "zero"  # zero (the normalization mean) | mean (image's colour) | blur
-    blur_sigma: float = 10.0  # baseline=blur: Gaussian sigma in pixels
-    batch_steps: int = 32  # path points per forward pass (bounds memory)
-    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution
-
-
-@dataclass
-class GuidedBackpropConfig(MethodConfig):
-    name: str = "guided_backprop"
-    save_attribution: bool = False  # also store the signed (N, C, H, W) guided gradient
-
-
-@dataclass
-class GuidedGradCAMConfig(MethodConfig):
-    name: str = "guided_gradcam"
-    interpolate_mode: str = "nearest"  # how the CAM is upsampled (Captum's default)
-    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution per layer
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registry's names now, so methods registered later count
+        return tuple(_methods.METHODS)
+    if name in _SCHEMAS:
+        return _SCHEMAS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -242,13 +189,8 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="target", name="target_schema", node=TargetConfig)
-    cs.store(group="method", name="gradcam_schema", node=GradCAMConfig)
-    cs.store(group="method", name="saliency_schema", node=SaliencyConfig)
-    cs.store(group="method", name="activations_schema", node=ActivationsConfig)
-    for node in (GradCAMPlusPlusConfig, XGradCAMConfig, LayerCAMConfig, HiResCAMConfig,
-                 ScoreCAMConfig, EigenCAMConfig, SmoothGradConfig, IntegratedGradientsConfig,
-                 GuidedBackpropConfig, GuidedGradCAMConfig):
-        cs.store(group="method", name=f"{node.name}_schema", node=node)
+    # Every registered method's schema, and that of any method registered later.
+    _methods.on_register(_store_method_schema)
 
 
 _CLAIMED: dict[str, str] = {}  # default run dir -> the folder this process claimed for it
@@ -296,7 +238,7 @@ def _choice(kind: str, value: object, valid: tuple[str, ...]) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check enumerated values once, before any work, with one-line errors."""
     _choice("stage", cfg.stage, STAGES)
-    _choice("method", cfg.method.name, METHODS)
+    _methods.method_class(cfg.method.name)  # one line for an unknown method
     _choice("data", cfg.data.name, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
     _choice("data.decode", cfg.data.decode, ("cpu", "device"))
@@ -306,14 +248,11 @@ def validate(cfg: DictConfig) -> None:
         _choice("data.resize", cfg.data.resize, RESIZES)
     if cfg.model.reshape is not None:
         _choice("model.reshape", cfg.model.reshape, RESHAPES)
-    if cfg.method.name == "activations":
-        _choice("method.dtype", cfg.method.dtype, ("float16", "float32"))
-        _choice("method.pool", cfg.method.pool, ("none", "avg"))
-    _validate_method_family(cfg.method)
+    _validate_method(cfg.method)
     target_spec(cfg.target)
-    if cfg.target.name == "topk" and cfg.method.name == "activations":
-        raise ConfigError("target=topk has no effect on method=activations (they do not depend "
-                          "on a class); use target=pred")
+    if cfg.target.name == "topk" and _methods.METHODS[cfg.method.name].kind == "activations":
+        raise ConfigError(f"target=topk has no effect on method={cfg.method.name} (they do not "
+                          f"depend on a class); use target=pred")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 (or null: chosen from the CPUs), got "
                           f"{cfg.num_workers}")
@@ -377,28 +316,10 @@ def expand_target_shorthand(overrides: list[str]) -> list[str]:
     return out
 
 
-def _validate_method_family(method: DictConfig) -> None:
-    """Enumerated and numeric options of the CAM and input-gradient methods."""
-    name = method.name
-    if name == "integrated_gradients":
-        _choice("method.integration", method.integration, IG_INTEGRATIONS)
-        _choice("method.baseline", method.baseline, IG_BASELINES)
-        low = 1 if method.integration == "gausslegendre" else 2
-        if method.steps < low:
-            raise ConfigError(f"method.steps must be >= {low} for {method.integration}, "
-                              f"got {method.steps}")
-        if method.blur_sigma <= 0:
-            raise ConfigError(f"method.blur_sigma must be > 0, got {method.blur_sigma}")
-    if name == "guided_gradcam":
-        _choice("method.interpolate_mode", method.interpolate_mode, INTERPOLATE_MODES)
-    if name == "smoothgrad":
-        if method.samples < 1:
-            raise ConfigError(f"method.samples must be >= 1, got {method.samples}")
-        if method.sigma < 0:
-            raise ConfigError(f"method.sigma must be >= 0, got {method.sigma}")
-    for key in ("batch_masks", "batch_samples", "batch_steps"):
-        if key in method and method[key] < 1:
-            raise ConfigError(f"method.{key} must be >= 1, got {method[key]}")
+def _validate_method(method: DictConfig) -> None:
+    """The method's options, by the rules its own declaration states (``Options.check``)."""
+    cls = _methods.method_class(method.name)
+    cls.Options(**{k: v for k, v in method.items() if k != "name"}).check()
 
 
 def to_yaml(cfg: DictConfig) -> str:

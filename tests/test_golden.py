@@ -1,7 +1,10 @@
 """The golden examples of DESIGN.md ("Golden examples"), asserted with their exact numbers.
 
-Each example comes from one of the reference articles; where the article's setting can be
-rebuilt as a model, the same numbers are also checked through our own methods.
+Each example comes from one of the reference articles. The article's own computation (bare
+autograd) is kept as the statement of the number; beside it, the article's setting is
+rebuilt as a model and the same numbers come out of camsweep's code: its methods (the
+input gradient of Saliency, and signed through SmoothGrad with sigma=0, which is that
+gradient without the max |.| reduction), its hook recorder and its guided ReLU hooks.
 """
 
 from __future__ import annotations
@@ -12,12 +15,45 @@ import torchvision
 from torch import nn
 
 from pipeline.hooks import LayerRecorder
-from pipeline.methods import Activations, GradCAM, Saliency, cam_from_gradients, target_fn
+from pipeline.methods import (
+    Activations,
+    GradCAM,
+    GuidedBackprop,
+    Saliency,
+    SmoothGrad,
+    cam_from_gradients,
+    target_fn,
+)
 from pipeline.models import resolve_layers
 
 
 def tensor(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
+
+
+class Formula(nn.Module):
+    """An input batch -> logits model around a plain function, for the articles' formulas."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, cls: int) -> torch.Tensor:
+    """dY_cls/dx, signed, from camsweep: SmoothGrad with sigma=0 averages the gradient at
+    the input itself, and save_attribution keeps it before the max |.| reduction."""
+    with SmoothGrad(model, {}, samples=1, sigma=0.0, save_attribution=True) as m:
+        out = m(x, target_fn(cls))
+    return out["smoothgrad_attribution/input"]
+
+
+def saliency(model: nn.Module, x: torch.Tensor, cls: int) -> torch.Tensor:
+    """camsweep's saliency map: max over channels of |dY_cls/dx|."""
+    with Saliency(model, {}) as m:
+        return m(x, target_fn(cls))["saliency/input"]
 
 
 # --- autograd basics ----------------------------------------------------------------------------
@@ -37,6 +73,20 @@ def test_chain_rule_gradients_of_the_four_weights():
     assert w3.grad.item() == -60.0 == -12 * 5
     assert w4.grad.item() == -265.0 == -53 * 5
     assert a.grad is None  # a does not require grad
+
+
+def test_chain_rule_gradients_through_camsweep():
+    # The four weights as the pixels of a 1x4 input; logit 0 is the loss, logit 1 is d.
+    def graph(x: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3, w4 = x.flatten(1).unbind(1)
+        d = w3 * (w1 * 5) + w4 * (w2 * 5)
+        return torch.stack([10 - d, d], dim=1)
+
+    x = tensor([12, 53, 91, 73]).reshape(1, 1, 1, 4)
+    grads = [-455.0, -365.0, -60.0, -265.0]
+    assert input_gradient(Formula(graph), x, 0).flatten().tolist() == grads
+    assert saliency(Formula(graph), x, 0).flatten().tolist() == [-g for g in grads]
+    assert input_gradient(Formula(graph), x, 1).flatten().tolist() == [-g for g in grads]
 
 
 def test_sgd_loop_first_gradients():
@@ -66,6 +116,25 @@ def test_sgd_loop_first_gradients():
     assert closed == pytest.approx([-220.0, 2481.6, -51303.648], rel=1e-12)
 
 
+def test_sgd_loop_driven_by_camsweep_gradients():
+    # Input channels (w, x, y) of one pixel; the only logit is the squared error. Channel 0
+    # of the signed input gradient is dL/dw, the gradient the article's loop steps with.
+    def squared_error(inputs: torch.Tensor) -> torch.Tensor:
+        w, x, y = inputs[:, :, 0, 0].unbind(1)
+        return ((x * w - y) ** 2)[:, None]
+
+    w, grads, weights = 1.0, [], []
+    for x, y in zip((11.0, 22.0, 33.0), (21.0, 14.0, 64.0), strict=True):
+        grad = input_gradient(Formula(squared_error), tensor([w, x, y]).reshape(1, 3, 1, 1), 0)
+        grads.append(grad[0, 0, 0, 0].item())
+        w -= 0.01 * grads[-1]
+        weights.append(w)
+    torch.testing.assert_close(tensor(grads), tensor([-220.0, 2481.6, -51303.65]),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(tensor(weights), tensor([3.2, -21.616, 491.42048]), rtol=1e-6,
+                               atol=0)
+
+
 def test_backward_with_grad_tensors_accumulates():
     x = tensor([2.0]).requires_grad_()
     (3 * x**2 + 2 * x).backward()
@@ -79,6 +148,16 @@ def test_backward_with_grad_tensors_accumulates():
     torch.autograd.backward(y, grad_tensors=tensor([3.0, 2.0, 1.0]))
     # 3*14, 2*20, 1*26 = 42, 40, 26, added to what was there.
     assert x.grad.tolist() == [56.0, 60.0, 52.0]
+
+
+def test_gradients_of_a_polynomial_through_camsweep():
+    # One-pixel images x; the logit is 3x^2 + 2x. camsweep differentiates the sum of the
+    # batch's scores (the article's grad_tensors of ones): each image gets its own 6x + 2.
+    model = Formula(lambda x: (3 * x**2 + 2 * x).flatten(1))
+    assert saliency(model, tensor([2.0]).reshape(1, 1, 1, 1), 0).flatten().tolist() == [14.0]
+    batch = tensor([2.0, 3.0, 4.0]).reshape(3, 1, 1, 1)
+    assert input_gradient(model, batch, 0).flatten().tolist() == [14.0, 20.0, 26.0]
+    assert saliency(model, batch, 0).flatten().tolist() == [14.0, 20.0, 26.0]
 
 
 # --- conv -> fc: gradients to the input and to the conv output -------------------------------
@@ -119,6 +198,28 @@ def test_conv_fc_forward_and_gradients_by_hand():
     dy2_dconv, dy2_dx = torch.autograd.grad(y[0, 1], (conv_out, x))
     assert dy2_dconv[0, 0].tolist() == DY2_DCONV
     assert dy2_dx[0, 0].tolist() == DY2_DX
+
+
+def test_conv_fc_layer_recorder_captures_output_and_gradient():
+    """camsweep's LayerRecorder keeps the conv output as a leaf: its gradient is dy/dconv."""
+    net = ConvFC().eval().requires_grad_(False)
+    x = tensor(X).reshape(1, 1, 3, 3)
+    for cls, dy_dconv in ((0, DY1_DCONV), (1, DY2_DCONV)):
+        with LayerRecorder({"conv": net.conv}, for_grad=True) as rec:
+            y = net(x)
+            kept = rec.outputs["conv"]
+            assert kept[0, 0].tolist() == CONV_OUT
+            assert y.tolist() == [[13.0, 15.0]]
+            (grad,) = torch.autograd.grad(y[0, cls], kept)
+            assert grad[0, 0].tolist() == dy_dconv
+        assert rec.outputs == {} and not net.conv._forward_hooks
+    assert not any(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("cls, expected", [(0, DY1_DX), (1, DY2_DX)])
+def test_conv_fc_signed_input_gradient_through_camsweep(cls, expected):
+    net = ConvFC().eval().requires_grad_(False)
+    assert input_gradient(net, tensor(X).reshape(1, 1, 3, 3), cls)[0, 0].tolist() == expected
 
 
 @pytest.mark.parametrize("cls, expected", [(0, DY1_DX), (1, DY2_DX)])
@@ -237,6 +338,32 @@ def test_tensor_hook_rewrites_the_gradient():
     b.register_hook(torch.zeros_like)
     (b * 3).sum().backward()
     assert b.grad.tolist() == [0.0, 0.0]
+
+
+class ClampedAtTheReLU(nn.Module):
+    """The article's h = 2 w with a clamping hook on h, L = h . (-1, 0.5, 2), as a model
+    camsweep's guided backprop can hook: h is the output of an nn.ReLU, and the +10 keeps
+    every h positive so that the ReLU's own mask passes all of it (h = 2 w + 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        h = self.relu(2 * w + 10).flatten(1)
+        return (h * tensor([-1.0, 0.5, 2.0])).sum(1, keepdim=True)
+
+
+def test_guided_relu_hooks_rewrite_the_gradient_as_the_article():
+    model = ClampedAtTheReLU().eval()
+    w = tensor([1.0, -2.0, 3.0]).reshape(1, 1, 1, 3)
+    with GuidedBackprop(model, {}, save_attribution=True) as m:
+        out = m(w, target_fn(0))
+    # dL/dh = (-1, 0.5, 2) clamped to (0, 0.5, 2) by the hook on the ReLU's output; x 2.
+    assert out["guided_backprop_attribution/input"].flatten().tolist() == [0.0, 1.0, 4.0]
+    assert not model.relu._forward_hooks
+    # Unguided, the same model gives the plain gradient 2 (-1, 0.5, 2).
+    assert input_gradient(model, w, 0).flatten().tolist() == [-2.0, 1.0, 4.0]
 
 
 def resnet34_conv_shapes(n: int, size: int) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,9 @@ Random-init resnet18 and vgg11 (in-place ReLUs) at 64x64. The references run on 
 with ``requires_grad=True`` (they call ``backward`` or replace modules). Target layers are
 ReLU / block outputs that nothing modifies in place afterwards: pytorch-grad-cam keeps
 ``output.cpu()``, which on the CPU is no copy, so a conv followed by ``ReLU(inplace=True)``
-would corrupt its reference (a known issue of it, not of ours).
+would corrupt its reference (a known issue of it, not of ours). Each test imports its
+reference (``peers.require``): a missing one skips only its own tests, and fails them
+under CI.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import pytest
 import torch
 import torchvision
 from conftest import TINY, compose_cfg
+from omegaconf import DictConfig
+from peers import require
+from pipeline_inputs import model_and_inputs
 from torch import nn
 
 from pipeline.config import validate
@@ -41,12 +46,8 @@ from pipeline.methods import (
     target_fn,
 )
 from pipeline.methods.integrated_gradients import baseline_of
+from pipeline.models import resolve_layers
 from pipeline.store import is_scale
-
-pgc = pytest.importorskip("pytorch_grad_cam")
-captum_attr = pytest.importorskip("captum.attr")
-from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 SIZE = 64
 FAMILY = ("gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam",
@@ -102,8 +103,15 @@ def run(cls: type, model: nn.Module, x: torch.Tensor, layers: tuple[str, ...] = 
 def normalized(cams: torch.Tensor) -> np.ndarray:
     """pytorch-grad-cam's post-processing of one layer: ReLU, per-image min-max, cv2 resize
     to the input, then the multi-layer aggregation (ReLU, mean, min-max again)."""
+    scale_cam_image = require("pytorch_grad_cam.utils.image").scale_cam_image
     scaled = scale_cam_image(np.maximum(cams.numpy(), 0), (SIZE, SIZE))
     return scale_cam_image(np.maximum(scaled, 0))
+
+
+def pgc_targets(out: dict[str, torch.Tensor]) -> list:
+    """pytorch-grad-cam's target objects for the classes our run explained."""
+    targets = require("pytorch_grad_cam.utils.model_targets")
+    return [targets.ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,10 +134,11 @@ def assert_batched_equals_per_image(out: dict[str, torch.Tensor], per_image: lis
 @pytest.mark.parametrize("arch", list(LAYERS))
 @pytest.mark.parametrize("name", list(GRAD_CAMS))
 def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
+    pgc = require("pytorch_grad_cam")
     model, names = models[arch], LAYERS[arch]
     cls, ref_name = GRAD_CAMS[name]
     out = run(cls, model, x, names)
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     for layer in names:
         with getattr(pgc, ref_name)(ref_model, [ref_model.get_submodule(layer)]) as cam:
@@ -147,6 +156,7 @@ def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
 def test_scorecam_shares_one_pass_among_all_zero_channels(x):
     """Channels that a ReLU zeroes everywhere mask the input to zeros: one pass of a zero
     image serves them all, and the maps still equal pytorch-grad-cam's (which runs each)."""
+    pgc = require("pytorch_grad_cam")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(64, 10)).eval().requires_grad_(False)
@@ -160,7 +170,7 @@ def test_scorecam_shares_one_pass_among_all_zero_channels(x):
         counter.remove()
     # The prediction pass, one zero image, then the 10 live channels of each image.
     assert images[:2] == [2, 1] and sum(images[2:]) == 2 * 10
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     with pgc.ScoreCAM(ref_model, [ref_model[1]]) as cam, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,11 +183,12 @@ def test_scorecam_shares_one_pass_among_all_zero_channels(x):
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_scorecam_matches_pytorch_grad_cam(models, x, arch):
+    pgc = require("pytorch_grad_cam")
     model, names = models[arch], SCORE_LAYERS[arch]
     n = 2 if arch == "resnet18" else 1  # vgg11 is ~4x the cost per masked input
     # 48 masks per pass: chunks that straddle two images.
     out = run(ScoreCAM, model, x[:n], names, batch_masks=48)
-    targets = [ClassifierOutputTarget(int(t)) for t in out["targets/class"]]
+    targets = pgc_targets(out)
     ref_model = reference(model)
     cam = pgc.ScoreCAM(ref_model, [ref_model.get_submodule(names[0])])
     cam.batch_size = 64
@@ -200,6 +211,7 @@ def test_scorecam_matches_pytorch_grad_cam(models, x, arch):
 # -- input attributions against Captum ---------------------------------------------------------
 
 def test_smoothgrad_matches_captum_with_the_same_noise(models, x):
+    captum_attr = require("captum.attr")
     model = models["resnet18"]
     samples, sigma, seed = 6, 0.2, 7
     # 4 noisy inputs per pass: chunks that straddle two images.
@@ -243,6 +255,7 @@ def test_smoothgrad_is_the_mean_gradient_over_its_noise(models, x):
 @pytest.mark.parametrize(("baseline", "integration"), [
     ("zero", "gausslegendre"), ("mean", "riemann_trapezoid"), ("blur", "riemann_middle")])
 def test_integrated_gradients_match_captum(models, x, baseline, integration):
+    captum_attr = require("captum.attr")
     model, steps = models["resnet18"], 6
     out = run(IntegratedGradients, model, x, steps=steps, integration=integration,
               baseline=baseline, blur_sigma=2.0, batch_steps=5, save_attribution=True)
@@ -269,6 +282,7 @@ def test_integrated_gradient_baselines():
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_guided_backprop_matches_captum(models, x, arch):
+    captum_attr = require("captum.attr")
     model = models[arch]
     out = run(GuidedBackprop, model, x, save_attribution=True)
     target = out["targets/class"].long()
@@ -280,6 +294,7 @@ def test_guided_backprop_matches_captum(models, x, arch):
     assert_batched_equals_per_image(
         out, [run(GuidedBackprop, model, x[i:i + 1], save_attribution=True) for i in range(2)])
     if arch == "resnet18":  # and pytorch-grad-cam's (one image; it replaces the ReLUs)
+        pgc = require("pytorch_grad_cam")
         gb = pgc.GuidedBackpropReLUModel(reference(model), device="cpu")
         ref0 = torch.from_numpy(gb(x[:1].clone(), int(target[0]))).permute(2, 0, 1)
         assert rel(out["guided_backprop_attribution/input"][0], ref0) <= 1e-5
@@ -290,6 +305,7 @@ def test_guided_backprop_matches_captum(models, x, arch):
 
 @pytest.mark.parametrize("arch", list(LAYERS))
 def test_guided_gradcam_matches_captum(models, x, arch):
+    captum_attr = require("captum.attr")
     model, names = models[arch], LAYERS[arch]
     out = run(GuidedGradCAM, model, x, names, save_attribution=True)
     target = out["targets/class"].long()
@@ -362,15 +378,31 @@ def test_bad_family_options():
 
 FAST = {"scorecam": ("model.target_layers=[layer1]", "method.batch_masks=128"),
         "smoothgrad": ("method.samples=2",), "integrated_gradients": ("method.steps=2",)}
+BUILT_IN = tuple(sorted(METHODS))  # the 13 shipped methods (tests may register more)
 
 
-@pytest.mark.parametrize("name", FAMILY)
-def test_extract_stage_writes_every_method(tmp_path: Path, name):
+def direct_call(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The method class of ``cfg`` called by hand, with the config's options, on the first
+    two images of ``cfg.data`` prepared as extract prepares them (same model seed)."""
+    model, x = model_and_inputs(cfg, 2)
+    cls = METHODS[cfg.method.name]
+    layers = resolve_layers(model, cfg.model.target_layers) if cls.uses_layers else {}
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    with cls(model, layers, topk=cfg.topk, **options) as method:
+        return method(x, target_fn("pred"))
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_extract_stage_writes_what_the_method_computes(tmp_path: Path, name):
+    """extract (loader, batches, writer, file layout) stores exactly what the method class
+    returns when called directly with the same options; NCHW so that both run the same
+    kernels (channels_last changes float rounding, tested in test_speed_options.py)."""
     cfg = compose_cfg(*TINY, f"method={name}", "stage=extract", "data.limit=2",
-                      *FAST.get(name, ()))
+                      "channels_last=false", *FAST.get(name, ()))
     validate(cfg)
     summary = extract(cfg, tmp_path / "run")
     assert summary.done == 2 and summary.failed == 0
+    expected = direct_call(cfg)
     with h5py.File(summary.path) as f:
         assert f.attrs["method"] == name
         group = f[name]
@@ -378,6 +410,15 @@ def test_extract_stage_writes_every_method(tmp_path: Path, name):
         assert keys == (["input"] if not METHODS[name].uses_layers
                         else list(cfg.model.target_layers))
         ds = group[keys[0]]
-        assert ds.shape[0] == 2 and ds.dtype == np.float32 and np.isfinite(ds[:]).all()
+        assert ds.shape[0] == 2 and np.isfinite(ds[:]).all()
+        assert ds.dtype == (np.float16 if name == "activations" else np.float32)
         dims = json.loads(ds.attrs["dims"])
         assert dims[0] == "image" and len(dims) == ds.ndim and not dims[-1].startswith("d")
+        assert ds.attrs["kind"] == {"cam": "layer_map", "input": "input_map",
+                                    "activations": "activations"}[METHODS[name].kind]
+        assert float(np.abs(ds[:]).max()) > 0  # a real map: all-zero ones would agree
+        maps = [k for k in expected if not k.startswith(("predictions/", "targets/"))]
+        assert f"{name}/{keys[0]}" in maps
+        for key in expected:
+            np.testing.assert_allclose(f[key][:], expected[key].numpy(), rtol=0, atol=1e-5,
+                                       err_msg=key)

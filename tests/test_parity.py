@@ -2,6 +2,8 @@
 
 Peers need parameters that require grad, so each gets a deep copy of the model with
 ``requires_grad`` left on; our methods get the frozen original. Same weights either way.
+Each test imports its peer (``peers.require``): a missing peer skips only its own tests,
+and fails them under CI.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import LayerAttribution, LayerGradCam
-from captum.attr import Saliency as CaptumSaliency
-from pytorch_grad_cam import GradCAM as PgcGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from peers import require
 from torch import nn
 from torchvision.models.vgg import make_layers
 
@@ -58,15 +57,20 @@ def ours(model, names, x, classes, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def pgc(peer, name, x, classes) -> np.ndarray:
+    """pytorch-grad-cam's GradCAM of layer ``name`` (skips the test without the peer)."""
+    pgc_lib = require("pytorch_grad_cam")
+    targets = require("pytorch_grad_cam.utils.model_targets")
     layer = dict(peer.named_modules())[name]
-    with PgcGradCAM(peer, [layer]) as cam:
-        return cam(x, [ClassifierOutputTarget(int(c)) for c in classes])
+    with pgc_lib.GradCAM(peer, [layer]) as cam:
+        return cam(x, [targets.ClassifierOutputTarget(int(c)) for c in classes])
 
 
 def captum_gradcam(peer, name, x, classes) -> torch.Tensor:
+    """Captum's LayerGradCam of layer ``name`` (skips the test without the peer)."""
+    attr_lib = require("captum.attr")
     layer = dict(peer.named_modules())[name]
-    attr = LayerGradCam(peer, layer).attribute(x, target=torch.as_tensor(classes),
-                                               relu_attributions=True)
+    attr = attr_lib.LayerGradCam(peer, layer).attribute(x, target=torch.as_tensor(classes),
+                                                        relu_attributions=True)
     return attr.detach()  # (N, 1, h, w)
 
 
@@ -114,6 +118,7 @@ def vgg11():
 
 def check_against_peers(model, names, x, classes):
     """All `names` from one call of ours; pytorch-grad-cam and Captum one layer at a time."""
+    interpolate = require("captum.attr").LayerAttribution.interpolate
     size = tuple(x.shape[-2:])
     out = ours(model, names, x, classes)
     peer = peer_copy(model)
@@ -125,9 +130,8 @@ def check_against_peers(model, names, x, classes):
         theirs = captum_gradcam(peer, name, x, classes)
         np.testing.assert_allclose(minmax(cam), minmax(theirs[:, 0].numpy()), rtol=0, atol=TOL,
                                    err_msg=name)
-        up = LayerAttribution.interpolate(theirs, size, "bilinear")[:, 0].numpy()
-        mine = LayerAttribution.interpolate(out[f"gradcam/{name}"][:, None], size,
-                                            "bilinear")[:, 0].numpy()
+        up = interpolate(theirs, size, "bilinear")[:, 0].numpy()
+        mine = interpolate(out[f"gradcam/{name}"][:, None], size, "bilinear")[:, 0].numpy()
         np.testing.assert_allclose(minmax(mine), minmax(up), rtol=0, atol=TOL, err_msg=name)
 
 
@@ -239,13 +243,14 @@ def test_residual_add_equals_splitting_resnet_by_hand(resnet18):
 
 
 def test_saliency_matches_captum(resnet18):
+    captum_saliency = require("captum.attr").Saliency
     torch.manual_seed(16)
     x = torch.randn(2, 3, 64, 64)
     classes = torch.tensor([3, 1])
     with Saliency(resnet18, {}) as s:
         mine = s(x, lambda logits: classes)["saliency/input"]
-    theirs = CaptumSaliency(peer_copy(resnet18)).attribute(x.clone().requires_grad_(),
-                                                           target=classes, abs=True)
+    theirs = captum_saliency(peer_copy(resnet18)).attribute(x.clone().requires_grad_(),
+                                                            target=classes, abs=True)
     theirs = theirs.amax(dim=1)
     assert mine.shape == (2, 64, 64) and theirs.max() > 0
     assert (mine - theirs).abs().max() <= 1e-6 * theirs.abs().max()
@@ -310,3 +315,12 @@ def test_bf16_autocast_agrees_with_fp32(resnet18):
     wa, wb = fp32["gradcam_weights/layer4"], bf16["gradcam_weights/layer4"]
     assert (wa - wb).abs().max() <= 0.05 * wa.abs().max()
     assert bf16["targets/class"].tolist() == classes
+
+
+def test_a_missing_peer_skips_its_test_and_fails_it_under_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require("no_such_peer_library")
+    monkeypatch.setenv("CI", "1")  # .ci/run installs the peers: missing there is a failure
+    with pytest.raises(ImportError):
+        require("no_such_peer_library")

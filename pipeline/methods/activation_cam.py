@@ -22,8 +22,7 @@ class ActivationCAM(Method):
 
     needs_grad = False
 
-    def __init__(self, *args: Any, save_weights: bool = True, **kwargs: Any) -> None:
-        self.save_weights = save_weights
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recording = True
         super().__init__(*args, **kwargs)
 
@@ -59,10 +58,7 @@ class ActivationCAM(Method):
             act = act.float()
             if self.reshape is not None:
                 act = self.reshape(act)
-            cam, weights = self.combine(x, act, target)
-            out[f"{self.name}/{name}"] = cam
-            if self.save_weights and weights is not None:
-                out[f"{self.name}_weights/{name}"] = weights
+            self.add_map(out, name, *self.combine(x, act, target))
         return out
 
 

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..hooks import LayerRecorder
-from .base import Batch, Method, TargetFn
+from .base import Batch, Method, MethodOptions, TargetFn, option, register
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+@dataclass
+class ActivationsOptions(MethodOptions):
+    dtype: str = option("float16", choices=tuple(DTYPES))  # float16 | float32
+    pool: str = option("none", choices=("none", "avg"))  # avg: global average over h, w -> (N, C)
+    max_channels: int | None = None  # keep only the first k channels
+
+
+@register
 class Activations(Method):
+    """The target layers' outputs, copied in the forward hooks (before any in-place op)."""
+
     name = "activations"
     needs_grad = False
     kind = "activations"
-
-    def __init__(
-        self,
-        *args,
-        dtype: str = "float16",
-        pool: str = "none",
-        max_channels: int | None = None,
-        **kwargs,
-    ) -> None:
-        self.dtype = DTYPES[dtype]
-        self.pool = pool
-        self.max_channels = max_channels
-        super().__init__(*args, **kwargs)
+    Options = ActivationsOptions
+    options: ActivationsOptions
 
     def _transform(self, t: torch.Tensor) -> torch.Tensor:
         # Reduce inside the hook: a new tensor, so no clone is needed, and the full-size
         # output is never held longer than the layer that consumes it.
         if self.reshape is not None:
             t = self.reshape(t)
-        if self.max_channels is not None:
-            t = t[:, : self.max_channels]
-        if self.pool == "avg" and t.ndim == 4:
+        if self.options.max_channels is not None:
+            t = t[:, : self.options.max_channels]
+        if self.options.pool == "avg" and t.ndim == 4:
             t = t.float().mean(dim=(2, 3))
-        out = t.to(self.dtype)
+        out = t.to(DTYPES[self.options.dtype])
         return out if out.data_ptr() != t.data_ptr() else out.clone()
 
     def make_recorder(self) -> LayerRecorder:

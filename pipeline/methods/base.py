@@ -1,16 +1,26 @@
-"""The shape every method shares: forward, pick targets, compute maps, return arrays."""
+"""The shape every method shares (forward, pick targets, compute maps, return arrays), the
+options a method declares, and the registry of methods by config name.
+
+A method is one module in this package: a :class:`Method` subclass decorated with
+:func:`register` and, when it has options, a :class:`MethodOptions` dataclass beside it.
+Its config schema, its name in the config's choices and the checks of its option values
+all come from that declaration (see ``pipeline/config.py``); the package imports every
+module in it, so nothing else lists the methods.
+"""
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from types import TracebackType
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, unknown
 from ..hooks import HookSet, LayerRecorder
 
 # Picks the class to explain per image from the logits, e.g. argmax or the dataset label.
@@ -36,6 +46,11 @@ def target_fn(target: Any, labels: torch.Tensor | None = None) -> TargetFn:
     return fixed
 
 
+def reduce_channels(attribution: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H, W): max over channels of |attribution| (Simonyan et al.)."""
+    return attribution.abs().amax(dim=1)
+
+
 def explain_topk(method: Method, x: torch.Tensor, k: int) -> Batch:
     """Maps for each image's k best classes, for any method, from one call.
 
@@ -54,19 +69,92 @@ def explain_topk(method: Method, x: torch.Tensor, k: int) -> Batch:
             for key, v in out.items()}
 
 
+# -- options ----------------------------------------------------------------------------------
+
+
+def option(
+    default: Any,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    at_least: float | None = None,
+    above: float | None = None,
+) -> Any:
+    """A field of a :class:`MethodOptions` dataclass with the values it accepts.
+
+    Args:
+        default: The value when the config (or the caller) gives none.
+        choices: The only values allowed (an enumerated option).
+        at_least: The smallest value allowed (``>=``).
+        above: A bound the value must exceed (``>``).
+
+    Returns:
+        A ``dataclasses.field``; :meth:`MethodOptions.check` enforces the bounds.
+    """
+    return field(default=default,
+                 metadata={"choices": choices, "at_least": at_least, "above": above})
+
+
+@dataclass
+class MethodOptions:
+    """A method's options: every key of its ``method`` config group except ``name``.
+
+    Subclasses are dataclasses whose fields (with types, defaults and, through
+    :func:`option`, the values allowed) are the single declaration of a method's options:
+    the Hydra schema is built from them, ``validate`` checks configs with :meth:`check`,
+    and the method receives them as ``self.options``. Options that constrain each other
+    add their rule by overriding :meth:`check`.
+    """
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` (one line, naming ``method.<option>``) for the first
+        value the declaration does not allow."""
+        for f in fields(self):
+            value, key = getattr(self, f.name), f"method.{f.name}"
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(unknown(key, value, choices))
+            if value is None or isinstance(value, str):
+                continue
+            low = f.metadata.get("at_least")
+            if low is not None and value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+            bound = f.metadata.get("above")
+            if bound is not None and value <= bound:
+                raise ConfigError(f"{key} must be > {bound}, got {value}")
+
+
+@dataclass
+class CAMWeightOptions(MethodOptions):
+    """The option of the CAMs that have per-channel weights."""
+
+    save_weights: bool = True  # also store the channel weights under /<method>_weights
+
+
+@dataclass
+class AttributionOptions(MethodOptions):
+    """The option of the methods with a signed (N, C, H, W) attribution to the input."""
+
+    save_attribution: bool = False  # also store it under /<method>_attribution
+
+
 class Method(ABC):
     """A context manager around a model whose call maps an input batch to stored arrays.
 
-    Subclasses set :attr:`name`, say whether they need gradients and implement
-    :meth:`compute`. Hooks (if any) live exactly as long as the ``with`` block.
+    Subclasses set :attr:`name` and :attr:`kind`, declare their options as :attr:`Options`,
+    say whether they need gradients and implement :meth:`compute`; :func:`register` makes
+    them a config choice. Hooks (if any) live exactly as long as the ``with`` block.
     """
 
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = True
     uses_layers: ClassVar[bool] = True  # False: works on the input, target_layers unused
     # What the stored maps are, for readers and pictures: "cam" (N, h, w) per layer at the
-    # layer's resolution, "input" (N, H, W) at the input's, or "activations".
+    # layer's resolution, "input" (N, H, W) at the input's, or "activations". The results
+    # file keys each dataset's dimension names and ``kind`` attribute by it.
     kind: ClassVar[str] = "cam"
+    # The method's options (its config keys besides ``name``); none by default.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    options: MethodOptions
 
     def __init__(
         self,
@@ -75,7 +163,21 @@ class Method(ABC):
         reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
         topk: int = 5,
         autocast_dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
+        """Declare the method; its hooks are registered on ``__enter__``.
+
+        Args:
+            model: The network, in eval mode; parameters frozen or not (no parameter
+                gradients are ever computed).
+            layers: Target layers by name (``resolve_layers``); empty for input methods.
+            reshape: Turns a token layer's output into (N, C, h, w), or None.
+            topk: Predictions (classes, probabilities) returned per image.
+            autocast_dtype: bf16/fp16 autocast for the model's passes, or None (fp32).
+            **options: The method's :attr:`Options`, checked here as the config is.
+        """
+        self.options = self.Options(**options)
+        self.options.check()
         self.model = model
         self.layers = dict(layers)
         self.reshape = reshape
@@ -98,12 +200,7 @@ class Method(ABC):
             self._hooks = stack.pop_all()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._hooks.close()
 
     def autocast(self, x: torch.Tensor) -> AbstractContextManager[Any]:
@@ -140,4 +237,67 @@ class Method(ABC):
         return score, out
 
     @abstractmethod
-    def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch: ...
+    def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
+        """One batch (N, C, H, W) -> every array to store, keyed by its HDF5 path."""
+
+    def add_map(self, out: Batch, key: str, cam: torch.Tensor,
+                weights: torch.Tensor | None = None) -> None:
+        """Put ``"<name>/<key>"`` into ``out``, and ``"<name>_weights/<key>"`` where there are
+        channel weights and the method's ``save_weights`` option (if it has one) is on."""
+        out[f"{self.name}/{key}"] = cam
+        if weights is not None and getattr(self.options, "save_weights", False):
+            out[f"{self.name}_weights/{key}"] = weights
+
+    def add_attribution(self, out: Batch, key: str, attribution: torch.Tensor) -> None:
+        """Put ``"<name>/<key>"`` (N, H, W), the attribution (N, C, H, W) reduced as saliency
+        is, into ``out``; and the signed attribution as ``"<name>_attribution/<key>"`` where
+        the method's ``save_attribution`` option (if it has one) is on."""
+        attribution = attribution.float()
+        out[f"{self.name}/{key}"] = reduce_channels(attribution)
+        if getattr(self.options, "save_attribution", False):
+            out[f"{self.name}_attribution/{key}"] = attribution
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+METHODS: dict[str, type[Method]] = {}  # config name -> class, filled by @register
+KINDS = ("cam", "input", "activations")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")  # an HDF5 group, a Hydra schema and a config value
+_listeners: list[Callable[[type[Method]], None]] = []
+_M = TypeVar("_M", bound="type[Method]")
+
+
+def register(cls: _M) -> _M:
+    """Class decorator: make ``cls`` the method of config name ``cls.name``.
+
+    Checks the declaration (a lower-case name not taken yet, a known :attr:`Method.kind`,
+    options as a :class:`MethodOptions` dataclass without a ``name`` field), then tells
+    every listener (``pipeline.config`` stores the method's Hydra schema), so a method
+    defined outside this package (a plugin, a test) is complete once its module is imported.
+    """
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TypeError(f"{cls.__name__}.name must be a lower-case identifier, got {name!r}")
+    if name in METHODS:
+        raise TypeError(f"method {name!r} is registered already ({METHODS[name].__name__})")
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
+    opts = cls.Options
+    if not (is_dataclass(opts) and issubclass(opts, MethodOptions)):
+        raise TypeError(f"{cls.__name__}.Options must be a MethodOptions dataclass")
+    if any(f.name == "name" for f in fields(opts)):
+        raise TypeError(f"{opts.__name__} may not declare 'name' (the config's method name)")
+    METHODS[name] = cls
+    for listener in _listeners:
+        listener(cls)
+    return cls
+
+
+def on_register(listener: Callable[[type[Method]], None]) -> None:
+    """Call ``listener`` with every registered method class, now and when one registers."""
+    if listener in _listeners:
+        return
+    _listeners.append(listener)
+    for cls in list(METHODS.values()):
+        listener(cls)
+

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 from .activation_cam import ActivationCAM
+from .base import CAMWeightOptions, register
 
 
+@register
 class EigenCAM(ActivationCAM):
     """CAM = ReLU(projection of the centered activations on their first right-singular
     vector), as pytorch-grad-cam's ``get_2d_projection`` computes it.
@@ -22,6 +24,7 @@ class EigenCAM(ActivationCAM):
     """
 
     name = "eigencam"
+    Options = CAMWeightOptions  # the weights: the first principal direction, (N, C)
 
     def combine(
         self, x: torch.Tensor, activation: torch.Tensor, target: torch.Tensor

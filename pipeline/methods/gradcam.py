@@ -7,24 +7,27 @@ layers); Grad-CAM and its variants (``gradcampp.py``, ``xgradcam.py``, ``layerca
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..errors import ConfigError
-from .base import Batch, Method, TargetFn
+from .base import Batch, CAMWeightOptions, Method, TargetFn, register
+
+
+def weighted_cam(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_c w_c A_c): (N, C) channel weights and (N, C, h, w) activations -> (N, h, w)."""
+    return torch.einsum("nc,nchw->nhw", weights, activation).clamp_min_(0)
 
 
 def cam_from_gradients(
     activation: torch.Tensor, gradient: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, h, w) activations and dY/dA -> (CAM (N, h, w), alpha (N, C)).
+    """Grad-CAM of (N, C, h, w) activations and dY/dA -> (CAM (N, h, w), alpha (N, C)).
 
     alpha_c = mean over (h, w) of dY/dA_c; CAM = ReLU(sum_c alpha_c A_c), not normalized.
+    This is :meth:`GradCAM.combine`: the pipeline's maps are made by this function.
     """
     alpha = gradient.mean(dim=(2, 3))
-    cam = torch.einsum("nc,nchw->nhw", alpha, activation).clamp_min_(0)
-    return cam, alpha
+    return weighted_cam(alpha, activation), alpha
 
 
 class GradientCAM(Method):
@@ -38,21 +41,16 @@ class GradientCAM(Method):
     channel weights under ``"<name>_weights/<layer>"``.
     """
 
-    def __init__(self, *args: Any, save_weights: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.save_weights = save_weights
-
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) activations and dY/dA -> channel weights (N, C)."""
-        return gradient.mean(dim=(2, 3))
+        raise NotImplementedError(f"{type(self).__name__} overrides neither weights nor combine")
 
     def combine(
         self, activation: torch.Tensor, gradient: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(CAM (N, h, w), channel weights (N, C) or None): ReLU(sum_c w_c A_c) by default."""
         alpha = self.weights(activation, gradient)
-        cam = torch.einsum("nc,nchw->nhw", alpha, activation).clamp_min_(0)
-        return cam, alpha
+        return weighted_cam(alpha, activation), alpha
 
     def layer_gradients(
         self, score: torch.Tensor
@@ -89,13 +87,18 @@ class GradientCAM(Method):
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         score, out = self.forward(x, choose)
         for name, (cam, weights) in self.layer_cams(score).items():
-            out[f"{self.name}/{name}"] = cam
-            if self.save_weights and weights is not None:
-                out[f"{self.name}_weights/{name}"] = weights
+            self.add_map(out, name, cam, weights)
         return out
 
 
+@register
 class GradCAM(GradientCAM):
-    """Grad-CAM: alpha_c = spatial mean of dY/dA_c (see :func:`cam_from_gradients`)."""
+    """Grad-CAM: alpha_c = spatial mean of dY/dA_c (:func:`cam_from_gradients`)."""
 
     name = "gradcam"
+    Options = CAMWeightOptions
+
+    def combine(
+        self, activation: torch.Tensor, gradient: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cam_from_gradients(activation, gradient)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .base import CAMWeightOptions, register
 from .gradcam import GradientCAM
 
 EPS = 1e-6  # pytorch-grad-cam's; it also keeps 0/0 finite where all gradients vanish
 
 
+@register
 class GradCAMPlusPlus(GradientCAM):
     """w_c = sum_ij relu(g_ij) a_ij with a_ij = g^2 / (2 g^2 + sum_ij(A) g^3) (eq. 19).
 
@@ -17,6 +19,7 @@ class GradCAMPlusPlus(GradientCAM):
     """
 
     name = "gradcampp"
+    Options = CAMWeightOptions
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         g2 = gradient.pow(2)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..hooks import HookSet
-from .base import Batch, Method, TargetFn
+from .base import AttributionOptions, Batch, Method, TargetFn, register
 from .input_gradient import InputGradient
 
 
@@ -81,10 +81,13 @@ class GuidedHooksMixin(Method):
         return grad.float()
 
 
+@register
 class GuidedBackprop(GuidedHooksMixin, InputGradient):
-    """dY_t/dx with every ReLU passing only positive gradients; stored as ``/saliency``."""
+    """dY_t/dx with every ReLU passing only positive gradients, reduced as ``/saliency``."""
 
     name = "guided_backprop"
+    Options = AttributionOptions  # save_attribution: the signed guided gradient
+    options: AttributionOptions
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.guided = GuidedReLUs(model)
@@ -95,4 +98,5 @@ class GuidedBackprop(GuidedHooksMixin, InputGradient):
         with self.guided.guiding():
             score, out = self.forward(x, choose)
         (grad,) = torch.autograd.grad(score.sum(), x)
-        return self.store(out, grad)
+        self.add_attribution(out, "input", grad)
+        return out

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, TargetFn
-from .gradcam import GradientCAM
+from .base import Batch, MethodOptions, TargetFn, option, register
+from .gradcam import GradCAM
 from .guided_backprop import GuidedHooksMixin, GuidedReLUs
-from .input_gradient import reduce_channels
 
 INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
 
 
-class GuidedGradCAM(GuidedHooksMixin, GradientCAM):
+@dataclass
+class GuidedGradCAMOptions(MethodOptions):
+    # How the CAM is upsampled to the input (F.interpolate's modes; Captum's default).
+    interpolate_mode: str = option("nearest", choices=INTERPOLATE_MODES)
+    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution per layer
+
+
+@register
+class GuidedGradCAM(GuidedHooksMixin, GradCAM):
     """Per target layer: guided dY/dx * F.interpolate(Grad-CAM, input size), as Captum's
     ``GuidedGradCam`` (``interpolate_mode`` "nearest" by default).
 
@@ -30,25 +38,14 @@ class GuidedGradCAM(GuidedHooksMixin, GradientCAM):
     could only serve both with ``retain_graph`` (which we do not use) or a doubled batch.
     """
 
-    kind = "input"
-
     name = "guided_gradcam"
+    kind = "input"
+    Options = GuidedGradCAMOptions
+    options: GuidedGradCAMOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *args: Any,
-        interpolate_mode: str = "nearest",
-        save_attribution: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        if interpolate_mode not in INTERPOLATE_MODES:
-            raise ValueError(f"unknown interpolate_mode {interpolate_mode!r}; "
-                             f"valid: {', '.join(INTERPOLATE_MODES)}")
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.guided = GuidedReLUs(model)
-        self.interpolate_mode = interpolate_mode
-        self.save_attribution = save_attribution
-        super().__init__(model, *args, save_weights=False, **kwargs)
+        super().__init__(model, *args, **kwargs)
 
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         score, out = self.forward(x, choose)
@@ -57,9 +54,6 @@ class GuidedGradCAM(GuidedHooksMixin, GradientCAM):
         self.recorder.clear()  # the guided pass records again; nothing of it is needed
         guided = self.guided_gradient(x, out["targets/class"].long())
         for name, (cam, _) in cams.items():
-            up = F.interpolate(cam[:, None], size=x.shape[-2:], mode=self.interpolate_mode)
-            attribution = guided * up
-            out[f"{self.name}/{name}"] = reduce_channels(attribution)
-            if self.save_attribution:
-                out[f"{self.name}_attribution/{name}"] = attribution
+            up = F.interpolate(cam[:, None], size=x.shape[-2:], mode=self.options.interpolate_mode)
+            self.add_attribution(out, name, guided * up)
         return out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .base import register
 from .gradcam import GradientCAM
 
 
+@register
 class HiResCAM(GradientCAM):
     """CAM = ReLU(sum_c dY/dA_c * A_c); element-wise, so no channel weights.
 

@@ -11,41 +11,25 @@ pictures need. It is off by default because the reduced map is what is drawn and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .base import Batch, Method
+from .base import AttributionOptions, Method
 
 # (flat indices of (image, point) pairs, image-major) -> the model inputs at those points
 Points = Callable[[torch.Tensor], torch.Tensor]
 
 
-def reduce_channels(attribution: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H, W): max over channels of |attribution| (as saliency)."""
-    return attribution.abs().amax(dim=1)
-
-
 class InputGradient(Method):
-    """Works on the input: no target layers, no layer hooks."""
+    """Works on the input: no target layers, no layer hooks. Subclasses declare a
+    ``save_attribution`` option (:class:`AttributionOptions` has just that one)."""
 
     uses_layers = False
     kind = "input"
-
-    def __init__(self, *args: Any, save_attribution: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.save_attribution = save_attribution
+    Options = AttributionOptions
 
     def make_recorder(self) -> None:
         return None
-
-    def store(self, out: Batch, attribution: torch.Tensor, key: str = "input") -> Batch:
-        """Add the reduced map (and the signed attribution if asked) under ``key``."""
-        attribution = attribution.float()
-        out[f"{self.name}/{key}"] = reduce_channels(attribution)
-        if self.save_attribution:
-            out[f"{self.name}_attribution/{key}"] = attribution
-        return out
 
     def gradient_sum(
         self,

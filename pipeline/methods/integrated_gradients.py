@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from .base import Batch, TargetFn
+from ..errors import ConfigError
+from .base import Batch, MethodOptions, TargetFn, option, register
 from .input_gradient import InputGradient
 
 INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
@@ -67,6 +69,24 @@ def baseline_of(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Tensor:
     raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
 
 
+@dataclass
+class IntegratedGradientsOptions(MethodOptions):
+    steps: int = 50  # path points (>= 1 for gausslegendre, >= 2 for the Riemann rules)
+    integration: str = option("gausslegendre", choices=INTEGRATIONS)
+    baseline: str = option("zero", choices=BASELINES)  # see baseline_of
+    blur_sigma: float = option(10.0, above=0)  # baseline=blur: Gaussian sigma in pixels
+    batch_steps: int = option(32, at_least=1)  # path points per forward pass (bounds memory)
+    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution
+
+    def check(self) -> None:
+        super().check()
+        low = 1 if self.integration == "gausslegendre" else 2
+        if self.steps < low:
+            raise ConfigError(f"method.steps must be >= {low} for {self.integration}, "
+                              f"got {self.steps}")
+
+
+@register
 class IntegratedGradients(InputGradient):
     """(x - x') * sum_k s_k dY_t/dx at x' + a_k (x - x'), with Captum's step sizes s_k and
     points a_k (``gausslegendre`` by default, or its Riemann rules).
@@ -77,28 +97,12 @@ class IntegratedGradients(InputGradient):
     """
 
     name = "integrated_gradients"
+    Options = IntegratedGradientsOptions
+    options: IntegratedGradientsOptions
 
-    def __init__(
-        self,
-        *args: Any,
-        steps: int = 50,
-        integration: str = "gausslegendre",
-        baseline: str = "zero",
-        blur_sigma: float = 10.0,
-        batch_steps: int = 32,
-        **kwargs: Any,
-    ) -> None:
-        if baseline not in BASELINES:
-            raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
-        if steps < 1 or batch_steps < 1 or blur_sigma <= 0:
-            raise ValueError(f"integrated_gradients needs steps >= 1, batch_steps >= 1, "
-                             f"blur_sigma > 0; got {steps}, {batch_steps}, {blur_sigma}")
-        sizes, alphas = quadrature(integration, steps)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.steps = steps
-        self.baseline = baseline
-        self.blur_sigma = blur_sigma
-        self.batch_steps = batch_steps
+        sizes, alphas = quadrature(self.options.integration, self.options.steps)
         self.step_sizes = torch.tensor(sizes, dtype=torch.float32)
         self.alphas = torch.tensor(alphas, dtype=torch.float32)
 
@@ -106,15 +110,17 @@ class IntegratedGradients(InputGradient):
         x = x.detach().float()
         _, out = self.forward(x, choose)
         target = out["targets/class"].long()
-        start = baseline_of(x, self.baseline, self.blur_sigma)
+        steps = self.options.steps
+        start = baseline_of(x, self.options.baseline, self.options.blur_sigma)
         delta = x - start
         alphas = self.alphas.to(x.device)
 
         def on_path(rows: torch.Tensor) -> torch.Tensor:
-            image, step = rows // self.steps, rows % self.steps
+            image, step = rows // steps, rows % steps
             # Captum's expression, in float32: baseline + alpha * (input - baseline).
             return start[image] + alphas[step].view(-1, 1, 1, 1) * delta[image]
 
-        total = self.gradient_sum(on_path, len(x), self.steps, target,
-                                  self.step_sizes.to(x.device), self.batch_steps, x)
-        return self.store(out, total * delta)
+        total = self.gradient_sum(on_path, len(x), steps, target,
+                                  self.step_sizes.to(x.device), self.options.batch_steps, x)
+        self.add_attribution(out, "input", total * delta)
+        return out

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, Method, TargetFn
+from .base import Batch, MethodOptions, TargetFn, register
+from .input_gradient import InputGradient
 
 
-class Saliency(Method):
+@register
+class Saliency(InputGradient):
+    """max over channels of |dY_t/dx| for the normalized input; one backward per batch."""
+
     name = "saliency"
-    uses_layers = False
-    kind = "input"
-
-    def make_recorder(self) -> None:
-        return None  # works on the input, no layer hooks
+    Options = MethodOptions  # none: the signed gradient is SmoothGrad's with sigma=0
 
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         x = x.detach().requires_grad_()
         score, out = self.forward(x, choose)
         (grad,) = torch.autograd.grad(score.sum(), x)
-        out["saliency/input"] = grad.float().abs().amax(dim=1)
+        self.add_attribution(out, "input", grad)
         return out

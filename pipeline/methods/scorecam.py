@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .activation_cam import ActivationCAM
+from .base import MethodOptions, option, register
+from .gradcam import weighted_cam
 
 EPS = 1e-8  # pytorch-grad-cam's, for channels that are constant (max == min)
 
 
+@dataclass
+class ScoreCAMOptions(MethodOptions):
+    batch_masks: int = option(64, at_least=1)  # masked inputs per forward pass (bounds memory)
+    save_weights: bool = True  # also store the softmaxed scores under /scorecam_weights
+
+
+@register
 class ScoreCAM(ActivationCAM):
     """As pytorch-grad-cam computes it, batched over images and channels.
 
@@ -28,12 +37,8 @@ class ScoreCAM(ActivationCAM):
     """
 
     name = "scorecam"
-
-    def __init__(self, *args: Any, batch_masks: int = 64, **kwargs: Any) -> None:
-        if batch_masks < 1:
-            raise ValueError(f"batch_masks must be >= 1, got {batch_masks}")
-        self.batch_masks = batch_masks
-        super().__init__(*args, **kwargs)
+    Options = ScoreCAMOptions
+    options: ScoreCAMOptions
 
     def combine(
         self, x: torch.Tensor, activation: torch.Tensor, target: torch.Tensor
@@ -51,8 +56,8 @@ class ScoreCAM(ActivationCAM):
                 with self.autocast(x):
                     zero_logits = self.model(torch.zeros_like(x[:1])).float()[0]
                 scores[~live] = zero_logits[target_of_row[~live]]
-            for start in range(0, len(rows_live), self.batch_masks):
-                rows = rows_live[start:start + self.batch_masks]
+            for start in range(0, len(rows_live), self.options.batch_masks):
+                rows = rows_live[start:start + self.options.batch_masks]
                 image = rows // c
                 mask = F.interpolate(maps[rows, None], size=x.shape[-2:], mode="bilinear",
                                      align_corners=True)
@@ -64,5 +69,4 @@ class ScoreCAM(ActivationCAM):
                     logits = self.model(x[image] * mask)
                 scores[rows] = logits.float().gather(1, target_of_row[rows, None]).squeeze(1)
         weights = scores.view(n, c).softmax(dim=1)
-        cam = torch.einsum("nc,nchw->nhw", weights, activation).clamp_min_(0)
-        return cam, weights
+        return weighted_cam(weights, activation), weights

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import Batch, TargetFn
+from .base import Batch, MethodOptions, TargetFn, option, register
 from .input_gradient import InputGradient
 
 
+@dataclass
+class SmoothGradOptions(MethodOptions):
+    samples: int = option(50, at_least=1)  # noisy copies per image
+    sigma: float = option(0.15, at_least=0)  # noise std as a fraction of each image's range
+    batch_samples: int = option(32, at_least=1)  # noisy inputs per forward pass (bounds memory)
+    seed: int = 0  # the noise is drawn once from this seed: reproducible, batch-independent
+    save_attribution: bool = False  # also store the signed (N, C, H, W) mean gradient
+
+
+@register
 class SmoothGrad(InputGradient):
     """mean over ``samples`` of dY_t/dx at x + noise, noise ~ N(0, (sigma * (max x - min x))^2).
 
@@ -28,31 +39,18 @@ class SmoothGrad(InputGradient):
     """
 
     name = "smoothgrad"
+    Options = SmoothGradOptions
+    options: SmoothGradOptions
 
-    def __init__(
-        self,
-        *args: Any,
-        samples: int = 50,
-        sigma: float = 0.15,
-        batch_samples: int = 32,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        if samples < 1 or batch_samples < 1 or sigma < 0:
-            raise ValueError(f"smoothgrad needs samples >= 1, batch_samples >= 1, sigma >= 0; "
-                             f"got {samples}, {batch_samples}, {sigma}")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.samples = samples
-        self.sigma = sigma
-        self.batch_samples = batch_samples
-        self.seed = seed
         self._bank: torch.Tensor | None = None  # a constant, not data: kept across batches
 
     def noise_bank(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """(samples, C, H, W) standard-normal draws, the same for every batch of that size."""
-        want = (self.samples, *shape)
+        want = (self.options.samples, *shape)
         if self._bank is None or self._bank.shape != want or self._bank.device != device:
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(self.options.seed)
             self._bank = torch.randn(want, generator=generator).to(device)
         return self._bank
 
@@ -60,15 +58,17 @@ class SmoothGrad(InputGradient):
         x = x.detach().float()
         _, out = self.forward(x, choose)
         target = out["targets/class"].long()
+        samples = self.options.samples
         bank = self.noise_bank(x.shape[1:], x.device)
         flat = x.flatten(1)
-        stdev = self.sigma * (flat.amax(dim=1) - flat.amin(dim=1))
+        stdev = self.options.sigma * (flat.amax(dim=1) - flat.amin(dim=1))
 
         def noisy(rows: torch.Tensor) -> torch.Tensor:
-            image, sample = rows // self.samples, rows % self.samples
+            image, sample = rows // samples, rows % samples
             return x[image] + bank[sample] * stdev[image].view(-1, 1, 1, 1)
 
-        ones = torch.ones(self.samples, device=x.device)
-        total = self.gradient_sum(noisy, len(x), self.samples, target, ones,
-                                  self.batch_samples, x)
-        return self.store(out, total / self.samples)
+        ones = torch.ones(samples, device=x.device)
+        total = self.gradient_sum(noisy, len(x), samples, target, ones,
+                                  self.options.batch_samples, x)
+        self.add_attribution(out, "input", total / samples)
+        return out
