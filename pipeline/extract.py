@@ -36,7 +36,7 @@ from .models import (
     resolve_layers,
     use_channels_last,
 )
-from .runtime import AUTOCAST, Normalize, auto_workers, micro_batch_of, resolve_device
+from .runtime import AUTOCAST, Normalize, auto_workers, micro_batch_of, resolve_device, worker_init
 from .store import DONE, FAILED, BackgroundWriter, ResultsWriter, create_results, open_results
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init)
     background = BackgroundWriter(writer)
     failed = 0
     bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",
