@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,8 @@ import pytest
 import torch
 import torchvision
 from conftest import ROOT, TINY, compose_cfg
+
+from pipeline.results import load_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -154,23 +157,33 @@ def done_rows(results: Path) -> int:
 
 
 def slurm_job_id(sweep_dir: Path, job: int) -> str | None:
-    """SLURM's id of a sweep job, from submitit's folders: ``<array>_<job>`` for an array
-    task, ``<id>`` when the sweep was a single job (submitit then submits no array)."""
-    folders = [d for d in (sweep_dir / ".submitit").glob("*") if any(d.glob("*_submitted.pkl"))]
-    for d in folders:
-        if d.name.endswith(f"_{job}") or (job == 0 and "_" not in d.name):
-            return d.name
-    return None
+    """SLURM's id of a sweep job, from the launcher's ``slurm_jobs.json`` (written as soon
+    as the jobs are submitted): ``<array>_<job>``, or ``<id>`` for a one-job sweep."""
+    from pipeline.cluster import read_jobs
+
+    return read_jobs(sweep_dir).get(str(job), {}).get("slurm_job_id")
+
+
+def table_of(text: str, sweep_dir: Path) -> list[str]:
+    """The sweep report's lines at the end of the driver's output."""
+    start = text.find(f"sweep {sweep_dir}: ")
+    assert start >= 0, text[-3000:]
+    return text[start:].splitlines()
 
 
 LIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED", "RESIZING")
 
 
 def sacct_states(job_id: str) -> list[str]:
-    """Every state SLURM's accounting recorded for the job, oldest first (-D: requeues too)."""
-    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+    """Every state SLURM's accounting recorded for the job, oldest first (-D: requeues too).
+    Array tasks that never started are recorded only in a range (``12_[1-2%1]``)."""
+    from pipeline.cluster import _expand_job_ids
+
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id.split("_")[0],
+                          "-o", "JobID,State"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return [state.split()[0] for line in out.splitlines()
+            for job, _, state in [line.partition("|")] if job_id in _expand_job_ids(job)]
 
 
 def restarted(job_id: str) -> bool:
@@ -217,7 +230,7 @@ def reference_run(tmp_path: Path, image_dir: Path, *overrides: str) -> Path:
     """The same job uninterrupted, in this process (no gate: nothing stalls)."""
     from pipeline.cli import run
 
-    run_dir = tmp_path / "reference"
+    run_dir = tmp_path / f"reference-{time.monotonic_ns()}"
     run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
                     "model=custom", "model._target_=test_slurm.stalling_resnet18", *overrides),
         run_dir)
@@ -252,3 +265,126 @@ def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
     assert "Bypassing signal SIGTERM" in logs  # submitit's handler saw it; workers ignored it
     assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
     assert_same_arrays(results, reference_run(tmp_path, image_dir))
+
+
+def test_time_limit_requeues_through_submitit_and_resumes(cluster, tmp_path, image_dir):
+    """A job that outlives its time limit: SLURM sends SIGUSR2 ``signal_delay_s`` before the
+    limit, submitit's handler checkpoints and requeues it (max_num_timeout), the loader
+    workers ignore the signal, and the next run resumes with the missing images."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    # With a 1-minute limit, SIGUSR2 comes at SLURM's first check (every 30 s) at least
+    # 25 s after the start: the job has started and is stalled by then.
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), "num_workers=2",
+                                    "hydra.launcher.timeout_min=1",
+                                    "hydra.launcher.signal_delay_s=5",
+                                    "hydra.launcher.max_num_timeout=2"), tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    wait_until("submitit to requeue the job at its time limit", lambda: restarted(job_id),
+               timeout=120, proc=proc, out=out)
+    (gates / "0").unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
+    logs = job_logs(sweep_dir, job_id)
+    assert "Caught signal SIGUSR2" in logs and "this job is timed-out" in logs
+    assert "Calling checkpoint method" in logs and "killed by signal" not in logs
+    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
+    assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 1 job: 1 done"
+    assert_same_arrays(results, reference_run(tmp_path, image_dir))
+
+
+def test_cancelled_sweep_ends_with_a_table_and_its_rerun_continues(cluster, tmp_path,
+                                                                   image_dir):
+    """``scancel`` of a sweep while job 1 runs and job 2 waits: the driver ends with a table
+    (done, cancelled, never ran), exit 1, no traceback. The command it prints runs the sweep
+    again in the same folder: job 0 is not resubmitted, job 1 resumes, job 2 runs and fails
+    on its bad layer, and SLURM's records say FAILED for it."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "1").touch()
+    layers = "model.target_layers=[layer3],[layer4],[layer9]"
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), layers,
+                                    "hydra.launcher.array_parallelism=1"), tmp_path)
+    results = sweep_dir / "1" / "results.h5"
+    wait_until("job 1's first batch", lambda: done_rows(results) >= 4, proc=proc, out=out)
+    ids = [slurm_job_id(sweep_dir, job) for job in range(3)]
+    subprocess.run(["scancel", ids[0].split("_")[0]], check=True, timeout=30)  # the array
+    rc, text = finish(proc, out)
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    table = table_of(text, sweep_dir)
+    assert table[0] == (f"sweep {sweep_dir}: 3 jobs: 1 done, 1 cancelled, "
+                        "1 missing (never ran)")
+    assert table[1].split() == ["job", "model.target_layers", "state", "images", "slurm"]
+    assert table[2].split() == ["0", "[layer3]", "done", "6/6", ids[0], "COMPLETED"]
+    assert table[3].split() == ["1", "[layer4]", "cancelled", "4/6", ids[1], "CANCELLED"]
+    assert table[4].split() == ["2", "[layer9]", "missing", "-", ids[2], "CANCELLED"]
+    assert table[5].startswith("2 jobs did not finish")
+    rerun = table[6].strip()
+    assert rerun.startswith("python run.py -m ") and f"hydra.sweep.dir={sweep_dir}" in rerun
+    assert [final_states(i)[-1] for i in ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+
+    (gates / "1").unlink()
+    cmd = [sys.executable, str(ROOT / "run.py"), *shlex.split(rerun)[2:]]
+    rc, text = finish(*start(cmd, tmp_path))
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    assert "#0 : " in text and "(done earlier: not submitted)" in text
+    table = table_of(text, sweep_dir)
+    assert table[0] == f"sweep {sweep_dir}: 3 jobs: 2 done, 1 failed"
+    new = [slurm_job_id(sweep_dir, job) for job in range(3)]
+    assert new[0] == ids[0] and new[1] != ids[1]  # job 0 was not submitted again
+    assert table[3].split() == ["1", "[layer4]", "done", "6/6", new[1], "COMPLETED"]
+    assert table[4].split()[:6] == ["2", "[layer9]", "failed", "-", new[2], "FAILED"]
+    assert "unknown layer 'layer9'" in table[4]
+    assert final_states(new[2]) == ["FAILED"]  # SLURM's own record of the failed job
+    assert re.search(r"\(4 were done before this run\)", job_logs(sweep_dir, new[1]))
+    assert_same_arrays(results, reference_run(tmp_path, image_dir, "model.target_layers=[layer4]"))
+
+
+def test_sbatch_refusals_are_one_line_naming_the_key(cluster, tmp_path, image_dir):
+    """The GPU launcher's defaults on a cluster without GPUs, then impossible CPU and memory
+    requests: sbatch refuses, the driver says so in one line naming the key to change."""
+    cases = [((), "hydra.launcher.gpus_per_node=null"),
+             (("hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=4096"),
+              "a smaller hydra.launcher.cpus_per_task"),
+             (("hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+               "hydra.launcher.mem_gb=100000"), "a smaller hydra.launcher.mem_gb")]
+    for overrides, fix in cases:
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=slurm", *TINY,
+               "data=glob", f"data.pattern={image_dir}/*.jpg",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error: sbatch refused the jobs"), (
+            proc.stderr)
+        assert fix in errors[0], errors[0]
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_two_job_layer_sweep_renders_on_slurm(cluster, tmp_path, image_dir):
+    """The plain case: stage=all through SLURM, two jobs, both COMPLETED in SLURM's records."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = sweep_command(sweep_dir, image_dir, "stage=all", "model.target_layers=[layer3],[layer4]")
+    rc, text = finish(*start(cmd, tmp_path))
+    assert rc == 0, text[-3000:]
+    assert "Submitit 'slurm' sweep output dir" in text
+    assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 2 jobs: 2 done"
+    sweep = load_sweep(sweep_dir)
+    assert list(sweep.table["state"]) == ["done", "done"]
+    assert list(sweep.table["layers"]) == ["layer3", "layer4"]
+    assert list(sweep.table["done"]) == [6, 6]
+    assert list(sweep.table["slurm_state"]) == ["COMPLETED", "COMPLETED"]
+    assert [final_states(i)[-1] for i in sweep.table["slurm_job"]] == ["COMPLETED"] * 2
+    for job in (0, 1):
+        assert len(list((sweep_dir / str(job) / "pictures").glob("*.png"))) == 6
+    with sweep.run(1) as run:
+        assert run.cams("layer4").shape == (6, 2, 2)
