@@ -277,21 +277,35 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
 
     jobs = read_jobs(sweep_dir)
     returns: dict[int, Any] = {}
+    wanted = [(i, list(o)) for i, o in enumerate(job_overrides, start=initial_job_idx)]
+    # A job of an earlier driver of this sweep (one that was interrupted, or lost with its
+    # login session) may still be queued or running: wait for it instead of starting a
+    # second copy on the same results file.
+    earlier = {i: jobs[str(i)]["slurm_job_id"] for i, o in wanted
+               if jobs.get(str(i), {}).get("overrides") == o
+               and jobs[str(i)].get("slurm_job_id")}
+    alive = slurm_states(list(earlier.values())) if earlier else {}
     todo: list[tuple[int, list[str]]] = []
-    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-        overrides = list(overrides)
+    submitted: list[tuple[int, list[str], Any]] = []
+    for idx, overrides in wanted:
         done = _already_done(sweep_dir / str(idx), overrides) if plain_subdirs else None
         shown = " ".join(filter_overrides(overrides))
+        job_id = earlier.get(idx, "")
         if done is not None:
             log.info("\t#%d : %s  (done earlier: not submitted)", idx, shown)
             returns[idx] = JobReturn(overrides=overrides, status=JobStatus.COMPLETED,
                                      _return_value=done, working_dir=str(sweep_dir / str(idx)))
             jobs.setdefault(str(idx), {"overrides": overrides}).update(outcome="done", error="")
+        elif alive.get(job_id) in LIVE_STATES:
+            log.info("\t#%d : %s  (still in SLURM as %s, %s: waiting for it)", idx, shown,
+                     job_id, alive[job_id])
+            handle = submitit.SlurmJob(folder=params["submitit_folder"], job_id=job_id)
+            jobs[str(idx)].update(outcome="submitted", slurm_state=alive[job_id], error="")
+            submitted.append((idx, overrides, handle))
         else:
             log.info("\t#%d : %s", idx, shown)
             todo.append((idx, overrides))
 
-    submitted: list[tuple[int, list[str], Any]] = []
     if todo:
         executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
                                          slurm_max_num_timeout=params["max_num_timeout"])
@@ -318,17 +332,19 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
                      "hydra/launcher=basic (the default) or submitit_local", e)
         for (idx, overrides), handle in zip(todo, handles, strict=True):
             record = jobs.setdefault(str(idx), {})
-            earlier = record.get("earlier_slurm_job_ids", [])
+            before = record.get("earlier_slurm_job_ids", [])
             if record.get("slurm_job_id") and record["slurm_job_id"] != handle.job_id:
-                earlier = [*earlier, record["slurm_job_id"]]
+                before = [*before, record["slurm_job_id"]]
             jobs[str(idx)] = {"overrides": overrides, "slurm_job_id": handle.job_id,
-                              "earlier_slurm_job_ids": earlier, "slurm_state": "PENDING",
+                              "earlier_slurm_job_ids": before, "slurm_state": "PENDING",
                               "outcome": "submitted", "error": ""}
             submitted.append((idx, overrides, handle))
-        _write_jobs(sweep_dir, jobs)
-        log.info("submitted %d job(s) to SLURM as %s; watch them with "
-                 "pipeline.results.load_sweep(%r)", len(submitted),
-                 submitted[0][2].job_id.split("_")[0], str(sweep_dir))
+        log.info("submitted %d job(s) to SLURM as %s", len(todo),
+                 handles[0].job_id.split("_")[0])
+    submitted.sort(key=lambda item: item[0])
+    _write_jobs(sweep_dir, jobs)
+    if submitted:
+        log.info("watch the sweep with pipeline.results.load_sweep(%r)", str(sweep_dir))
 
     try:
         for idx, overrides, handle in submitted:
@@ -345,10 +361,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         _settle(sweep_dir, jobs, [str(i) for i, _, _ in submitted])
     except KeyboardInterrupt:
         _write_jobs(sweep_dir, jobs)
-        print(f"\ninterrupted: the submitted jobs go on in SLURM (scancel "
-              f"{submitted[0][2].job_id.split('_')[0]} stops them); "
-              f"pipeline.results.load_sweep({str(sweep_dir)!r}) shows where they are",
-              file=sys.stderr)
+        ids = sorted({h.job_id.split("_")[0] for _, _, h in submitted})
+        print(f"\ninterrupted: the sweep's jobs go on in SLURM (scancel {' '.join(ids)} stops "
+              f"them); pipeline.results.load_sweep({str(sweep_dir)!r}) shows where they are, "
+              "and the same command run again waits for them", file=sys.stderr)
         raise SystemExit(130) from None
     return [returns[i] for i in sorted(returns)]
 

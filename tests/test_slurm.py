@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -388,3 +389,38 @@ def test_two_job_layer_sweep_renders_on_slurm(cluster, tmp_path, image_dir):
         assert len(list((sweep_dir / str(job) / "pictures").glob("*.png"))) == 6
     with sweep.run(1) as run:
         assert run.cams("layer4").shape == (6, 2, 2)
+
+
+def test_an_interrupted_driver_leaves_its_jobs_running_and_the_rerun_waits_for_them(
+        cluster, tmp_path, image_dir):
+    """Ctrl-C in the sweep driver (or a lost login session): the jobs go on in SLURM. The
+    same command run again submits nothing new: it waits for the running job, so no second
+    copy ever writes the same results file."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    cmd = sweep_command(sweep_dir, image_dir, *stalling(gates))
+    proc, out = start(cmd, tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    proc.send_signal(signal.SIGINT)
+    rc, text = finish(proc, out)
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text
+    assert "interrupted: the sweep's jobs go on in SLURM" in text
+    assert sacct_states(job_id) == ["RUNNING"]
+    assert load_sweep(sweep_dir).table.iloc[0]["state"] == "running"  # asks SLURM
+
+    proc, out = start(cmd, tmp_path)
+    wait_until("the rerun to find the running job",
+               lambda: f"(still in SLURM as {job_id}, RUNNING: waiting for it)" in
+               out.read_text(), proc=proc, out=out)
+    (gates / "0").unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert table_of(text, sweep_dir)[2].split() == ["0", "done", "6/6", job_id, "COMPLETED"]
+    assert slurm_job_id(sweep_dir, 0) == job_id
+    assert final_states(job_id) == ["COMPLETED"]  # one run of the job, never two
+    assert [d.name for d in (sweep_dir / ".submitit").iterdir() if d.is_dir()] == [job_id]
