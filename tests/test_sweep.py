@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def test_multirun_over_layers_gives_one_results_file_per_job(tmp_path, image_dir
         assert (sweep_dir / str(job) / ".hydra" / "config.yaml").exists()
     with pytest.raises(StoreError, match="no job 7"):
         sweep.run(7)
+    # The printed command runs the sweep again in its folder: done jobs find nothing to do.
+    rerun = [sys.executable, str(ROOT / "run.py"), *shlex.split(table[7])[2:]]
+    proc = subprocess.run(rerun, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("6 of 6 images done, 0 failed (6 were done before this run)") == 3
+    assert f"sweep {sweep_dir}: 4 jobs: 3 done, 1 failed" in out
 
 
 @pytest.mark.parametrize("num_shards", [2, 3])
