@@ -46,21 +46,26 @@ node_state() { timeout 10 sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1 ||
 db_up() { mariadb-admin --protocol=socket --socket="$DB_SOCKET" ping >/dev/null 2>&1; }
 # slurmdbd answers and knows our cluster (sacctmgr talks to slurmdbd, not to the database).
 dbd_up() { timeout 10 sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
+# slurmctld has registered its address with slurmdbd: without that no job reaches sacct.
+ctld_registered() {
+  timeout 10 sacctmgr -n -P list cluster format=cluster,controlport 2>/dev/null \
+    | grep -q "^$CLUSTER|[1-9]"
+}
 # sinfo keeps saying "idle" for up to SlurmdTimeout after slurmd dies, so also ask the
 # local slurmd itself (`scontrol show slurmd` talks to it directly); and slurmctld must
 # be connected to slurmdbd, or finished jobs never reach sacct.
 healthy() {
   [[ $(node_state) =~ ^(idle|mixed|allocated)$ ]] \
     && timeout 10 scontrol show slurmd >/dev/null 2>&1 \
-    && dbd_up \
+    && ctld_registered \
     && timeout 10 sacct -n -X -j 1 >/dev/null 2>&1
 }
-# Stop a daemon we started, through its pid file.
+# Stop a daemon we started, through its pid file; $2 says why.
 stop_pidfile() {
   local pid
   pid=$(cat "$1" 2>/dev/null || true)
   if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-    log "stopping $(basename "$1" .pid) (pid $pid) to apply the new config"
+    log "stopping $(basename "$1" .pid) (pid $pid) ${2:-to apply the new config}"
     kill "$pid"
     for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
   fi
@@ -227,9 +232,11 @@ fi
 if ! pgrep -x slurmdbd >/dev/null; then log "starting slurmdbd"; slurmdbd; fi
 # The first start creates the accounting tables (a few seconds).
 wait_for 120 timeout 10 sacctmgr -n list cluster || fail "slurmdbd did not answer within 60 s"
+REGISTERED=0
 if ! dbd_up; then
   log "registering cluster '$CLUSTER' with slurmdbd"
   sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  REGISTERED=1
 fi
 
 # ---- slurmctld + slurmd -------------------------------------------------------------
@@ -238,6 +245,11 @@ fi
 if (( CONF_CHANGED )); then
   stop_pidfile /run/slurmd.pid
   stop_pidfile /run/slurmctld.pid
+elif (( REGISTERED )) || ! ctld_registered; then
+  # A slurmctld that was running before its cluster existed in the database (a database
+  # lost and recreated) never registers its address there, and no job of it reaches sacct
+  # ("trying to register a cluster (ci) with no remote port"): start it again.
+  stop_pidfile /run/slurmctld.pid "to register it with slurmdbd"
 fi
 # Both daemonize themselves (no -D), so they outlive this script.
 if ! pgrep -x slurmctld >/dev/null; then log "starting slurmctld"; slurmctld; fi
