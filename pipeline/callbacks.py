@@ -1,8 +1,9 @@
-"""Hydra callbacks: a report at the end of a multirun."""
+"""Hydra callbacks: the table that ends every multirun."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -12,22 +13,25 @@ log = logging.getLogger("camsweep")
 
 
 class SweepReport(Callback):
-    """After all jobs of a sweep: one line per job that did not finish, and a non-zero exit
-    status when any failed (jobs run on, so one bad layer name does not stop a sweep)."""
+    """After all jobs of a sweep: a table of every job (the swept keys, its state, images
+    done, SLURM's record, why it did not finish) and, when some did not finish, the command
+    that continues them; then exit status 1. Jobs run on when one fails, so one bad layer
+    name does not stop a sweep. On SLURM the launcher (pipeline.cluster) hands every job's
+    outcome here, cancelled and timed-out jobs included, instead of raising."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .errors import StoreError
         from .results import load_sweep
 
         try:
-            sweep = load_sweep(config.hydra.sweep.dir)
+            # The launcher recorded every job's end: no need to ask SLURM again.
+            sweep = load_sweep(config.hydra.sweep.dir, slurm=False)
         except StoreError as e:
             log.warning("no sweep report: %s", e)
             return
-        bad = sweep.failed
-        log.info("sweep %s: %d jobs, %d done, %d not done", sweep.root, len(sweep),
-                 len(sweep) - len(bad), len(bad))
-        for _, row in bad.iterrows():
-            log.error("job %s %s: %s", row["job"], row["state"], row["error"] or row["run_dir"])
-        if len(bad):
+        # One block on stdout, after Hydra's log lines: a table reads badly with a log
+        # prefix on every line.
+        sys.stdout.flush()
+        print("\n".join(sweep.report()), flush=True)
+        if len(sweep.failed):
             raise SystemExit(1)

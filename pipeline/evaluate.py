@@ -412,12 +412,14 @@ class _BatchEvaluator:
         from tqdm import tqdm
 
         from .data import ImageDataset, Record, collate, decode_on_device
+        from .runtime import worker_init
 
         s = self.setup
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
         dataset = ImageDataset(records, rows, s.image_size, s.resize, s.decode)
         loader = DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda")
+                            collate_fn=collate, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=worker_init)
         changed: list[str] = []
         bar = tqdm(total=len(rows), desc=f"evaluate {self.path.parent.name}", unit="img",
                    dynamic_ncols=True, disable=None)

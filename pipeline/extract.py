@@ -46,6 +46,7 @@ from .runtime import (
     micro_batch_of,
     resolve_device,
     to_host,
+    worker_init,
 )
 from .store import (
     DONE,
@@ -344,7 +345,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init)
     background = BackgroundWriter(writer)
     failed = 0
     bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from .errors import RunRefused
 
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = "hhqqi4x"
 _HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see their own
 
 
@@ -50,18 +53,18 @@ def writer_lock(path: str | os.PathLike, what: str = "writing",
 
 
 def lock_is_held(path: str | os.PathLike) -> bool:
-    """Whether some process holds the writer lock of ``path`` right now."""
+    """Whether some process holds the writer lock of ``path`` right now. Asks the kernel
+    (``F_GETLK``) on a read-only handle, so readers without write access can tell too."""
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
-    if str(lock_path.resolve()) in _HELD:
+    if str(lock_path.resolve()) in _HELD:  # POSIX locks do not report the asker's own
         return True
-    if not lock_path.exists():
-        return False
-    fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, 0, 0, 0, 0))
     finally:
         os.close(fd)
-    return False
+    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK

@@ -4,6 +4,7 @@ workers and pass size. Shared by the extract and evaluate stages."""
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import torch
@@ -88,6 +89,22 @@ def auto_workers(n_images: int, batch_size: int) -> int:
         return 0  # starting workers costs more than decoding one batch
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
     return max(1, min(8, cpus - 1))
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, SIGUSR2 and SIGINT.
+
+    SLURM delivers a job's signals to every process of the step: SIGTERM on ``scancel``,
+    ``scontrol requeue`` and preemption, SIGUSR2 before the time limit (submitit's
+    ``--signal``), SIGINT on Ctrl-C in a terminal. A worker killed by one makes the main
+    process raise "DataLoader worker ... is killed by signal" and the job fails instead of
+    being requeued. Ignoring them here leaves the decision to the main process (submitit's
+    handler requeues and exits; a plain run stops on Ctrl-C); the main process stops its
+    workers as it exits, and SIGKILL, which cannot be ignored, still ends them with the job.
+    """
+    del worker_id  # same for every worker
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def micro_batch_of(setting: int | str | None, device: torch.device) -> int | None:

@@ -1,64 +1,426 @@
-"""A real sweep through hydra-submitit-launcher on a real one-node SLURM cluster.
+"""Sweeps through hydra-submitit-launcher on a real one-node SLURM cluster with real
+accounting (slurmdbd): requeue, time limits, cancellation, sbatch refusals.
 
-CI (root) starts the cluster with .ci/slurm_up.sh before the tests; this test starts it
-itself when it is missing and it can (root, apt). It is skipped, with the reason printed,
-only where neither holds.
+CI (root) starts the cluster with .ci/slurm_up.sh before the tests; these tests start it
+themselves when it is missing and they can (root, apt). Under CI (CI=1) a missing cluster
+fails them; elsewhere, without root, they are skipped with the reason.
+
+Jobs that must be interrupted mid-run use ``stalling_resnet18``: a random-init resnet18
+that, while a gate file of its job exists, blocks in its forward pass after the first
+batch, as a job longer than its time limit would. The gates make the timing deterministic
+on any machine: the test waits for the first batch in the results file, interrupts the job
+the way SLURM does, and removes the gate once SLURM has requeued it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
-import warnings
+import time
+from collections.abc import Callable
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
-from conftest import ROOT, TINY
+import torch
+import torchvision
+from conftest import ROOT, TINY, compose_cfg
 
 from pipeline.results import load_sweep
 
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-def _cluster_up() -> str | None:
-    """None when a SLURM cluster answers; otherwise why it cannot be had."""
-    if shutil.which("sinfo") is None or subprocess.run(
-            ["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            return "no SLURM here and not root with apt-get to install one"
-        setup = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_up.sh")], capture_output=True,
-                               text=True, timeout=900)
-        if setup.returncode != 0:
-            pytest.fail(f".ci/slurm_up.sh failed:\n{setup.stdout[-3000:]}{setup.stderr[-3000:]}")
+STALL_AFTER = 5  # images through gradient passes before the gate is honoured
+
+
+class _StallingResNet(torchvision.models.ResNet):
+    """resnet18 (same init as ``torchvision.models.resnet18()``) with a gate, see module doc."""
+
+    def __init__(self, gate_dir: str | None = None) -> None:
+        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
+        self.gate: Path | None = None
+        if gate_dir:
+            from hydra.core.hydra_config import HydraConfig
+
+            job = HydraConfig.get().job.num if HydraConfig.initialized() else 0
+            self.gate = Path(gate_dir) / str(job)
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None and torch.is_grad_enabled():  # explain passes, not probes
+            self.seen += len(x)
+            while self.seen > STALL_AFTER and self.gate.exists():
+                time.sleep(0.1)  # the simulated long job: signals still get through
+        return super().forward(x)
+
+
+def stalling_resnet18(gate_dir: str | None = None) -> torch.nn.Module:
+    """``model._target_`` for jobs that stall while ``<gate_dir>/<job number>`` exists."""
+    return _StallingResNet(gate_dir)
+
+
+# -- the cluster ------------------------------------------------------------------------------
+
+def _cluster_or_reason() -> str | None:
+    """None when a SLURM cluster with accounting answers (started here if need be)."""
+    def answers() -> bool:
+        return shutil.which("sinfo") is not None and subprocess.run(
+            ["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=30).returncode == 0
+
+    if answers():
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "no SLURM with accounting here, and not root with apt-get to start one"
+    setup = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_up.sh")], capture_output=True,
+                           text=True, timeout=900)
+    if setup.returncode != 0 or not answers():
+        pytest.fail(f".ci/slurm_up.sh failed:\n{setup.stdout[-3000:]}{setup.stderr[-3000:]}")
     return None
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_two_job_layer_sweep_on_slurm(tmp_path, image_dir):
-    why = _cluster_up()
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    why = _cluster_or_reason()
     if why:
-        warnings.warn(f"SLURM TEST NOT RUN: {why}", stacklevel=1)
+        if os.environ.get("CI"):
+            pytest.fail(f"SLURM TEST NOT RUN under CI: {why}")
         pytest.skip(f"SLURM TEST NOT RUN: {why}")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+# Jobs run as separate SLURM processes: they import camsweep from this checkout, and the
+# stalling model from this file.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+SMALL = ("hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=10", *TINY, "stage=extract", "data=glob")
+
+
+def sweep_command(sweep_dir: Path, image_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "-m", *SMALL,
+            f"data.pattern={image_dir}/*.jpg", f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def stalling(gate_dir: Path) -> tuple[str, ...]:
+    return ("model=custom", "model._target_=test_slurm.stalling_resnet18",
+            f"+model.kwargs.gate_dir={gate_dir}")
+
+
+def start(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
+    """The sweep driver in the background; its output goes to a file (no pipe to fill)."""
+    out = cwd / f"driver-{time.monotonic_ns()}.log"
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def finish(proc: subprocess.Popen, out: Path, timeout: float = 600) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"sweep driver still running after {timeout} s:\n{out.read_text()[-3000:]}")
+    return rc, out.read_text()
+
+
+def wait_until(what: str, check: Callable[[], object], timeout: float = 300,
+               proc: subprocess.Popen | None = None, out: Path | None = None) -> object:
+    """Poll ``check`` until it returns something true; fail with ``what`` after ``timeout``
+    seconds, or at once when the driver ``proc`` ended meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"sweep driver ended (rc {proc.returncode}) while waiting for {what}:\n"
+                        f"{out.read_text()[-3000:] if out else ''}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}"
+                + (f":\n{out.read_text()[-3000:]}" if out else ""))
+
+
+def done_rows(results: Path) -> int:
+    """Rows marked done in a results file that may still be being written (or not exist)."""
+    try:
+        with h5py.File(results, "r", locking=False) as f:
+            return int((f["images/status"][:] == 1).sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def slurm_job_id(sweep_dir: Path, job: int) -> str | None:
+    """SLURM's id of a sweep job, from the launcher's ``slurm_jobs.json`` (written as soon
+    as the jobs are submitted): ``<array>_<job>``, or ``<id>`` for a one-job sweep."""
+    from pipeline.cluster import read_jobs
+
+    return read_jobs(sweep_dir).get(str(job), {}).get("slurm_job_id")
+
+
+def table_of(text: str, sweep_dir: Path) -> list[str]:
+    """The sweep report's lines at the end of the driver's output."""
+    start = text.find(f"sweep {sweep_dir}: ")
+    assert start >= 0, text[-3000:]
+    return text[start:].splitlines()
+
+
+LIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Every state SLURM's accounting recorded for the job, oldest first (-D: requeues too).
+    Array tasks that never started are recorded only in a range (``12_[1-2%1]``)."""
+    from pipeline.cluster import _expand_job_ids
+
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id.split("_")[0],
+                          "-o", "JobID,State"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return [state.split()[0] for line in out.splitlines()
+            for job, _, state in [line.partition("|")] if job_id in _expand_job_ids(job)]
+
+
+def restarted(job_id: str) -> bool:
+    """SLURM requeued the job and its first run's processes are gone (the job is pending or
+    running again): only then may the gate open, or the first run, which lives on until
+    SIGKILL after ignoring SIGTERM, would finish the work itself."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return bool(re.search(r"\bJobState=(PENDING|RUNNING)\b", out)
+                and re.search(r"\bRestarts=[1-9]", out))
+
+
+def final_states(job_id: str) -> list[str]:
+    """:func:`sacct_states` once SLURM has recorded the job's end: the driver may see a job's
+    result before its process has exited and the end has reached the accounting database."""
+    return wait_until(f"job {job_id} to end in sacct", lambda: (
+        states if (states := sacct_states(job_id)) and states[-1] not in LIVE else None), 120)
+
+
+def job_logs(sweep_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace")
+                   for p in sorted((sweep_dir / ".submitit" / job_id).glob("*_log.*")))
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r", locking=False) as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[...]) if isinstance(v, h5py.Dataset)
+                     else None)
+    return out
+
+
+def assert_same_arrays(got: Path, want: Path) -> None:
+    a, b = arrays(got), arrays(want)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype.kind == "f":  # batch composition may differ after a resume
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def reference_run(tmp_path: Path, image_dir: Path, *overrides: str) -> Path:
+    """The same job uninterrupted, in this process (no gate: nothing stalls)."""
+    from pipeline.cli import run
+
+    run_dir = tmp_path / f"reference-{time.monotonic_ns()}"
+    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
+                    "model=custom", "model._target_=test_slurm.stalling_resnet18", *overrides),
+        run_dir)
+    return run_dir / "results.h5"
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
+    """``scontrol requeue`` of a running job with DataLoader workers: the workers ignore
+    SLURM's SIGTERM, SLURM requeues the job, the new run computes only the missing images
+    and the sweep ends normally with the arrays of an uninterrupted run."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), "num_workers=2"),
+                      tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    assert job_id and done_rows(results) == 4  # stalled on the second batch
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    wait_until("SLURM to requeue the job", lambda: restarted(job_id), proc=proc, out=out)
+    (gates / "0").unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
+    logs = job_logs(sweep_dir, job_id)
+    assert "killed by signal" not in logs
+    assert "Bypassing signal SIGTERM" in logs  # submitit's handler saw it; workers ignored it
+    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
+    assert_same_arrays(results, reference_run(tmp_path, image_dir))
+
+
+def test_time_limit_requeues_through_submitit_and_resumes(cluster, tmp_path, image_dir):
+    """A job that outlives its time limit: SLURM sends SIGUSR2 ``signal_delay_s`` before the
+    limit, submitit's handler checkpoints and requeues it (max_num_timeout), the loader
+    workers ignore the signal, and the next run resumes with the missing images."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    # With a 1-minute limit, SIGUSR2 comes at SLURM's first check (every 30 s) at least
+    # 25 s after the start: the job has started and is stalled by then.
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), "num_workers=2",
+                                    "hydra.launcher.timeout_min=1",
+                                    "hydra.launcher.signal_delay_s=5",
+                                    "hydra.launcher.max_num_timeout=2"), tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    wait_until("submitit to requeue the job at its time limit", lambda: restarted(job_id),
+               timeout=120, proc=proc, out=out)
+    (gates / "0").unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
+    logs = job_logs(sweep_dir, job_id)
+    assert "Caught signal SIGUSR2" in logs and "this job is timed-out" in logs
+    assert "Calling checkpoint method" in logs and "killed by signal" not in logs
+    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
+    assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 1 job: 1 done"
+    assert_same_arrays(results, reference_run(tmp_path, image_dir))
+
+
+def test_cancelled_sweep_ends_with_a_table_and_its_rerun_continues(cluster, tmp_path,
+                                                                   image_dir):
+    """``scancel`` of a sweep while job 1 runs and job 2 waits: the driver ends with a table
+    (done, cancelled, never ran), exit 1, no traceback. The command it prints runs the sweep
+    again in the same folder: job 0 is not resubmitted, job 1 resumes, job 2 runs and fails
+    on its bad layer, and SLURM's records say FAILED for it."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "1").touch()
+    layers = "model.target_layers=[layer3],[layer4],[layer9]"
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), layers,
+                                    "hydra.launcher.array_parallelism=1"), tmp_path)
+    results = sweep_dir / "1" / "results.h5"
+    wait_until("job 1's first batch", lambda: done_rows(results) >= 4, proc=proc, out=out)
+    ids = [slurm_job_id(sweep_dir, job) for job in range(3)]
+    subprocess.run(["scancel", ids[0].split("_")[0]], check=True, timeout=30)  # the array
+    rc, text = finish(proc, out)
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    table = table_of(text, sweep_dir)
+    assert table[0] == (f"sweep {sweep_dir}: 3 jobs: 1 done, 1 cancelled, "
+                        "1 missing (never ran)")
+    assert table[1].split() == ["job", "model.target_layers", "state", "images", "slurm"]
+    assert table[2].split() == ["0", "[layer3]", "done", "6/6", ids[0], "COMPLETED"]
+    assert table[3].split() == ["1", "[layer4]", "cancelled", "4/6", ids[1], "CANCELLED"]
+    assert table[4].split() == ["2", "[layer9]", "missing", "-", ids[2], "CANCELLED"]
+    assert table[5].startswith("2 jobs did not finish")
+    rerun = table[6].strip()
+    assert rerun.startswith("python run.py -m ") and f"hydra.sweep.dir={sweep_dir}" in rerun
+    assert [final_states(i)[-1] for i in ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+
+    (gates / "1").unlink()
+    cmd = [sys.executable, str(ROOT / "run.py"), *shlex.split(rerun)[2:]]
+    rc, text = finish(*start(cmd, tmp_path))
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    assert "#0 : " in text and "(done earlier: not submitted)" in text
+    table = table_of(text, sweep_dir)
+    assert table[0] == f"sweep {sweep_dir}: 3 jobs: 2 done, 1 failed"
+    new = [slurm_job_id(sweep_dir, job) for job in range(3)]
+    assert new[0] == ids[0] and new[1] != ids[1]  # job 0 was not submitted again
+    assert table[3].split() == ["1", "[layer4]", "done", "6/6", new[1], "COMPLETED"]
+    assert table[4].split()[:6] == ["2", "[layer9]", "failed", "-", new[2], "FAILED"]
+    assert "unknown layer 'layer9'" in table[4]
+    assert final_states(new[2]) == ["FAILED"]  # SLURM's own record of the failed job
+    assert re.search(r"\(4 were done before this run\)", job_logs(sweep_dir, new[1]))
+    assert_same_arrays(results, reference_run(tmp_path, image_dir, "model.target_layers=[layer4]"))
+
+
+def test_sbatch_refusals_are_one_line_naming_the_key(cluster, tmp_path, image_dir):
+    """The GPU launcher's defaults on a cluster without GPUs, then impossible CPU and memory
+    requests: sbatch refuses, the driver says so in one line naming the key to change."""
+    cases = [((), "hydra.launcher.gpus_per_node=null"),
+             (("hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=4096"),
+              "a smaller hydra.launcher.cpus_per_task"),
+             (("hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+               "hydra.launcher.mem_gb=100000"), "a smaller hydra.launcher.mem_gb")]
+    for overrides, fix in cases:
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=slurm", *TINY,
+               "data=glob", f"data.pattern={image_dir}/*.jpg",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error: sbatch refused the jobs"), (
+            proc.stderr)
+        assert fix in errors[0], errors[0]
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_two_job_layer_sweep_renders_on_slurm(cluster, tmp_path, image_dir):
+    """The plain case: stage=all through SLURM, two jobs, both COMPLETED in SLURM's records."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=slurm",
-           "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
-           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null",
-           "hydra.launcher.timeout_min=10", *TINY, "stage=all", "data=glob",
-           f"data.pattern={image_dir}/*.jpg", "model.target_layers=[layer3],[layer4]",
-           f"hydra.sweep.dir={sweep_dir}"]
-    # The jobs run as separate SLURM processes: they import camsweep from the repo.
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Submitit 'slurm' sweep output dir" in proc.stdout + proc.stderr
-    # submitit's own records prove the jobs went through SLURM (job ids in .submitit/).
-    assert any((sweep_dir / ".submitit").iterdir())
+    cmd = sweep_command(sweep_dir, image_dir, "stage=all", "model.target_layers=[layer3],[layer4]")
+    rc, text = finish(*start(cmd, tmp_path))
+    assert rc == 0, text[-3000:]
+    assert "Submitit 'slurm' sweep output dir" in text
+    assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 2 jobs: 2 done"
     sweep = load_sweep(sweep_dir)
     assert list(sweep.table["state"]) == ["done", "done"]
     assert list(sweep.table["layers"]) == ["layer3", "layer4"]
     assert list(sweep.table["done"]) == [6, 6]
+    assert list(sweep.table["slurm_state"]) == ["COMPLETED", "COMPLETED"]
+    assert [final_states(i)[-1] for i in sweep.table["slurm_job"]] == ["COMPLETED"] * 2
     for job in (0, 1):
         assert len(list((sweep_dir / str(job) / "pictures").glob("*.png"))) == 6
     with sweep.run(1) as run:
         assert run.cams("layer4").shape == (6, 2, 2)
+
+
+def test_an_interrupted_driver_leaves_its_jobs_running_and_the_rerun_waits_for_them(
+        cluster, tmp_path, image_dir):
+    """Ctrl-C in the sweep driver (or a lost login session): the jobs go on in SLURM. The
+    same command run again submits nothing new: it waits for the running job, so no second
+    copy ever writes the same results file."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    cmd = sweep_command(sweep_dir, image_dir, *stalling(gates))
+    proc, out = start(cmd, tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    proc.send_signal(signal.SIGINT)
+    rc, text = finish(proc, out)
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text
+    assert "interrupted: the sweep's jobs go on in SLURM" in text
+    assert sacct_states(job_id) == ["RUNNING"]
+    assert load_sweep(sweep_dir).table.iloc[0]["state"] == "running"  # asks SLURM
+
+    proc, out = start(cmd, tmp_path)
+    wait_until("the rerun to find the running job",
+               lambda: f"(still in SLURM as {job_id}, RUNNING: waiting for it)" in
+               out.read_text(), proc=proc, out=out)
+    (gates / "0").unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert table_of(text, sweep_dir)[2].split() == ["0", "done", "6/6", job_id, "COMPLETED"]
+    assert slurm_job_id(sweep_dir, 0) == job_id
+    assert final_states(job_id) == ["COMPLETED"]  # one run of the job, never two
+    assert [d.name for d in (sweep_dir / ".submitit").iterdir() if d.is_dir()] == [job_id]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import yaml
 from conftest import ROOT, TINY, compose_cfg, write_images
 
 from pipeline.cli import run
@@ -42,10 +47,19 @@ def test_multirun_over_layers_gives_one_results_file_per_job(tmp_path, image_dir
            "model.target_layers=[layer2],[layer3],[layer4],[layer9]",
            f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    # One bad layer fails its job only; the sweep reports it and exits non-zero.
+    # One bad layer fails its job only; the sweep ends with its table and exits non-zero.
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "job 3 failed: unknown layer 'layer9'" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    table = out[out.index(f"sweep {sweep_dir}: 4 jobs: 3 done, 1 failed"):].splitlines()
+    assert table[1].split() == ["job", "model.target_layers", "state", "images", "error"]
+    assert table[2].split() == ["0", "[layer2]", "done", "6/6"]
+    assert table[5].split()[:6] == ["3", "[layer9]", "failed", "-", "unknown", "layer"]
+    assert "'layer9'; did you mean 'layer4'" in table[5]
+    assert table[6].startswith("1 job did not finish")
+    assert table[7].strip().endswith(f"hydra.sweep.dir={sweep_dir}")
     sweep = load_sweep(sweep_dir)
+    assert sweep.swept == ["model.target_layers"]  # not the constant overrides
     t = sweep.table
     assert list(t["job"]) == [0, 1, 2, 3]
     assert list(t["model.target_layers"]) == ["[layer2]", "[layer3]", "[layer4]", "[layer9]"]
@@ -62,6 +76,13 @@ def test_multirun_over_layers_gives_one_results_file_per_job(tmp_path, image_dir
         assert (sweep_dir / str(job) / ".hydra" / "config.yaml").exists()
     with pytest.raises(StoreError, match="no job 7"):
         sweep.run(7)
+    # The printed command runs the sweep again in its folder: done jobs find nothing to do.
+    rerun = [sys.executable, str(ROOT / "run.py"), *shlex.split(table[7])[2:]]
+    proc = subprocess.run(rerun, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("6 of 6 images done, 0 failed (6 were done before this run)") == 3
+    assert f"sweep {sweep_dir}: 4 jobs: 3 done, 1 failed" in out
 
 
 @pytest.mark.parametrize("num_shards", [2, 3])
@@ -184,3 +205,159 @@ def test_shards_started_together_all_succeed_and_one_merges(tmp_path, num_shards
         merged, ref = _arrays(run_dir / "results.h5"), _arrays(whole / "results.h5")
         for key in ref:
             assert_same(merged[key], ref[key], key)
+
+
+# -- the sweep table: jobs that never ran, jobs being written, SLURM's records ------------------
+
+MULTIRUN_YAML = """\
+hydra:
+  sweeper:
+    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+    max_batch_size: null
+    params:
+      method: gradcam,saliency
+  overrides:
+    hydra:
+    - hydra/launcher=slurm_cpu
+    - hydra.sweep.dir=somewhere/else
+    - hydra.mode=MULTIRUN
+    task:
+    - model=resnet18
+    - model.target_layers=[layer3],[layer4]
+    - data.pattern=photos/*.jpg
+"""
+
+
+def _job_folder(sweep: Path, job: int, overrides: list[str]) -> Path:
+    """A job folder as Hydra leaves it when the job starts."""
+    folder = sweep / str(job)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    return folder
+
+
+def _extract(folder: Path, image_dir: Path, *overrides: str) -> Path:
+    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
+                    *overrides), folder)
+    return folder / "results.h5"
+
+
+def _mark_pending(results: Path, rows: slice) -> None:
+    """As if the run had been stopped before those rows: their status back to pending."""
+    with h5py.File(results, "r+", locking=False) as f:
+        f["images/status"][rows] = 0
+
+
+def test_sweep_lists_jobs_that_never_started_and_names_the_swept_keys(tmp_path, image_dir):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(MULTIRUN_YAML)
+    # Job 1 ran; the others never started (no folder). Hydra's order: params first.
+    job1 = ["method=gradcam", "model=resnet18", "model.target_layers=[layer4]",
+            "data.pattern=photos/*.jpg"]
+    _extract(_job_folder(sweep, 1, job1), image_dir, "model.target_layers=[layer4]")
+    s = load_sweep(sweep)
+    assert s.swept == ["method", "model.target_layers"]  # not model, not data.pattern
+    t = s.table
+    assert list(t["job"]) == [0, 1, 2, 3]
+    assert list(t["state"]) == ["missing", "done", "missing", "missing"]
+    assert list(t["method"]) == ["gradcam", "gradcam", "saliency", "saliency"]
+    assert list(t["model.target_layers"]) == ["[layer3]", "[layer4]", "[layer3]", "[layer4]"]
+    assert "slurm_job" not in t.columns  # not a SLURM sweep
+    lines = s.report()
+    assert lines[0] == f"sweep {sweep}: 4 jobs: 1 done, 3 missing (never ran)"
+    assert lines[1].split() == ["job", "method", "model.target_layers", "state", "images"]
+    assert lines[2].split() == ["0", "gradcam", "[layer3]", "missing", "-"]
+    assert lines[3].split() == ["1", "gradcam", "[layer4]", "done", "6/6"]
+    assert lines[6].startswith("3 jobs did not finish")
+    assert lines[7] == ("  python run.py -m hydra/launcher=slurm_cpu model=resnet18 "
+                        "'model.target_layers=[layer3],[layer4]' 'data.pattern=photos/*.jpg' "
+                        f"hydra.sweep.dir={sweep.resolve()}")
+    assert len(lines) == 8
+
+
+def test_a_job_being_written_reads_as_running_then_incomplete(tmp_path, image_dir):
+    """Another process holds the job's writer lock and has the file open for writing with
+    HDF5's own file lock: the sweep reads it (running, images done so far), and after that
+    process is killed, as incomplete; never as failed."""
+    sweep = tmp_path / "sweep"
+    results = _extract(_job_folder(sweep, 0, ["model.target_layers=[layer4]"]), image_dir)
+    _mark_pending(results, slice(4, None))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, h5py\n"
+        "from pipeline.locks import writer_lock\n"
+        "with writer_lock(sys.argv[1]), h5py.File(sys.argv[1], 'r+'):\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"), str(results)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        row = load_sweep(sweep).table.iloc[0]
+        assert (row["state"], row["done"], row["n"], row["error"]) == ("running", 4, 6, "")
+    finally:
+        writer.kill()  # SIGKILL: the lock dies with it
+        writer.wait()
+    s = load_sweep(sweep)
+    assert list(s.table["state"]) == ["incomplete"] and s.table.iloc[0]["error"] == ""
+    assert s.report()[2].split() == ["0", "incomplete", "4/6"]
+
+
+def test_sweep_states_from_the_slurm_launchers_records(tmp_path, image_dir):
+    """slurm_jobs.json (written by the launcher) says how jobs ended; the results decide
+    done. A job stopped by submitit's requeue (SystemExit in its status) is not failed."""
+    sweep = tmp_path / "sweep"
+    _extract(_job_folder(sweep, 0, ["model.target_layers=[layer3]"]), image_dir,
+             "model.target_layers=[layer3]")
+    cancelled = _extract(_job_folder(sweep, 1, ["model.target_layers=[layer4]"]), image_dir)
+    _mark_pending(cancelled, slice(2, None))
+    timed_out = _extract(_job_folder(sweep, 2, ["model.target_layers=[layer2]"]), image_dir,
+                         "model.target_layers=[layer2]")
+    _mark_pending(timed_out, slice(5, None))
+    (sweep / "2" / "camsweep.json").write_text(json.dumps(
+        {"status": "failed", "error": "SystemExit: -1", "stage": "extract"}))
+    record = {"earlier_slurm_job_ids": [], "error": ""}
+    (sweep / "slurm_jobs.json").write_text(json.dumps({"jobs": {
+        "0": {**record, "overrides": ["model.target_layers=[layer3]"],
+              "slurm_job_id": "7_0", "slurm_state": "COMPLETED", "outcome": "done"},
+        "1": {**record, "overrides": ["model.target_layers=[layer4]"],
+              "slurm_job_id": "7_1", "slurm_state": "CANCELLED", "outcome": "cancelled"},
+        "2": {**record, "overrides": ["model.target_layers=[layer2]"],
+              "slurm_job_id": "7_2", "slurm_state": "TIMEOUT", "outcome": "timeout",
+              "error": "SLURM: ended as TIMEOUT"},
+        "3": {**record, "overrides": ["model.target_layers=[layer1]"],
+              "slurm_job_id": "7_3", "slurm_state": "CANCELLED", "outcome": "cancelled"},
+    }}))
+    s = load_sweep(sweep, slurm=False)
+    t = s.table
+    assert list(t["state"]) == ["done", "cancelled", "timeout", "missing"]
+    assert list(t["slurm_job"]) == ["7_0", "7_1", "7_2", "7_3"]
+    assert list(t["error"]) == ["", "", "SLURM: ended as TIMEOUT", ""]
+    assert s.swept == ["model.target_layers"]  # the only key that differs (no multirun.yaml)
+    assert s.report()[0] == (f"sweep {sweep}: 4 jobs: 1 done, 1 timeout, 1 cancelled, "
+                             "1 missing (never ran)")
+    assert s.report()[3].split() == ["1", "[layer4]", "cancelled", "2/6", "7_1", "CANCELLED"]
+    assert s.report()[5].split() == ["3", "[layer1]", "missing", "-", "7_3", "CANCELLED"]
+
+
+@pytest.mark.parametrize(("stderr", "params", "key", "fix"), [
+    ("sbatch: error: Invalid generic resource (gres) specification",
+     {"gpus_per_node": 1, "cpus_per_task": 8}, "gpus_per_node=1",
+     "use hydra.launcher.gpus_per_node=null (or hydra/launcher=slurm_cpu)"),
+    ("sbatch: error: Batch job submission failed: More processors requested than permitted",
+     {"gpus_per_node": None, "cpus_per_task": 8}, "cpus_per_task=8",
+     "a smaller hydra.launcher.cpus_per_task"),
+    ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job "
+     "submission failed: Requested node configuration is not available",
+     {"cpus_per_task": 1, "mem_gb": 32}, "mem_gb=32", "a smaller hydra.launcher.mem_gb"),
+    ("sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission "
+     "failed: Invalid partition name specified", {"partition": "gpu"}, "partition=gpu",
+     "hydra.launcher.partition=NAME"),
+])
+def test_sbatch_refusal_names_the_launcher_key(stderr, params, key, fix):
+    from pipeline.cluster import explain_sbatch_error
+
+    message = explain_sbatch_error(stderr, params)
+    assert "\n" not in message and message.startswith("sbatch refused the jobs (")
+    assert f"hydra.launcher.{key}" in message and fix in message
+    assert explain_sbatch_error("sbatch: error: Something new", {}).startswith(
+        "sbatch refused the jobs: Something new; check the hydra.launcher.* settings")
