@@ -145,7 +145,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(f"error: {printable(e)}", file=sys.stderr)
         sys.exit(2)
     except BaseException as e:
-        if extracting:
+        # A requeue (submitit's SystemExit) or Ctrl-C is no failure: the file says what is done.
+        if extracting and not isinstance(e, (SystemExit, KeyboardInterrupt)):
             _write_status(run_dir, cfg, {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                          "stage": cfg.stage})
         raise

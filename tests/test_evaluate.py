@@ -20,6 +20,7 @@ import torch
 import yaml
 from conftest import ROOT, TINY, compose_cfg, write_images
 from omegaconf import OmegaConf
+from peers import require
 from torch import nn
 
 from pipeline import evaluate as E
@@ -129,7 +130,7 @@ def test_baselines():
 
 
 def test_blur_kernel_is_rises_gkern():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = require("scipy.ndimage")
     delta = np.zeros((11, 11))
     delta[5, 5] = 1
     k1 = perturbation.rise_kernel(11, 5.0).numpy()
@@ -162,7 +163,7 @@ def test_confidence_terms_on_known_cases():
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
-    theirs = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    theirs = require("pytorch_grad_cam.metrics.road")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 20, 18, generator=gen).cumsum(-1)
     keep = (torch.rand(2, 20, 18, generator=gen) > 0.6).float()
@@ -179,9 +180,9 @@ def test_linear_imputation_equals_pytorch_grad_cams_sparse_solve():
 def test_road_equals_pytorch_grad_cam_without_noise():
     """Our batched ROAD (noise off) against pytorch-grad-cam's per-image MoRF/LeRF metrics
     with the same percentiles (theirs: 100 - removed) on a small random network."""
-    theirs = pytest.importorskip("pytorch_grad_cam.metrics.road")
-    pc = pytest.importorskip("pytorch_grad_cam.metrics.perturbation_confidence")
-    targets_mod = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
+    theirs = require("pytorch_grad_cam.metrics.road")
+    pc = require("pytorch_grad_cam.metrics.perturbation_confidence")
+    targets_mod = require("pytorch_grad_cam.utils.model_targets")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(24, 5)).eval()
@@ -302,7 +303,7 @@ def test_box_files(tmp_path):
 # -- sanity check ------------------------------------------------------------------------------
 
 def test_ranks_and_spearman_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     gen = torch.Generator().manual_seed(3)
     a = torch.randint(0, 4, (5, 40), generator=gen).float()  # many ties
     b = torch.randn(5, 40, generator=gen)

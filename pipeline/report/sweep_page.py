@@ -19,10 +19,6 @@ from .plots import sweep_plots
 log = logging.getLogger(__name__)
 
 REPORT = "report"
-# Columns of the sweep table that are not swept overrides.
-STANDARD = ("job", "state", "error", "method", "model", "layers", "n", "done", "failed",
-            "pending", "mean_prob", "mean_score", "accuracy", "run_dir")
-
 
 class SweepPage:
     """Collects what a sweep's page shows, as plain data, and renders ``sweep.html``."""
@@ -32,8 +28,9 @@ class SweepPage:
         self.out = out
 
     def build(self) -> str:
-        table = load_sweep(self.root).table
-        swept = [c for c in table.columns if c not in STANDARD]
+        sweep = load_sweep(self.root)
+        table = sweep.table
+        swept = [k for k in sweep.swept if k in table.columns]  # exactly the swept keys
         records: list[dict[str, Any]] = []  # one per (job, map) with metrics
         notes: list[str] = []
         for _, row in table.iterrows():
@@ -48,10 +45,8 @@ class SweepPage:
             records += [{"job": row["job"], "model": row["model"], "method": row["method"],
                          "layer": s.key.split("/", 1)[1], "map": s.key, "images": s.n,
                          **s.figures} for s in summaries]
-        counts = table["state"].value_counts().to_dict()
         overview = [card("jobs", len(table))] + [
-            card(state, counts[state], state != "done")
-            for state in ("done", "incomplete", "failed", "missing") if counts.get(state)]
+            card(state, count, state != "done") for state, count in sweep.counts().items()]
         keys = [k for k in FIGURES if any(k in r for r in records)]
         return render_page(
             "sweep.html", title=f"camsweep sweep · {len(table)} jobs", root=str(self.root),
