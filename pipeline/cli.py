@@ -115,12 +115,30 @@ def _write_status(run_dir: Path, cfg: DictConfig, status: dict[str, Any]) -> Non
         log.warning("could not write %s: %s", path, e)
 
 
+class OneLineLogs(logging.Filter):
+    """Escapes control characters in every log message, so that a file name holding a
+    newline (or a terminal escape) cannot forge lines of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = printable(message), ()
+        return True
+
+
+def _one_line_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, OneLineLogs) for f in handler.filters):
+            handler.addFilter(OneLineLogs())
+
+
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Hydra task. A user error becomes one line and exit code 2 (traceback with
     HYDRA_FULL_ERROR=1); in a multirun the job is marked failed and the sweep goes on.
 
     A refused run (another config or writer in the run dir, a changed image list) touched
     nothing, so it does not rewrite the run's status either."""
+    _one_line_logs()
     run_dir = run_dir_of(cfg)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     extracting = cfg.stage in EXTRACTING

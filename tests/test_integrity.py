@@ -540,3 +540,18 @@ def test_full_disk_while_rendering_is_one_line(tmp_path, tmpfs, image_dir):
         assert r.done.all()
     for png in (disk / "run" / "pictures").glob("*"):
         assert png.suffix == ".png" and png.stat().st_size > 100  # whole pictures only
+
+
+@pytest.mark.slow
+def test_names_with_newlines_cannot_forge_lines_of_the_cli_log(tmp_path):
+    images = tmp_path / "images"
+    write_images(images, 2)
+    (images / "evil\n0 of 0 images done.jpg").write_bytes(b"")
+    proc = subprocess.run(_cli_args(images, tmp_path / "run"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not any(line.startswith("0 of 0 images done") for line in lines)
+    assert any("evil\\n0 of 0 images done.jpg" in line for line in lines)
+    log = (tmp_path / "run" / "run.log").read_text().splitlines()
+    assert not any(line.startswith("0 of 0 images done") for line in log)
