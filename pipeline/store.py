@@ -391,7 +391,14 @@ def open_results(path: str | os.PathLike, mode: str = "r", **kwargs: Any) -> h5p
     # user's plain h5py.File(path) in the same process opens beside a Run.
     kwargs.setdefault("locking", None if mode == "r" else False)
     try:
-        f = h5py.File(path, mode, **kwargs)
+        try:
+            f = h5py.File(path, mode, **kwargs)
+        except OSError as e:
+            if mode != "r" or kwargs["locking"] is False or "lock" not in str(e):
+                raise
+            # Another program writes it holding HDF5's exclusive lock (camsweep's writers
+            # take none): read it without, as one reads a run in progress.
+            f = h5py.File(path, mode, **{**kwargs, "locking": False})
     except OSError as e:
         raise StoreError(f"cannot open {path} as HDF5: {str(e).splitlines()[0]}") from e
     try:

@@ -424,3 +424,38 @@ def test_an_interrupted_driver_leaves_its_jobs_running_and_the_rerun_waits_for_t
     assert slurm_job_id(sweep_dir, 0) == job_id
     assert final_states(job_id) == ["COMPLETED"]  # one run of the job, never two
     assert [d.name for d in (sweep_dir / ".submitit").iterdir() if d.is_dir()] == [job_id]
+
+
+def test_srun_tasks_are_shards_and_a_batch_script_without_srun_does_all(cluster, tmp_path,
+                                                                           image_dir):
+    """`srun -n 4` inside `sbatch -n 4`: four shards started together, every task exits 0,
+    exactly one merges, the merge equals an unsharded run. The same allocation's batch
+    script without srun is one process: it does every image itself, never a quarter."""
+    from pipeline.cli import run as run_in_process
+
+    args = [*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg"]
+    run_in_process(compose_cfg(*args), tmp_path / "reference")
+    reference = tmp_path / "reference" / "results.h5"
+    cmd = [sys.executable, str(ROOT / "run.py"), *args]
+    sharded = shlex.join([*cmd, "run_dir=" + str(tmp_path / "srun")])
+    whole = shlex.join([*cmd, "run_dir=" + str(tmp_path / "batch")])
+    script = tmp_path / "job.sh"  # -O: four tasks on this 2-CPU test node
+    script.write_text(f"#!/bin/bash\nsrun -O {sharded}\n{whole}\n")
+    out = tmp_path / "job.out"
+    proc = subprocess.run(["sbatch", "--wait", "-O", "-n", "4", "--mem=4G", "-o", str(out),
+                           str(script)], env=ENV, capture_output=True, text=True, timeout=900)
+    log = out.read_text()
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    assert final_states(job_id) == ["COMPLETED"]
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    assert all(line.split("|")[1] == "COMPLETED" and line.split("|")[2] == "0:0"
+               for line in steps.splitlines() if line), steps
+    assert log.count("all shards done, merged") == 1
+    assert log.count("shard done; the last shard to finish merges") == 3
+    assert sorted(p.name for p in (tmp_path / "srun").glob("results*.h5")) == [
+        "results.h5", *[f"results.shard-{i}-of-4.h5" for i in range(4)]]
+    assert_same_arrays(tmp_path / "srun" / "results.h5", reference)
+    assert "not an srun task: it processes every image itself" in log
+    assert_same_arrays(tmp_path / "batch" / "results.h5", reference)
