@@ -288,8 +288,6 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
                                       cfg.precision)
     method_cls = METHODS[cfg.method.name]
     layers = resolve_layers(model, cfg.model.target_layers) if method_cls.uses_layers else {}
-    if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
-        model = compile_model(model, torch.zeros(1, 3, size, size, device=device))
     n_classes = _n_classes(model, size, device)
     target = target_spec(cfg.target)
     if target == "topk" and cfg.target.k > n_classes:
@@ -323,8 +321,24 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     with open_results(path) as f:  # the rows as fixed at creation, not today's listing
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
+    if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
+        x = normalize(torch.zeros(min(cfg.batch_size, len(rows)), 3, size, size, device=device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
     return Job(cfg, path, rows, method, normalize, device, n_classes, info.categories,
                channels_last)
+
+
+def _warm_up(method: Method, compiled: torch.nn.Module, x: torch.Tensor,
+             cfg: DictConfig) -> None:
+    """Run the method on ``compiled`` as the batch loop will (its grad mode, autocast, hooks,
+    batch size and passes), so the model compiles here and not again at the first batch."""
+    method.model = compiled
+    labels = torch.zeros(len(x), dtype=torch.long)
+    with method:
+        explain(method, x, target_spec(cfg.target), labels, cfg.target.k,
+                micro_batch_of(cfg.micro_batch, x.device))
 
 
 def _n_classes(model: torch.nn.Module, size: int, device: torch.device) -> int:

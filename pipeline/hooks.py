@@ -93,7 +93,11 @@ class LayerRecorder(HookSet):
             self.outputs[name] = kept
             return kept.clone()
 
-        return hook
+        # Under torch.compile the hook runs eagerly, as a graph break: inside one compiled
+        # graph a kept later layer would be another output of the graph's single autograd
+        # node, a sibling of the score rather than one of its inputs, and its gradient None.
+        # Split at each hooked layer, every kept tensor is an input of the graph after it.
+        return torch.compiler.disable(hook) if self.for_grad else hook
 
     def remove(self) -> None:
         """Remove every hook and drop recorded tensors."""

@@ -205,16 +205,23 @@ def use_channels_last(model: nn.Module, setting: Any, example: torch.Tensor,
     return True
 
 
-def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``torch.compile`` the model and compile it now, on ``example``; on failure say so and
-    run eagerly (same numbers, only slower).
+def compile_model(model: nn.Module, example: torch.Tensor,
+                  warm_up: Callable[[nn.Module], object] | None = None) -> nn.Module:
+    """``torch.compile`` the model and compile it now; on failure say so and run eagerly
+    (same numbers, only slower).
 
+    ``warm_up(compiled)`` is the first call, which compiles: give it the batch loop's own
+    call (its grad mode, autocast, hooks and batch size), or the compiled model recompiles
+    on the first batch. Without it, a forward of ``example`` under ``no_grad``.
     Hooks stay on the original submodules, which the compiled module still calls.
     """
     try:
         compiled = torch.compile(model)
-        with torch.no_grad():
-            compiled(example)
+        if warm_up is None:
+            with torch.no_grad():
+                compiled(example)
+        else:
+            warm_up(compiled)
         return compiled
     except Exception as e:  # no compiler toolchain, unsupported op, ...
         log.warning("compile=true: torch.compile failed (%s: %s); running eagerly",

@@ -79,6 +79,37 @@ def test_compiled_model_gives_the_same_maps():
     assert not model[2]._forward_hooks
 
 
+@pytest.mark.slow
+def test_compile_with_two_layers_equals_eager_and_compiles_before_the_loop(
+        tmp_path, image_dir, monkeypatch):
+    """Each hooked layer is a graph break: in one graph the kept layer4 would be a sibling
+    of the score (its gradient None). The warm-up runs the loop's own call (grad mode,
+    hooks, batch size), so no graph is compiled once the batches start."""
+    from torch._dynamo.utils import counters
+
+    import pipeline.extract as extract_mod
+
+    graphs: dict[str, int] = {}
+    real = extract_mod._warm_up
+
+    def spy(*args: object) -> None:
+        real(*args)
+        graphs["warm"] = counters["stats"]["unique_graphs"]
+
+    monkeypatch.setattr(extract_mod, "_warm_up", spy)
+    base = (*TINY, "data=glob", f"data.pattern={image_dir}/*.jpg", "batch_size=3",
+            "model.target_layers=[layer3,layer4]")
+    extract(compose_cfg(*base), tmp_path / "eager")
+    torch._dynamo.reset()
+    done = extract(compose_cfg(*base, "compile=true"), tmp_path / "compiled")
+    assert done.done == 6
+    assert graphs["warm"] > 0  # really compiled (gcc is available)
+    assert counters["stats"]["unique_graphs"] == graphs["warm"]
+    with load_run(tmp_path / "eager") as a, load_run(tmp_path / "compiled") as b:
+        for layer in ("layer3", "layer4"):
+            np.testing.assert_allclose(b.cams(layer), a.cams(layer), rtol=0, atol=1e-6)
+
+
 def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
