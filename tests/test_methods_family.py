@@ -31,6 +31,7 @@ from torch import nn
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.extract import extract
+from pipeline.hooks import LayerRecorder
 from pipeline.methods import (
     METHODS,
     EigenCAM,
@@ -151,6 +152,39 @@ def test_cam_matches_pytorch_grad_cam(models, x, arch, name):
     has_weights = name in ("gradcampp", "xgradcam", "eigencam")
     assert (f"{name}_weights/{names[0]}" in out) == has_weights
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("svd", ["host", "device"])
+def test_eigencam_batched_svd_equals_per_image(models, svd):
+    """One SVD call for the batch gives each image's own maps and directions; ``host``
+    keeps the signs of numpy's per-image SVD (pytorch-grad-cam's), ``device`` orients
+    each direction along the image's mean activation."""
+    model = models["resnet18"]
+    x4 = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    out = run(EigenCAM, model, x4, ("layer3", "layer4"), svd=svd)
+    singles = [run(EigenCAM, model, x4[i:i + 1], ("layer3", "layer4"), svd=svd)
+               for i in range(4)]
+    # 1e-5 of each array's peak (maps reach ~10 here): the batched forward alone differs
+    # from the single ones by ~1e-6 relative.
+    assert_batched_equals_per_image(out, singles)
+    with LayerRecorder(layers_of(model, ("layer3",)), for_grad=False) as rec, \
+            torch.inference_mode():
+        model(x4)
+        acts = rec.outputs["layer3"].numpy()
+    v = out["eigencam_weights/layer3"].numpy()
+    for i, a in enumerate(acts):  # the previous per-image numpy code, and its signs
+        flat = a.reshape(a.shape[0], -1).T
+        flat = flat - flat.mean(axis=0)
+        ref = np.linalg.svd(flat, full_matrices=False)[2][0]
+        mean_dir = float(v[i] @ a.reshape(a.shape[0], -1).mean(axis=1))
+        if svd == "host":
+            np.testing.assert_allclose(v[i], ref, atol=1e-5)
+            np.testing.assert_allclose(out["eigencam/layer3"][i].numpy(),
+                                       np.maximum(flat @ ref, 0).reshape(a.shape[1:]),
+                                       atol=1e-5)
+        else:
+            np.testing.assert_allclose(np.abs(v[i]), np.abs(ref), atol=1e-4)
+            assert mean_dir >= 0
 
 
 def test_scorecam_shares_one_pass_among_all_zero_channels(x):
