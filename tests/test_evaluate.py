@@ -665,3 +665,44 @@ def test_topk_runs_are_scored_per_class(tmp_path, image_dir):
             np.testing.assert_allclose(g[key][0], value, rtol=1e-4, atol=1e-5, err_msg=key)
     summary = summarize_run(top)
     assert summary[0].n == 2 and np.isfinite(summary[0].figures["deletion_auc"])
+
+
+def test_score_check_tolerance_follows_the_stored_precision(tmp_path):
+    """bf16 logits come in steps of ~2^-7 of their size: a bf16 run whose stored scores are
+    two such steps off (as a GPU's may be) is evaluated without the note, an fp32 run
+    with the same offset gets it, and so does a bf16 run whose weights changed."""
+    import torchvision
+
+    write_images(tmp_path / "images", 4)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, weights)
+    base = (*TINY, "data=glob", f"data.pattern={tmp_path}/images/*.jpg",
+            f"model.weights={weights}")
+    evaluate = ("stage=evaluate", "evaluate.metrics=[deletion]", "evaluate.steps=2",
+                "evaluate.overwrite=true", "batch_size=3")
+    note = "do not reproduce the stored target scores"
+
+    def notes(run_dir: Path, *precision: str) -> str:
+        cfg = compose_cfg(*base, *precision, *evaluate, f"run_dir={run_dir}")
+        return " ".join(E.evaluate(cfg, run_dir).notes)
+
+    def shift(run_dir: Path) -> float:
+        with h5py.File(run_dir / "results.h5", "r+") as f:
+            score = f["targets/score"][:]
+            step = float(2.0 ** (np.floor(np.log2(np.abs(score).max())) - 7))
+            f["targets/score"][:] = score + 2 * step
+        return step
+
+    for precision in ("bf16", "fp32"):
+        run(compose_cfg(*base, f"precision={precision}", "stage=extract"), tmp_path / precision)
+    bf16 = tmp_path / "bf16"
+    assert note not in notes(bf16, "precision=bf16")
+    assert shift(bf16) >= 2**-7  # at least 0.016 off, beyond the old 1e-2 absolute limit
+    assert note not in notes(bf16, "precision=bf16")
+    shift(tmp_path / "fp32")
+    assert note in notes(tmp_path / "fp32", "precision=fp32")
+    state["fc.weight"] *= 1.5
+    torch.save(state, weights)
+    assert note in notes(bf16, "precision=bf16")
