@@ -706,3 +706,18 @@ def test_score_check_tolerance_follows_the_stored_precision(tmp_path):
     state["fc.weight"] *= 1.5
     torch.save(state, weights)
     assert note in notes(bf16, "precision=bf16")
+
+
+def test_road_noise_is_drawn_on_the_cpu_per_image():
+    """An image's noise is its CPU generator's draw, whatever its batch and the device
+    asked for (CUDA's generator would give other numbers for the same seed)."""
+    seeds = torch.tensor([7, 8, 9])
+    whole = road.road_noise((3, 3, 5, 5), seeds, 1, torch.device("cpu"))
+    alone = road.road_noise((1, 3, 5, 5), seeds[2:], 1, "cpu")
+    torch.testing.assert_close(whole[2:], alone, rtol=0, atol=0)
+    expect = torch.randn((3, 5, 5), generator=torch.Generator().manual_seed(9 * 1009 + 1))
+    torch.testing.assert_close(whole[2], expect, rtol=0, atol=0)
+    meta = road.road_noise((3, 3, 5, 5), seeds, 1, "meta")  # moved, not drawn, there
+    assert meta.device.type == "meta" and meta.shape == whole.shape
+    like = torch.zeros(3, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(road._noise(like, seeds, 1), whole.double(), rtol=0, atol=0)

@@ -142,11 +142,27 @@ def road_scores(
 
 
 def _noise(like: torch.Tensor, seeds: torch.Tensor | None, salt: int) -> torch.Tensor:
+    return road_noise(like.shape, seeds, salt, like.device).to(like.dtype)
+
+
+def road_noise(shape: Sequence[int], seeds: torch.Tensor | None, salt: int,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard-normal noise of ``shape`` (N, ...), image ``i`` from its own seed.
+
+    Drawn on the CPU, float32, and moved to ``device``: CUDA's generator gives other numbers
+    for the same seed, so drawing there would make a GPU evaluation of a run differ from a
+    CPU one. With ``seeds`` (N,), image ``i``'s noise is that of a CPU generator seeded
+    ``seeds[i] * 1009 + salt``, whatever the batch around it; None draws from the global
+    CPU generator.
+    """
+    shape = tuple(shape)
     if seeds is None:
-        return torch.randn_like(like)
-    out = torch.empty_like(like)
-    gen = torch.Generator(device=like.device)
+        return torch.randn(shape).to(device)
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {shape[0]} images")
+    out = torch.empty(shape)
+    gen = torch.Generator()
     for i, seed in enumerate(seeds.tolist()):  # one generator call per image, not per pixel
         gen.manual_seed(int(seed) * 1009 + salt)
-        out[i] = torch.randn(like.shape[1:], generator=gen, device=like.device, dtype=like.dtype)
-    return out
+        out[i] = torch.randn(shape[1:], generator=gen)
+    return out.to(device)
