@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob as globlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,11 @@ class ImageDataset(Dataset):
         if self.decode == "device" and self._jpeg_bytes(rec.path, item):
             return item
         try:
-            im, (h, w) = open_image(rec.path, draft_size=s)
+            # JPEG draft decoding skips detail, but never below the region resized to s x s:
+            # for center_crop that is 0.875 of the shorter side, so the decode must keep
+            # s / 0.875 pixels there, or the crop would be upsampled from a coarser decode.
+            draft = s if self.resize == "square" else math.ceil(s / CROP_RATIO)
+            im, (h, w) = open_image(rec.path, draft_size=draft)
             box = input_box((h, w), s, self.resize)
             # Map the box from original to (possibly draft-reduced) decoded coordinates.
             sy, sx = im.height / h, im.width / w

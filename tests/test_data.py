@@ -155,6 +155,23 @@ def test_draft_decoding_of_big_jpegs_matches_full_decoding(tmp_path):
     assert diff.mean() < 3 and item["size"].tolist() == [800, 1200]
 
 
+def test_center_crop_is_never_upsampled_from_a_coarser_draft(tmp_path):
+    """A 1920x960 JPEG at 224, center_crop: the draft decode (here 1/2: 960x480) must keep
+    the crop (0.875 of the shorter side) at >= 224 pixels. A draft at the size asked for
+    the whole image (1/4: 480x240) crops 210 pixels and upsamples them."""
+    wide = np.kron(photo(5, 60, 120), np.ones((16, 16, 1), np.uint8))  # 960x1920
+    rng = np.random.default_rng(0)
+    wide = np.clip(wide.astype(int) + rng.integers(-40, 41, wide.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.jpg", quality=95)
+    recs = build_records(data_cfg(name="glob", pattern=f"{tmp_path}/*.jpg"))
+    item = ImageDataset(recs, np.arange(1), 224, "center_crop")[0]
+    y0, x0, y1, x1 = item["box"].tolist()
+    full = Image.open(tmp_path / "wide.jpg").convert("RGB").resize(
+        (224, 224), Image.BILINEAR, box=(x0, y0, x1, y1))
+    diff = np.abs(item["pixels"].permute(1, 2, 0).numpy().astype(int) - np.asarray(full))
+    assert item["size"].tolist() == [960, 1920] and diff.mean() < 1.5, diff.mean()
+
+
 def test_input_boxes():
     assert input_box((300, 400), 224, "square") == (0, 0, 300, 400)
     y0, x0, y1, x1 = input_box((300, 400), 224, "center_crop")
