@@ -59,8 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if merged is None:
                 log.info("shard done; the last shard to finish merges into %s", results)
                 stage = "extract"  # nothing whole to render yet
-            else:
-                log.info("all shards done, merged -> %s", merged)
+            else:  # merge_if_complete logged whether this shard merged
                 result["results"] = str(merged)
     if stage == "merge":
         merged = merge_shards(run_dir, copy=cfg.merge_copy)
@@ -235,12 +234,12 @@ def check_overrides(argv: list[str]) -> None:
             for choice in values:
                 if choice not in options:
                     raise ConfigError(unknown(key, choice, options))
-        elif key.split(".")[0] != "hydra" and not o.is_add() and key.split(".")[0] not in keys:
-            raise ConfigError(unknown("config key", key, sorted(keys)))
         if key.split("/")[0].split(".")[0] == "hydra":
             continue  # Hydra's own settings: Hydra checks them
-        first.append(o.input_line if not o.is_sweep_override() and not isinstance(
-            o.value(), list) or o.is_delete() else f"{o.get_key_element()}={values[0]}")
+        if options is None and not o.is_add() and key.split(".")[0] not in keys:
+            raise ConfigError(unknown("config key", key, sorted(keys)))
+        sweep = o.is_sweep_override() and not o.is_delete()
+        first.append(f"{o.get_key_element()}={values[0]}" if sweep else o.input_line)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             cfg = compose("config", overrides=first)

@@ -170,13 +170,17 @@ def merge_if_complete(run_dir: Path) -> Path | None:
     Called by each shard after it released its own writer lock. The merged file's lock is
     waited for (a merge is short), so of shards finishing together the last one to release
     its lock always sees every shard finished and merges; the others return None. A merged
-    file of exactly these shards is kept as it is.
+    file of exactly these shards is kept as it is (and returned: it may be drawn from). The
+    log says which of the two happened, so exactly one shard reports the merge.
     """
     out = run_dir / "results.h5"
     with writer_lock(out, "merging", wait=True):
         if not shards_complete(run_dir):
             return None
         _, shards = shard_files(run_dir)
-        if _up_to_date(out, shards):
+        if _up_to_date(out, shards):  # another shard finishing with this one merged first
+            log.info("%s already merges these shards", out)
             return out
-        return _merge(run_dir, out, copy=False)
+        merged = _merge(run_dir, out, copy=False)
+        log.info("all shards done, merged -> %s", merged)
+        return merged

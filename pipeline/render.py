@@ -142,7 +142,7 @@ def _write(path: Path, rgb: np.ndarray) -> None:
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise StoreError(f"could not encode {path.name} as PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two renders never share one
     try:
         tmp.write_bytes(png.tobytes())
         os.replace(tmp, path)

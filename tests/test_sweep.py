@@ -19,6 +19,7 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 
 from pipeline.cli import run
 from pipeline.errors import StoreError
+from pipeline.extract import extract
 from pipeline.merge import merge_if_complete, merge_shards
 from pipeline.results import load_run, load_sweep
 
@@ -361,3 +362,17 @@ def test_sbatch_refusal_names_the_launcher_key(stderr, params, key, fix):
     assert f"hydra.launcher.{key}" in message and fix in message
     assert explain_sbatch_error("sbatch: error: Something new", {}).startswith(
         "sbatch refused the jobs: Something new; check the hydra.launcher.* settings")
+
+
+def test_a_shard_finding_the_merge_done_does_not_claim_it(tmp_path, image_dir, caplog):
+    """Shards finishing together: the one that takes the merge lock second finds the merge
+    up to date and says so; only the first reports 'merged' (the log counts merges)."""
+    base = (*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg")
+    for shard in range(2):
+        extract(compose_cfg(*base, f"data.shard={shard}", "data.num_shards=2"), tmp_path)
+    caplog.set_level("INFO", logger="pipeline.merge")
+    assert merge_if_complete(tmp_path) == tmp_path / "results.h5"
+    assert merge_if_complete(tmp_path) == tmp_path / "results.h5"
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.merge"]
+    assert [m.split(" ->")[0] for m in messages] == [
+        "all shards done, merged", f"{tmp_path / 'results.h5'} already merges these shards"]
