@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError
-from .images import _EXIF_TRANSPOSE, _T, CROP_RATIO, input_box, open_image  # noqa: F401 (moved)
+from .images import CROP_RATIO, input_box, open_image
 
 log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"

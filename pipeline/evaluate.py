@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -65,6 +64,7 @@ from .store import (
     LAYER_MAP,
     identity,
     open_results,
+    stored_config,
     stored_maps,
 )
 
@@ -171,16 +171,8 @@ def _literal(value: Any) -> Any:
 
 
 def _stored_config(f: Any, path: Path) -> DictConfig:
-    text = f.attrs.get("config")
-    if not text:
-        raise StoreError(f"{path} has no stored config (attribute 'config'); cannot rebuild "
-                         "its model")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise StoreError(f"{path} is damaged: its stored config is not YAML ({e})") from e
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict)
-                                             for k in ("model", "method", "data")):
+    data = stored_config(f, path)
+    if not all(isinstance(data.get(k), dict) for k in ("model", "method", "data")):
         raise StoreError(f"{path} is damaged: its stored config lacks model/method/data")
     return OmegaConf.create(_literal(data))
 

@@ -116,6 +116,11 @@ def _differences(old: str, new: str) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+def _config_diff(old: str, new: str) -> str:
+    """The first differences between two fingerprints, for a refusal's one line."""
+    return "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
+
+
 def results_name(shard: int, num_shards: int) -> str:
     return "results.h5" if num_shards == 1 else f"results.shard-{shard}-of-{num_shards}.h5"
 
@@ -202,8 +207,8 @@ def _check_existing(path: Path, cfg: DictConfig, records: list[Record], start: i
         return True
     how = "Use another run_dir, or overwrite=true to replace it"
     if old != new:
-        diff = "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
-        raise RunRefused(f"{path} holds results of a different config: {diff}. {how}")
+        raise RunRefused(f"{path} holds results of a different config: "
+                         f"{_config_diff(old, new)}. {how}")
     if not cfg.resume:
         raise RunRefused(f"{path} exists and resume=false. {how}")
     if changed:
@@ -223,9 +228,8 @@ def _check_sibling_shards(path: Path, cfg: DictConfig, records: list[Record],
         with open_results(other) as f:
             old = str(f.attrs.get("fingerprint", ""))
             if old != new:
-                diff = "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
                 raise RunRefused(f"{other.name} in {path.parent} holds results of a different "
-                                 f"config: {diff}. Use another run_dir")
+                                 f"config: {_config_diff(old, new)}. Use another run_dir")
             if f.attrs.get("listing_sha256") != digest:
                 raise RunRefused(
                     f"{other.name} in {path.parent} was made from another image list "

@@ -15,7 +15,16 @@ import yaml
 
 from .errors import StoreError
 from .locks import lock_is_held
-from .store import DONE, FAILED, PENDING, STATUS_NAMES, attr_list, is_scale, open_results
+from .store import (
+    DONE,
+    FAILED,
+    PENDING,
+    STATUS_NAMES,
+    attr_list,
+    is_scale,
+    open_results,
+    stored_config,
+)
 from .store import categories as stored_categories
 
 
@@ -53,15 +62,7 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         """The run's resolved config, read as plain data (a safe YAML load: never code)."""
-        try:
-            value = yaml.safe_load(str(self.file.attrs.get("config", "")))
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise StoreError(f"{self.path} is damaged: its stored config is not plain YAML "
-                             f"({first})") from e
-        if not isinstance(value, dict):
-            raise StoreError(f"{self.path} is damaged: its stored config is not a mapping")
-        return value
+        return stored_config(self.file, self.path)
 
     @property
     def categories(self) -> list[str]:

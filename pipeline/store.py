@@ -128,11 +128,13 @@ def _no_space(e: BaseException) -> bool:
             or "errno = 27" in text or "Disk quota" in text)
 
 
-def write_error(path: Path, e: BaseException) -> StoreError:
-    """One line for a failed write of ``path``: a full disk says so."""
+def write_error(path: Path, e: BaseException, hint: str = "") -> StoreError:
+    """One line for a failed write of ``path``: a full disk says so; ``hint`` is appended
+    to any other failure."""
     if _no_space(e):
         return _space_error(Path(path), None, e)
-    return StoreError(f"cannot write {path}: {str(e).splitlines()[0][:200] if str(e) else e!r}")
+    reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+    return StoreError(f"cannot write {path}: {reason}{hint}")
 
 
 def _space_error(path: Path, need: int | None, e: BaseException) -> StoreError:
@@ -443,6 +445,25 @@ def categories(f: h5py.File) -> list[str]:
     return [str(c) for c in attr_list(f.attrs.get("categories"))]
 
 
+def stored_config(f: h5py.File, path: str | os.PathLike) -> dict[str, Any]:
+    """The run's resolved config (attribute ``config``) as plain data: a safe YAML load,
+    which never constructs Python objects, so a crafted file runs no code."""
+    import yaml
+
+    text = f.attrs.get("config")
+    if not text:
+        raise StoreError(f"{path} has no stored config (attribute 'config')")
+    try:
+        value = yaml.safe_load(str(text))
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StoreError(f"{path} is damaged: its stored config is not plain YAML "
+                         f"({first})") from e
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged: its stored config is not a mapping")
+    return value
+
+
 def identity(f: h5py.File) -> dict[str, str]:
     """What names one results file for files derived from it (merges, metrics)."""
     return {"run_id": str(f.attrs.get("run_id", "")), "created": str(f.attrs.get("created", ""))}
@@ -499,13 +520,11 @@ class ResultsWriter:
             raise
         except (OSError, RuntimeError, ValueError) as e:
             self.failed = True
-            if _no_space(e):
-                raise _space_error(self.path, None, e) from e
-            raise StoreError(f"cannot write {self.path}: {str(e).splitlines()[0][:200]}; rows "
-                             "done so far are kept, rerun to resume") from e
+            raise write_error(self.path, e, "; rows done so far are kept, rerun to resume") from e
 
     def _write(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray],
                errors: Mapping[int, str]) -> None:
+        # ``rows`` are the batch's done rows; failed ones come only in ``errors``.
         runs = _runs(rows) if len(rows) else []
         touched = []
         for key, value in arrays.items():
@@ -515,16 +534,15 @@ class ResultsWriter:
             touched.append(ds)
         error_ds = self._ds("images/error")
         status = self._ds("images/status")
-        done = np.array([r for r in rows if int(r) not in errors], dtype=np.int64)
         for row, reason in sorted(errors.items()):
             error_ds[row] = reason.encode("utf-8")[:ERROR_BYTES].decode("utf-8", "ignore")
-        for _, first, length in _runs(done) if len(done) else []:
+        for _, first, length in runs:  # a row failed before and done now: no stale reason
             error_ds[first:first + length] = np.array([""] * length, dtype=object)
         touched.append(error_ds)
         for ds in touched:  # arrays reach the disk before the status that vouches for them
             ds.flush()
         self.file.flush()
-        for _, first, length in _runs(done) if len(done) else []:
+        for _, first, length in runs:
             status[first:first + length] = DONE
         for row in errors:
             status[row] = FAILED

@@ -14,12 +14,11 @@ from pipeline.data import (
     build_records,
     collate,
     decode_on_device,
-    input_box,
-    open_image,
     shard_of,
     shard_range,
 )
 from pipeline.errors import ConfigError, DataError
+from pipeline.images import input_box, open_image
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
 

@@ -522,7 +522,7 @@ def test_a_crafted_config_is_data_not_code(tmp_path, image_dir):
         r.config  # noqa: B018
     proc = subprocess.run(_cmd("stage=evaluate", f"run_dir={tmp_path / 'run'}"), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "stored config is not YAML" in proc.stderr
+    assert proc.returncode == 2 and "stored config is not plain YAML" in proc.stderr
     assert not marker.exists()
 
 

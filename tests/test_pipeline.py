@@ -162,7 +162,8 @@ def test_input_box_is_stored(tmp_path, image_dir, resize):
 
 def test_lite0_explains_the_cat():
     """The embedded pretrained model on a bundled photo: right class, heat on the cat."""
-    from pipeline.data import SAMPLES_DIR, open_image
+    from pipeline.data import SAMPLES_DIR
+    from pipeline.images import open_image
 
     cfg = compose_cfg()
     model, info = build_model(cfg.model)
