@@ -453,7 +453,9 @@ def test_srun_tasks_are_shards_and_a_batch_script_without_srun_does_all(cluster,
     assert all(line.split("|")[1] == "COMPLETED" and line.split("|")[2] == "0:0"
                for line in steps.splitlines() if line), steps
     assert log.count("all shards done, merged") == 1
-    assert log.count("shard done; the last shard to finish merges") == 3
+    # The other three: still waiting for a shard, or finding the merge already made.
+    assert (log.count("shard done; the last shard to finish merges")
+            + log.count("already merges these shards")) == 3
     assert sorted(p.name for p in (tmp_path / "srun").glob("results*.h5")) == [
         "results.h5", *[f"results.shard-{i}-of-4.h5" for i in range(4)]]
     assert_same_arrays(tmp_path / "srun" / "results.h5", reference)
