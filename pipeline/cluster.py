@@ -190,32 +190,41 @@ def _expand_job_ids(text: str) -> list[str]:
     return out
 
 
+def _query_states(cmd: list[str], ids: set[str]) -> dict[str, str] | None:
+    """``JobID|State`` lines of one SLURM command, for the asked ids; None when it fails."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    states: dict[str, str] = {}
+    for line in proc.stdout.splitlines():  # oldest first: a requeued job's last wins
+        job, _, state = line.strip().partition("|")
+        for one in _expand_job_ids(job):
+            if one in ids and state:
+                states[one] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return states
+
+
 def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """SLURM's current state of each job id (``12_3`` for array tasks): from sacct (the
-    accounting database: finished jobs too), else squeue (live jobs only). Ids SLURM does
-    not know are left out; no SLURM at all gives {}."""
+    """SLURM's current state of each job id (``12_3`` for array tasks). The controller
+    (squeue) answers for the jobs it still holds: accounting records a start or an end
+    only when slurmdbd gets round to it, so sacct may still say PENDING for a job that
+    runs. sacct answers for the jobs the controller has forgotten. Ids SLURM does not
+    know are left out; no SLURM at all gives {}."""
     ids = {str(i) for i in job_ids if i}
     if not ids:
         return {}
     # Ask by array: tasks cancelled before they started exist only as a range of the array.
     roots = ",".join(sorted({i.split("_")[0] for i in ids}))
-    queries = (["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", roots],
-               ["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", roots])
-    for cmd in queries:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if proc.returncode != 0:
-            continue
-        states: dict[str, str] = {}
-        for line in proc.stdout.splitlines():  # oldest first: a requeued job's last wins
-            job, _, state = line.strip().partition("|")
-            for one in _expand_job_ids(job):
-                if one in ids and state:
-                    states[one] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
-        return states
-    return {}
+    live = _query_states(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", roots], ids) or {}
+    rest = ids - live.keys()
+    if not rest:
+        return live
+    recorded = _query_states(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", roots],
+                             rest) or {}
+    return {**recorded, **live}
 
 
 # -- the driver: submission and collection -------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import torchvision
 from conftest import ROOT, TINY, compose_cfg
 
+from pipeline.cluster import slurm_states
 from pipeline.results import load_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -410,8 +411,11 @@ def test_an_interrupted_driver_leaves_its_jobs_running_and_the_rerun_waits_for_t
     assert rc == 130, text[-3000:]
     assert "Traceback" not in text
     assert "interrupted: the sweep's jobs go on in SLURM" in text
-    assert sacct_states(job_id) == ["RUNNING"]
+    # The controller knows at once; accounting records the start when slurmdbd gets to it.
+    assert slurm_states([job_id]) == {job_id: "RUNNING"}
     assert load_sweep(sweep_dir).table.iloc[0]["state"] == "running"  # asks SLURM
+    wait_until("accounting to record the start", lambda: sacct_states(job_id) != ["PENDING"])
+    assert sacct_states(job_id) == ["RUNNING"]
 
     proc, out = start(cmd, tmp_path)
     wait_until("the rerun to find the running job",
