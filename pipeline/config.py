@@ -110,7 +110,8 @@ class DataConfig:
     labels: str | None = None  # imagenet_val flat: LOC_val_solution.csv or "file label" lines
     synsets: str | None = None  # LOC_synset_mapping.txt: wnid order = class index
     image_size: int = 224
-    resize: str | None = "square"  # square | center_crop | null (native size, batch 1)
+    resize: str | None = "square"  # square | center_crop | null (each image's own size)
+    max_side: int | None = None  # resize=null: downscale images whose longest side is longer
     decode: str = "cpu"  # cpu: PIL in DataLoader workers | device: JPEGs on the run's device
     limit: int | None = None  # first k images only
     shard: int | None = None
@@ -258,6 +259,14 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.num_workers}")
     if cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size must be >= 8 pixels, got {cfg.data.image_size}")
+    max_side = cfg.data.get("max_side")
+    if max_side is not None:
+        if cfg.data.resize is not None:
+            raise ConfigError(f"data.max_side={max_side} applies to data.resize=null only "
+                              f"(native resolution); got data.resize={cfg.data.resize}")
+        if max_side < 8:
+            raise ConfigError(f"data.max_side must be >= 8 pixels (or null: no cap), got "
+                              f"{max_side}")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit must be >= 1 (or null: every image), got "
                           f"{cfg.data.limit}")

@@ -3,6 +3,9 @@
 Decoding happens in DataLoader workers; each item is uint8 pixels at the model's input
 size, so workers do the cheap part and the device does the float math. An image that does
 not decode becomes an item with an error string; the run records it and goes on.
+
+At native resolution (``data.resize=null``) each image keeps its own size (capped by
+``data.max_side``); :class:`SizeBatches` then batches images of equal size together.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import glob as globlib
 import logging
 import math
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,10 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .errors import ConfigError, DataError
-from .images import CROP_RATIO, input_box, open_image
+from .images import CROP_RATIO, capped, header_size, input_box, open_image
 
 log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -189,21 +194,91 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return start, start + base + (shard < extra)
 
 
+def native_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The model input (height, width) of a native-resolution run for an image of upright
+    ``size``: the image's own, or scaled down (aspect kept, :func:`~pipeline.images.capped`
+    rounding) so that its longest side is ``max_side``."""
+    h, w = int(size[0]), int(size[1])
+    if not max_side or max(h, w) <= max_side:
+        return h, w
+    cw, ch = capped(w, h, max_side)
+    return ch, cw
+
+
+def native_sizes(records: list[Record], max_side: int | None,
+                 threads: int = 8) -> tuple[np.ndarray, dict[int, str]]:
+    """Each record's model input size at native resolution, from the image headers alone
+    (nothing is decoded; a few threads overlap the file reads).
+
+    Returns:
+        ((N, 2) int32 heights and widths, 0 where the header does not read; position ->
+        reason for those).
+    """
+    def one(rec: Record) -> tuple[int, int] | str:
+        try:
+            return native_size(header_size(rec.path), max_side)
+        except Exception as e:  # the image's failure, recorded as its row's reason
+            return _reason(e)
+
+    sizes = np.zeros((len(records), 2), dtype=np.int32)
+    reasons: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for i, found in enumerate(pool.map(one, records)):
+            if isinstance(found, str):
+                reasons[i] = found
+            else:
+                sizes[i] = found
+    return sizes, reasons
+
+
+class SizeBatches(Sampler[list[int]]):
+    """Batches of dataset positions whose images share one input size (native resolution).
+
+    Positions are grouped by size in order of first appearance, each group cut into
+    batches of ``batch_size`` in position order; so a folder of mixed sizes runs in full
+    batches wherever a size repeats, and only each size's last batch may be short.
+    """
+
+    def __init__(self, sizes: np.ndarray, batch_size: int) -> None:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for pos, (h, w) in enumerate(np.asarray(sizes).reshape(-1, 2).tolist()):
+            groups.setdefault((h, w), []).append(pos)
+        self.batches = [g[i:i + batch_size] for g in groups.values()
+                        for i in range(0, len(g), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class ImageDataset(Dataset):
-    """Items: index, uint8 pixels (3, S, S), original size, input box, label, error."""
+    """Items: index, uint8 pixels (3, S, S), original size, input box, label, error.
+
+    At native resolution (``resize=None``) pixels are (3, h, w) at the size reserved for
+    the image when its results file was created (``input_sizes``, indexed like
+    ``records``); an image whose size changed since then is an item with an error.
+    """
 
     def __init__(self, records: list[Record], indices: np.ndarray, image_size: int,
-                 resize: str | None, decode: str = "cpu") -> None:
-        if resize is None:
-            raise ConfigError(
-                "data.resize=null (native resolution) is not supported yet; use square or "
-                "center_crop"
-            )
+                 resize: str | None, decode: str = "cpu", input_sizes: np.ndarray | None = None,
+                 max_side: int | None = None) -> None:
+        if resize is None and input_sizes is None:
+            raise ValueError("a native-resolution dataset needs each image's input size")
         self.records = records
         self.indices = np.asarray(indices, dtype=np.int64)
         self.size = image_size
         self.resize = resize
         self.decode = decode  # "device": plain JPEGs travel as bytes, decoded by the loop
+        self.input_sizes = None if input_sizes is None else np.asarray(input_sizes)
+        self.max_side = max_side
+
+    def batches(self, batch_size: int) -> SizeBatches | None:
+        """The batch sampler of a native-resolution dataset (None: plain batches)."""
+        if self.resize is not None or self.input_sizes is None:
+            return None
+        return SizeBatches(self.input_sizes[self.indices], batch_size)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -211,6 +286,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = int(self.indices[i])
         rec = self.records[index]
+        if self.resize is None:
+            return self._native(index, rec)
         s = self.size
         item = {"index": index, "label": rec.label, "error": "", "jpeg": None,
                 "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
@@ -231,6 +308,27 @@ class ImageDataset(Dataset):
             item["pixels"] = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
             item["size"] = torch.tensor([h, w], dtype=torch.int32)
             item["box"] = torch.tensor(box, dtype=torch.float32)
+        except Exception as e:  # any decoder failure is this image's, not the run's
+            item["error"] = _reason(e)
+        return item
+
+    def _native(self, index: int, rec: Record) -> dict[str, Any]:
+        """The image at its own size (capped by ``max_side``), decoded on the CPU."""
+        assert self.input_sizes is not None
+        th, tw = (int(v) for v in self.input_sizes[index])
+        item = {"index": index, "label": rec.label, "error": "", "jpeg": None,
+                "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
+                "pixels": torch.zeros(3, th, tw, dtype=torch.uint8)}
+        try:
+            im, (h, w) = open_image(rec.path, max_side=self.max_side)
+            if (im.height, im.width) != (th, tw):
+                item["error"] = (f"the image is {h}x{w} now, input {im.height}x{im.width}; "
+                                 f"{th}x{tw} was reserved when the run was created (rerun "
+                                 "with overwrite=true)")
+                return item
+            item["pixels"] = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+            item["size"] = torch.tensor([h, w], dtype=torch.int32)
+            item["box"] = torch.tensor([0.0, 0.0, h, w], dtype=torch.float32)
         except Exception as e:  # any decoder failure is this image's, not the run's
             item["error"] = _reason(e)
         return item

@@ -25,6 +25,7 @@ from .data import (
     build_records,
     collate,
     decode_on_device,
+    native_sizes,
     shard_of,
     shard_range,
 )
@@ -49,11 +50,17 @@ from .runtime import (
     worker_init,
 )
 from .store import (
+    ACTIVATIONS,
+    ATTRIBUTION,
     DONE,
     FAILED,
+    INPUT_MAP,
+    INPUT_SIZE,
+    LAYER_MAP,
     BackgroundWriter,
     ResultsWriter,
     create_results,
+    kind_of,
     open_results,
     remove_stale_temporaries,
 )
@@ -97,7 +104,9 @@ def fingerprint(cfg: DictConfig) -> str:
     """The settings that decide the numbers; equal for all shards of one run."""
     sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
            else cfg[k] for k in RESULT_KEYS}
-    sub["data"] = {k: v for k, v in sub["data"].items() if k not in ("shard", "num_shards")}
+    # data.max_side left out while null: runs made before the key keep their fingerprint.
+    sub["data"] = {k: v for k, v in sub["data"].items() if k not in ("shard", "num_shards")
+                   and not (k == "max_side" and v is None)}
     # Only what decides the classes explained: target.k matters for topk alone.
     sub["target"] = target_spec(cfg.target)
     if sub["target"] == "topk":
@@ -147,6 +156,44 @@ def probe_layout(method: Method, x: torch.Tensor, target: str | int,
     out = explain(method, x, "topk" if target == "topk" else "pred", None, k)
     return {k: (tuple(v.shape[1:]), np.dtype(str(v.dtype).removeprefix("torch.")))
             for k, v in out.items()}
+
+
+def native_layout(
+    method: Method, normalize: Normalize, device: torch.device, target: str | int, k: int,
+    layout: dict[str, tuple[tuple[int, ...], Any]], method_kind: str, sizes: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Each image's map shapes for a native-resolution run, to reserve them at creation.
+
+    The method runs once on one zero image per distinct input size (call inside ``with
+    method``); a map whose shape depends on the input (every spatial map: CAMs, input
+    maps, attributions, unpooled activations) is stored ragged. An input size the model
+    cannot take fails its images, with the model's reason.
+
+    Args:
+        sizes: (N, 2) input heights and widths, (0, 0) for images without one.
+        layout: Per-image shape and dtype of every array, probed at one size.
+
+    Returns:
+        (ragged dataset path -> (N, ndim) shapes, zeros where nothing is reserved; row ->
+        reason for the images that get no reservation).
+    """
+    spatial = (LAYER_MAP, INPUT_MAP, ACTIVATIONS, ATTRIBUTION)
+    keys = [key for key, (shape, _) in layout.items()
+            if kind_of(key, method_kind) in spatial and len(shape) >= 2]
+    shapes = {key: np.zeros((len(sizes), len(layout[key][0])), np.int32) for key in keys}
+    failed: dict[int, str] = {}
+    for h, w in sorted({(int(h), int(w)) for h, w in sizes.tolist() if h > 0 and w > 0}):
+        rows = np.flatnonzero((sizes[:, 0] == h) & (sizes[:, 1] == w))
+        try:
+            found = probe_layout(method, normalize(torch.zeros(1, 3, h, w, device=device)),
+                                 target, k)
+        except (RuntimeError, ValueError) as e:  # e.g. a kernel larger than the input
+            reason = f"the model cannot take a {h}x{w} input: {str(e).splitlines()[0]}"
+            failed.update({int(r): reason[:250] for r in rows})
+            continue
+        for key in keys:
+            shapes[key][rows] = found[key][0]
+    return shapes, failed
 
 
 def listing_digest(records: list[Record]) -> str:
@@ -251,6 +298,7 @@ class Job:
     n_classes: int
     categories: list[str] | None
     channels_last: bool  # inputs go to the model in NHWC
+    input_sizes: np.ndarray | None = None  # native resolution: (N, 2), 0 = not reserved
 
 
 def extract(cfg: DictConfig, run_dir: Path) -> Summary:
@@ -308,6 +356,15 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         with method:
             layout = probe_layout(method, normalize(torch.zeros(1, 3, size, size, device=device)),
                                   target, cfg.target.k)
+            native: dict[str, Any] = {}
+            chunk = records[start:stop]
+            if cfg.data.resize is None:
+                sizes, failed = native_sizes(chunk, cfg.data.get("max_side"))
+                ragged, unfit = native_layout(method, normalize, device, target,
+                                              cfg.target.k, layout, method_cls.kind, sizes)
+                failed.update(unfit)
+                sizes[list(failed)] = 0  # nothing reserved: the row stays failed
+                native = {"ragged": ragged, "input_size": sizes, "failed": failed}
         attrs = {
             "method": cfg.method.name, "model": cfg.model.name,
             "target_layers": list(layers), "config": OmegaConf.to_yaml(cfg, resolve=True),
@@ -319,19 +376,20 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
             "versions": {"camsweep": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "h5py": h5py.__version__},
         }
-        chunk = records[start:stop]
         create_results(path, [r.path for r in chunk], np.array([r.label for r in chunk]),
-                       np.arange(start, stop), layout, attrs, method_kind=method_cls.kind)
+                       np.arange(start, stop), layout, attrs, method_kind=method_cls.kind,
+                       **native)
     with open_results(path) as f:  # the rows as fixed at creation, not today's listing
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
+        input_sizes = f[INPUT_SIZE][:] if INPUT_SIZE in f else None
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         x = normalize(torch.zeros(min(cfg.batch_size, len(rows)), 3, size, size, device=device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
     return Job(cfg, path, rows, method, normalize, device, n_classes, info.categories,
-               channels_last)
+               channels_last, input_sizes)
 
 
 def _warm_up(method: Method, compiled: torch.nn.Module, x: torch.Tensor,
@@ -358,13 +416,19 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     micro_batch = micro_batch_of(cfg.micro_batch, device)
     pending = writer.pending_rows()
     before = len(writer.file["images/status"]) - len(pending)
+    if job.input_sizes is not None:  # rows with nothing reserved stay failed (their reason)
+        pending = pending[job.input_sizes[pending].min(axis=1) > 0]
     dataset = ImageDataset(job.records, pending, cfg.data.image_size, cfg.data.resize,
-                           cfg.data.decode)
+                           cfg.data.decode, job.input_sizes, cfg.data.get("max_side"))
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), cfg.batch_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=worker_init)
+    # Native resolution: batches of equal input size, in the file's row order within a size.
+    sizes = dataset.batches(cfg.batch_size)
+    batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
+                                else {"batch_size": cfg.batch_size})
+    loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                        **batching)
     background = BackgroundWriter(writer)
     failed = 0
     bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",

@@ -50,10 +50,12 @@ def open_image(path: str, draft_size: int | None = None,
         if im.mode != "RGB":
             im = im.convert("RGB")
         im.load()
-        if max_side and max(im.size) > max_side:
+        # The size follows from the original's, not the draft's: the same photo always
+        # comes out at the same size (what a native-resolution run reserves).
+        size = capped(full_w, full_h, max_side) if max_side else im.size
+        if max_side and max(full_w, full_h) > max_side and im.size != size:
             # Reduced straight from the decoded image: no full-size RGB copy is made.
             # reducing_gap: an integer box reduction first, then an antialiased resize.
-            size = capped(im.width, im.height, max_side)
             rgb = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         else:
             rgb = im.copy()  # the decoded file's image is released when it closes
@@ -64,8 +66,21 @@ def open_image(path: str, draft_size: int | None = None,
     return rgb, (full_h, full_w)
 
 
+def header_size(path: str) -> tuple[int, int]:
+    """The upright (height, width) of an image from its header alone (nothing decoded)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # quarter turns swap the sides
+            w, h = h, w
+    return h, w
+
+
 def capped(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) scaled down, aspect kept, to at most ``max_side`` on the longest."""
+    """(width, height) scaled down, aspect kept, to at most ``max_side`` on the longest.
+
+    The longest side becomes ``max_side`` exactly; the other is ``round(side * max_side /
+    longest)`` (Python's round: halves to even), at least 1.
+    """
     scale = min(1.0, max_side / max(width, height, 1))
     return max(1, round(width * scale)), max(1, round(height * scale))
 

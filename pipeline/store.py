@@ -1,5 +1,6 @@
-"""The results file: one HDF5 file per run (format "camsweep", version 1), and the only module
-that writes or reads its layout. The spec is docs/FORMAT.md.
+"""The results file: one HDF5 file per run (format "camsweep", version 1, or 2 for runs at
+native resolution with ragged maps), and the only module that writes or reads its layout.
+The spec is docs/FORMAT.md.
 
 Crash safety comes from the layout, not from luck: the file is built complete (every
 dataset at its final shape, storage allocated up front and its disk blocks reserved, no
@@ -36,13 +37,18 @@ import numpy as np
 from .errors import StoreError
 
 FORMAT = "camsweep"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes
+# Fixed-size runs are written as version 1 (readable by camsweep before ragged maps);
+# ragged runs (data.resize=null) as version 2, which older readers refuse.
+FIXED_VERSION, RAGGED_VERSION = 1, 2
+RAGGED = "ragged"  # encoding of a ragged map's flat values; group of their row index
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = ("pending", "done", "failed")
 ERROR_BYTES = 256
 STR = h5py.string_dtype("utf-8")
 ERROR_STR = h5py.string_dtype("utf-8", ERROR_BYTES)  # fixed size: preallocated, written in place
 CHUNK_BYTES = 1 << 20
+INPUT_SIZE = "images/input_size"  # ragged runs: each image's model input (h, w)
 IMAGE_TABLES = ("images", "targets", "predictions")
 REQUIRED = ("images/path", "images/label", "images/status", "images/error", "images/size",
             "targets/class", "targets/score", "predictions/class", "predictions/prob")
@@ -64,7 +70,8 @@ _KIND_OF_GROUP = {
 # Dimension names per dataset group, so readers without our code know the axes.
 DIMS = {
     "images/path": ["image"], "images/label": ["image"], "images/status": ["image"],
-    "images/error": ["image"], "images/size": ["image", "hw"], "images/box": ["image", "y0x0y1x1"],
+    "images/error": ["image"], "images/size": ["image", "hw"], "images/input_size": ["image", "hw"],
+    "images/box": ["image", "y0x0y1x1"],
     "images/index": ["image"], "images/nonfinite": ["image"],
     "targets/class": ["image", "class"], "targets/score": ["image", "class"],
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
@@ -117,6 +124,29 @@ def _preallocated(group: h5py.Group, name: str, n: int, row_shape: tuple[int, ..
     return group.create_dataset(name, shape=(n, *row_shape), dtype=dt, chunks=chunks, dcpl=dcpl)
 
 
+def _ragged_values(f: h5py.File, key: str, shapes: np.ndarray, dtype: Any) -> h5py.Dataset:
+    """The flat values of ragged map ``key`` and its row index, sized exactly for
+    ``shapes`` ((N, ndim): each image's map shape). Offsets are fixed here, in row order,
+    so a row's place never depends on when or by whom it is written."""
+    shapes = np.asarray(shapes, dtype=np.int64).reshape(len(shapes), -1)
+    sizes = shapes.prod(axis=1) if len(shapes) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)[:len(shapes)]
+    total = int(sizes.sum())
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dt = np.dtype(dtype)
+    chunk = max(1, min(total, CHUNK_BYTES // dt.itemsize))
+    group_name, _, name = key.partition("/")
+    ds = f.require_group(group_name).create_dataset(name, shape=(total,), dtype=dt,
+                                                   chunks=(chunk,), dcpl=dcpl)
+    ds.attrs["encoding"] = RAGGED
+    index = f.require_group(f"{RAGGED}/{key}")
+    index.create_dataset("offset", data=offsets)
+    index.create_dataset("shape", data=shapes.astype(np.int32))
+    return ds
+
+
 def _jsonable(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict, tuple)) else value
 
@@ -160,12 +190,21 @@ def create_results(
     layout: Mapping[str, tuple[tuple[int, ...], Any]],
     attrs: Mapping[str, Any],
     method_kind: str | None = None,
+    ragged: Mapping[str, np.ndarray] | None = None,
+    input_size: np.ndarray | None = None,
+    failed: Mapping[int, str] | None = None,
 ) -> str:
     """Write a complete, empty results file (all rows pending) and rename it into place.
 
     ``layout`` maps dataset paths ("gradcam/layer4") to (per-image shape, dtype); layer
     datasets are named by the layer as configured, dots included. The file's disk blocks
     are reserved here, so a full disk shows now, not in the middle of the run.
+
+    A run at native resolution passes ``ragged``: dataset path -> (N, ndim) array of each
+    image's map shape (zeros for an image without a reservation); those maps are stored
+    as flat values plus a row index (format version 2), the rest as usual. It passes
+    ``input_size`` ((N, 2) model input height, width) and ``failed`` (row -> reason, for
+    images that cannot be reserved: their status is failed from the start).
 
     Returns:
         The new file's ``run_id`` (a random identifier that readers of derived files, such
@@ -177,13 +216,17 @@ def create_results(
     run_id = uuid.uuid4().hex
     method = attrs.get("method")
     size = None
+    ragged = dict(ragged or {})
     try:
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
-            f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+            version = RAGGED_VERSION if ragged else FIXED_VERSION
+            f.attrs.update({"format": FORMAT, "format_version": version,
                             "created": datetime.now(timezone.utc).isoformat(), "n_images": n,
                             "run_id": run_id})
             for key, value in attrs.items():
                 f.attrs[key] = _jsonable(value)
+            if ragged:
+                f.attrs["ragged_maps"] = json.dumps(list(ragged))
             img = f.create_group("images")
             img.create_dataset("path", data=np.array(paths, dtype=object), dtype=STR)
             img.create_dataset("label", data=np.asarray(labels, dtype=np.int32))
@@ -193,9 +236,19 @@ def create_results(
             _preallocated(img, "size", n, (2,), np.int32)
             _preallocated(img, "box", n, (4,), np.float32)
             _preallocated(img, "nonfinite", n, (), np.uint8)
+            if input_size is not None:
+                img.create_dataset("input_size", data=np.asarray(input_size, np.int32))
+            for row, reason in sorted((failed or {}).items()):
+                img["status"][row] = FAILED
+                img["error"][row] = reason.encode("utf-8")[:ERROR_BYTES].decode("utf-8",
+                                                                               "ignore")
             for key, (shape, dtype) in layout.items():
                 group_name, _, name = key.partition("/")
-                ds = _preallocated(f.require_group(group_name), name, n, tuple(shape), dtype)
+                if key in ragged:
+                    ds = _ragged_values(f, key, ragged[key], dtype)
+                else:
+                    ds = _preallocated(f.require_group(group_name), name, n, tuple(shape),
+                                       dtype)
                 kind = kind_of(key, method_kind)
                 if kind is not None:
                     ds.attrs["kind"] = kind
@@ -203,7 +256,16 @@ def create_results(
                     if name != "input":
                         ds.attrs["layer"] = name
             for key, ds in walk(f):
-                ds.attrs["dims"] = json.dumps(_dims(key, ds.attrs.get("kind"), ds.ndim))
+                if ds.attrs.get("encoding") == RAGGED:  # axes of one image's map, flattened
+                    ndim = 1 + np.asarray(ragged[key]).reshape(n, -1).shape[1]
+                    ds.attrs["row_dims"] = json.dumps(
+                        _dims(key, ds.attrs.get("kind"), ndim)[1:])
+                    dims = ["value"]
+                elif key.startswith(f"{RAGGED}/"):
+                    dims = ["image"] if ds.ndim == 1 else ["image", "axis"]
+                else:
+                    dims = _dims(key, ds.attrs.get("kind"), ds.ndim)
+                ds.attrs["dims"] = json.dumps(dims)
             attach_dims(f, paths)
             f["images/error"].attrs["encoding"] = "utf-8, fixed 256 bytes, empty when ok"
             f["images/status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"
@@ -254,7 +316,7 @@ def attach_dims(f: h5py.File, paths: list[str] | np.ndarray) -> None:
     paths = np.asarray(paths, dtype=object)
     groups: dict[str, list[tuple[str, h5py.Dataset, list[str]]]] = {}
     for key, ds in walk(f):
-        if "/" not in key:
+        if "/" not in key or ds.attrs.get("encoding") == RAGGED:  # no per-image axis
             continue
         group, name = key.rsplit("/", 1)
         dims = json.loads(ds.attrs["dims"])
@@ -327,8 +389,16 @@ def validate(f: h5py.File, path: str | os.PathLike) -> None:
             raise StoreError(f"{path} is damaged: missing {', '.join(missing)}")
         if "merged_from" in f.attrs:
             check_shards(f, path)  # before reading rows: a missing source reads as zeros
+        ragged = ragged_keys(f)
+        for key in ragged:
+            check_ragged(f, key, n, path)
         for key, ds in walk(f):
             if key.split("/")[0] == "metrics":  # files of before the metrics file
+                continue
+            if ds.attrs.get("encoding") == RAGGED:
+                if key not in ragged:
+                    raise StoreError(f"{path} is damaged: {key} is ragged but not listed in "
+                                     "the root attribute ragged_maps")
                 continue
             if not ds.shape or ds.shape[0] != n:
                 raise StoreError(f"{path} is damaged: {key} has shape {ds.shape}, expected "
@@ -344,6 +414,78 @@ def validate(f: h5py.File, path: str | os.PathLike) -> None:
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise StoreError(f"{path} is damaged: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
+def ragged_keys(f: h5py.File) -> list[str]:
+    """The map datasets stored ragged (flat values + row index): root ``ragged_maps``."""
+    return [str(k) for k in attr_list(f.attrs.get("ragged_maps"))]
+
+
+def check_ragged(f: h5py.File, key: str, n: int | None, path: str | os.PathLike) -> None:
+    """A ragged map's values and index agree: a version 2 file, one offset and shape per
+    image, and every image's values inside the flat dataset."""
+    if int(f.attrs.get("format_version", 0)) < RAGGED_VERSION:
+        raise StoreError(f"{path} is damaged: ragged maps in a format_version "
+                         f"{int(f.attrs.get('format_version', 0))} file")
+    where = f"{RAGGED}/{key}"
+    for part in (key, f"{where}/offset", f"{where}/shape", INPUT_SIZE):
+        if part not in f or not isinstance(f[part], h5py.Dataset):
+            raise StoreError(f"{path} is damaged: ragged map {key} lacks /{part}")
+    values, offsets, shapes = f[key], f[f"{where}/offset"][:], f[f"{where}/shape"][:]
+    if (values.ndim != 1 or values.attrs.get("encoding") != RAGGED or offsets.shape != (n,)
+            or shapes.ndim != 2 or shapes.shape[0] != n):
+        raise StoreError(f"{path} is damaged: ragged map {key} has values {values.shape}, "
+                         f"offsets {offsets.shape}, shapes {shapes.shape} for {n} images")
+    ends = offsets + shapes.astype(np.int64).prod(axis=1)
+    if (shapes < 0).any() or (offsets < 0).any() or (ends > values.shape[0]).any():
+        raise StoreError(f"{path} is damaged: the index of ragged map {key} points outside "
+                         f"its {values.shape[0]} values")
+
+
+def is_ragged(f: h5py.File, key: str) -> bool:
+    """Whether dataset ``key`` holds flat values of a ragged map."""
+    return f[key].attrs.get("encoding") == RAGGED
+
+
+def map_ndim(f: h5py.File, key: str) -> int:
+    """``ndim`` of the map dataset as if it were one (N, ...) array: 1 + one image's ndim."""
+    if is_ragged(f, key):
+        return 1 + int(f[f"{RAGGED}/{key}/shape"].shape[1])
+    return int(f[key].ndim)
+
+
+def row_shape(f: h5py.File, key: str, row: int) -> tuple[int, ...]:
+    """Shape of image ``row``'s map in dataset ``key`` (fixed or ragged)."""
+    if is_ragged(f, key):
+        return tuple(int(v) for v in f[f"{RAGGED}/{key}/shape"][row])
+    return tuple(f[key].shape[1:])
+
+
+def read_map(f: h5py.File, key: str, rows: Any = slice(None)) -> np.ndarray | list[np.ndarray]:
+    """Rows of map dataset ``key``. A fixed-size dataset reads as ``f[key][rows]``. A
+    ragged one gives each image's map in its own shape: one array for an integer row, a
+    list of arrays for a slice, a list of rows or a boolean mask."""
+    ds = f[key]
+    if ds.attrs.get("encoding") != RAGGED:
+        return ds[rows]
+    index = f[f"{RAGGED}/{key}"]
+    if isinstance(rows, (int, np.integer)):
+        offset, shape = int(index["offset"][rows]), tuple(index["shape"][rows].tolist())
+        size = int(np.prod(shape, dtype=np.int64))
+        return ds[offset:offset + size].reshape(shape) if size else np.zeros(shape, ds.dtype)
+    picked = np.arange(index["offset"].shape[0])[rows]
+    offsets = index["offset"][:][picked]
+    shapes = index["shape"][:][picked]
+    sizes = shapes.astype(np.int64).prod(axis=1)
+    if not len(picked):
+        return []
+    lo, hi = int(offsets.min()), int((offsets + sizes).max())
+    if hi - lo <= 2 * int(sizes.sum()) + CHUNK_BYTES:  # one read covers them (a run of rows)
+        span = ds[lo:hi]
+        return [span[o - lo:o - lo + z].reshape(tuple(sh)) for o, z, sh in
+                zip(offsets.tolist(), sizes.tolist(), shapes, strict=True)]
+    return [ds[o:o + z].reshape(tuple(sh)) for o, z, sh in
+            zip(offsets.tolist(), sizes.tolist(), shapes, strict=True)]
 
 
 def check_own_maps(f: h5py.File, path: str | os.PathLike) -> None:
@@ -494,6 +636,10 @@ class ResultsWriter:
         self.file = open_results(self.path, "r+", rdcc_nbytes=0)
         self._datasets: dict[str, h5py.Dataset] = {}
         self.failed = False
+        # Ragged maps: row -> (offset, shape), fixed at creation; read once.
+        self._ragged = {key: (self.file[f"{RAGGED}/{key}/offset"][:],
+                              self.file[f"{RAGGED}/{key}/shape"][:])
+                        for key in ragged_keys(self.file)}
 
     def pending_rows(self) -> np.ndarray:
         """Rows to (re)compute: pending ones and failed ones (a failure may be transient)."""
@@ -529,8 +675,11 @@ class ResultsWriter:
         touched = []
         for key, value in arrays.items():
             ds = self._ds(key)
-            for pos, first, length in runs:
-                ds[first:first + length] = value[pos:pos + length]
+            if key in self._ragged:
+                self._write_ragged(key, ds, rows, value)
+            else:
+                for pos, first, length in runs:
+                    ds[first:first + length] = value[pos:pos + length]
             touched.append(ds)
         error_ds = self._ds("images/error")
         status = self._ds("images/status")
@@ -548,6 +697,18 @@ class ResultsWriter:
             status[row] = FAILED
         status.flush()
         self.file.flush()
+
+    def _write_ragged(self, key: str, ds: h5py.Dataset, rows: np.ndarray,
+                      value: np.ndarray) -> None:
+        """Each row's map into its own place in the flat values (reserved at creation)."""
+        offsets, shapes = self._ragged[key]
+        for pos, row in enumerate(rows.tolist()):
+            v = value[pos]
+            if v.shape != tuple(shapes[row]):
+                raise StoreError(f"{self.path}: {key} of row {row} has shape {v.shape}, but "
+                                 f"{tuple(shapes[row].tolist())} was reserved at creation")
+            if v.size:
+                ds[offsets[row]:offsets[row] + v.size] = v.reshape(-1)
 
     def close(self) -> None:
         self._datasets.clear()
