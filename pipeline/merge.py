@@ -6,6 +6,11 @@ sources are relative file names, so the run folder can be moved as a whole; with
 ``copy=True`` the arrays are copied (chunk by chunk) and the shards are no longer needed.
 The merged file names each shard with its ``run_id``; readers refuse it when a shard is
 missing or was replaced (a virtual dataset would silently read zeros).
+
+Ragged maps (``data.resize=null``) merge into one ragged map: the shards' flat values one
+after the other, and the row index copied with each shard's offsets moved by the values
+of the shards before it (offsets are fixed when a shard is created, so the merged index
+stays right while shards are still completed).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .locks import lock_is_held, writer_lock
 from .store import (
     DONE,
     PENDING,
+    RAGGED,
     SCALE_ATTRS,
     attach_dims,
     attr_list,
@@ -132,18 +138,28 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
                 for i in range(n)])
             dst.attrs["merge"] = "copy" if copy else "virtual"
             for key, ds in walk(first):
-                shape = (total, *ds.shape[1:])
+                if key.startswith(f"{RAGGED}/"):  # the row index of a ragged map
+                    _merge_index(dst, key, files)
+                    continue
+                lengths = ([int(f[key].shape[0]) for f in files]
+                           if ds.attrs.get("encoding") == RAGGED else counts)
+                firsts = [int(v) for v in np.cumsum([0, *lengths[:-1]])]
+                shape = (sum(lengths) if ds.attrs.get("encoding") == RAGGED else total,
+                         *ds.shape[1:])
                 if copy:
                     target = dst.create_dataset(key, shape=shape, dtype=ds.dtype,
                                                 chunks=ds.chunks)
                     step = ds.chunks[0] if ds.chunks else 1024
-                    for f, start, count in zip(files, starts, counts, strict=True):
+                    for f, start, count in zip(files, firsts, lengths, strict=True):
                         for lo in range(0, count, step):  # bounded memory: a chunk at a time
                             hi = min(count, lo + step)
                             target[start + lo:start + hi] = f[key][lo:hi]
                 else:
                     layout = h5py.VirtualLayout(shape=shape, dtype=ds.dtype)
-                    for i, (start, count) in enumerate(zip(starts, counts, strict=True)):
+                    for i, (start, count) in enumerate(zip(firsts, lengths,
+                                                           strict=True)):
+                        if not count:  # a shard without values of this map
+                            continue
                         # A relative name: HDF5 looks for it beside the merged file.
                         src = h5py.VirtualSource(shards[i].name, key, shape=(count, *shape[1:]),
                                                  dtype=ds.dtype)
@@ -162,6 +178,20 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
             f.close()
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _merge_index(dst: h5py.File, key: str, files: list[h5py.File]) -> None:
+    """Copy ``ragged/<map>/offset`` or ``.../shape`` of every shard into ``dst``; offsets
+    move by the length of the shards' values before (they index the merged values)."""
+    parts = [f[key][:] for f in files]
+    if key.endswith("/offset"):
+        values = key.removeprefix(f"{RAGGED}/").rsplit("/", 1)[0]
+        before = np.cumsum([0, *[int(f[values].shape[0]) for f in files[:-1]]])
+        parts = [p.astype(np.int64) + int(b) for p, b in zip(parts, before, strict=True)]
+    target = dst.create_dataset(key, data=np.concatenate(parts))
+    for k, v in files[0][key].attrs.items():
+        if k not in SCALE_ATTRS:
+            target.attrs[k] = v
 
 
 def merge_if_complete(run_dir: Path) -> Path | None:

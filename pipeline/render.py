@@ -46,7 +46,10 @@ from .store import (
     LAYER_MAP,
     MapInfo,
     categories,
+    map_ndim,
     open_results,
+    read_map,
+    row_shape,
     stored_maps,
 )
 
@@ -63,6 +66,19 @@ def read_rows(f: h5py.File, key: str, path: str | Path, rows: Any = slice(None))
     try:
         return f[key][rows]
     except (OSError, ValueError) as e:  # a corrupted chunk, a wrong shape
+        raise StoreError(f"{path} is damaged: cannot read /{key}: "
+                         f"{str(e).splitlines()[0][:160]}") from e
+
+
+def read_map_rows(f: h5py.File, key: str, path: str | Path,
+                  rows: Any) -> np.ndarray | list[np.ndarray]:
+    """:func:`pipeline.store.read_map` (fixed or ragged maps), with a missing or unreadable
+    dataset as one :class:`StoreError`."""
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise StoreError(f"{path} is damaged: /{key} is missing")
+    try:
+        return read_map(f, key, rows)
+    except (OSError, ValueError, KeyError) as e:  # a corrupted chunk, a wrong shape
         raise StoreError(f"{path} is damaged: cannot read /{key}: "
                          f"{str(e).splitlines()[0][:160]}") from e
 
@@ -225,12 +241,20 @@ def pictures_of(f: h5py.File, maps: list[MapInfo]) -> list[tuple[MapInfo, int | 
     (N, k, h, w), and get one picture per explained class (k = 0..k-1; None otherwise)."""
     out: list[tuple[MapInfo, int | None]] = []
     for m in maps:
-        ds = f[m.key]
-        if m.kind != ACTIVATIONS and ds.ndim == 4:
-            out += [(m, k) for k in range(ds.shape[1])]
+        if m.kind != ACTIVATIONS and map_ndim(f, m.key) == 4:
+            out += [(m, k) for k in range(_classes(f, m.key))]
         else:
             out.append((m, None))
     return out
+
+
+def _classes(f: h5py.File, key: str) -> int:
+    """The class axis length of a target=topk map (fixed or ragged: the same for all)."""
+    ds = f[key]
+    if ds.ndim == 4:
+        return int(ds.shape[1])
+    shapes = f[f"ragged/{key}/shape"]
+    return int(shapes[:, 0].max()) if shapes.shape[0] else 0
 
 
 def _draw(
@@ -240,10 +264,12 @@ def _draw(
 ) -> tuple[np.ndarray | None, list[str]]:
     """One picture and its title parts for one row of one stored map (None to skip); ``k``
     selects the class of a target=topk map."""
-    ds = f[m.key]
-    index = row if k is None else (row, k)
+    def one() -> np.ndarray:  # this row's map (of class k), fixed or ragged
+        value = np.asarray(read_map_rows(f, m.key, path, row))
+        return value if k is None else value[k]
+
     if m.kind == LAYER_MAP:
-        cam = read_rows(f, m.key, path, index)
+        cam = one()
         if photo is not None:
             picture = overlay_cam(photo, cam, box, image_weight, outline=True)
         else:
@@ -252,24 +278,28 @@ def _draw(
                                                   MAX_SIDE))
         return picture, [*labels.parts(row, k), f"[{m.group} {m.layer}]"]
     if m.kind == INPUT_MAP:
-        picture = saliency_picture(read_rows(f, m.key, path, index), photo, box,
-                                   _box_hw(size, box))
+        picture = saliency_picture(one(), photo, box, _box_hw(size, box))
         where = m.group if m.layer == "input" else f"{m.group} {m.layer}"
         return picture, [*labels.parts(row, k), f"[{where}]"]
     # activations: (C, h, w) maps, or (C,) when pooled at extraction
-    channels = ds.shape[1] if ds.ndim > 1 else 0
-    if ds.ndim == 4:
+    ndim, shape = map_ndim(f, m.key), row_shape(f, m.key, row)
+    channels = shape[0] if shape else 0
+    if ndim == 4:
         n = min(grid_channels, channels)
-        picture = activation_grid(read_rows(f, m.key, path, (row, slice(0, n))), n)
+        if f[m.key].ndim == 4:  # fixed size: read the first n channels only
+            grid = read_rows(f, m.key, path, (row, slice(0, n)))
+        else:
+            grid = np.asarray(read_map_rows(f, m.key, path, row))[:n]
+        picture = activation_grid(grid, n)
         shown = f"channels 0-{n - 1} of {channels}"
-    elif ds.ndim == 2:
+    elif ndim == 2:
         picture = activation_strip(read_rows(f, m.key, path, row))
         shown = f"{channels} channels, pooled"
     else:
         if m.layer not in noted:
             noted.add(m.layer)
             log.info("render: activations of %s have shape %s; no picture for that layout",
-                     m.layer, ds.shape[1:])
+                     m.layer, shape)
         return None, []
     pred = ([f"pred {labels.name(int(labels.pred[row, 0]))}"]
             if labels.pred.shape[1] else [])

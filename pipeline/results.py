@@ -23,6 +23,8 @@ from .store import (
     attr_list,
     is_scale,
     open_results,
+    ragged_keys,
+    read_map,
     stored_config,
 )
 from .store import categories as stored_categories
@@ -33,6 +35,10 @@ class Run:
 
     Row ``i`` of every array belongs to image ``paths[i]``; rows whose ``status`` is not
     done hold no valid values, and the ``done_only=True`` accessors drop them.
+
+    A run at native resolution (:attr:`ragged`) stores maps of different sizes: its map
+    accessors give each image's map in its own shape, a list of arrays (one array for an
+    integer ``rows``); fixed-size runs give one ndarray with the image axis first.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -138,33 +144,57 @@ class Run:
         })
 
     # -- arrays -------------------------------------------------------------------------
-    def _array(self, group: str, layer: str, rows: Any = slice(None)) -> h5py.Dataset | np.ndarray:
+    @property
+    def ragged(self) -> bool:
+        """Whether maps are stored per image in their own shape (``data.resize=null``)."""
+        return bool(ragged_keys(self.file))
+
+    @property
+    def input_sizes(self) -> np.ndarray:
+        """(N, 2) model input height, width of each image: its own size at native
+        resolution (0 where the image could not be read), else ``image_size`` for all."""
+        if "images/input_size" in self.file:
+            return self.file["images/input_size"][:]
+        side = int(self.file.attrs.get("image_size", 0))
+        return np.full((len(self), 2), side, dtype=np.int32)
+
+    def _array(self, group: str, layer: str,
+               rows: Any = slice(None)) -> h5py.Dataset | np.ndarray | list[np.ndarray]:
         g = self.file.get(group)
-        if g is None or layer not in g or is_scale(g[layer]):
-            have = [k for k in g if not is_scale(g[k])] if g is not None else []
+        if (g is None or layer not in g or not isinstance(g[layer], h5py.Dataset)
+                or is_scale(g[layer])):
+            have = ([k for k in g if isinstance(g[k], h5py.Dataset) and not is_scale(g[k])]
+                    if g is not None else [])
             raise StoreError(f"{self.path} has no {group}/{layer}; it has {have or 'none'} "
                              f"(method={self.method})")
-        return g[layer] if rows is None else g[layer][rows]
+        return g[layer] if rows is None else read_map(self.file, f"{group}/{layer}", rows)
 
-    def cams(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
+    def cams(self, layer: str | None = None,
+             rows: Any = slice(None)) -> np.ndarray | list[np.ndarray]:
         """The run's CAMs (N, h, w) at the layer's resolution, not normalized (Grad-CAM,
-        Grad-CAM++, Score-CAM, ... whichever method made the file)."""
+        Grad-CAM++, Score-CAM, ... whichever method made the file); a ragged run: one
+        (h, w) array per image."""
         return self._array(self.method, layer or self.layers[0], rows)
 
     def weights(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
         """The CAM's channel weights (N, C), for the methods that have them."""
         return self._array(f"{self.method}_weights", layer or self.layers[0], rows)
 
-    def saliency(self, rows: Any = slice(None)) -> np.ndarray:
+    def saliency(self, rows: Any = slice(None)) -> np.ndarray | list[np.ndarray]:
         """The input-resolution map (N, H, W) of an input-gradient method (saliency,
-        SmoothGrad, Integrated Gradients, Guided Backprop)."""
+        SmoothGrad, Integrated Gradients, Guided Backprop); a ragged run: one (H, W) array
+        per image, at that image's input size."""
         return self._array(self.method, "input", rows)
 
-    def activations(self, layer: str | None = None, rows: Any = slice(None)) -> np.ndarray:
+    def activations(self, layer: str | None = None,
+                    rows: Any = slice(None)) -> np.ndarray | list[np.ndarray]:
+        """Layer outputs (N, C, h, w), or (N, C) pooled; a ragged run: one (C, h, w) array
+        per image."""
         return self._array("activations", layer or self.layers[0], rows)
 
     def dataset(self, group: str, layer: str) -> h5py.Dataset:
-        """The h5py dataset itself, for slicing huge arrays without reading them whole."""
+        """The h5py dataset itself, for slicing huge arrays without reading them whole (of
+        a ragged map: its flat values; see docs/FORMAT.md for the row index)."""
         return self._array(group, layer, None)
 
     def to_xarray(self, group: str | None = None, layer: str | None = None) -> Any:
@@ -182,6 +212,11 @@ class Run:
         group = group or self.method
         if group not in self.file:
             raise StoreError(f"{self.path} has no group {group!r}; it has {sorted(self.file)}")
+        ragged = [k for k in ragged_keys(self.file) if k.split("/")[0] == group]
+        if ragged:
+            raise StoreError(f"{self.path}: {', '.join(ragged)} hold maps of different sizes "
+                             "(data.resize=null), which one labelled array cannot; use "
+                             "Run.cams / saliency / activations (one array per image)")
         chunks = {} if importlib.util.find_spec("dask") else None
         ds = xr.open_dataset(self.path, engine="h5netcdf", group=group, chunks=chunks)
         return ds if layer is None else ds[layer]
