@@ -57,10 +57,11 @@ from .metrics.perturbation import BASELINES, curve_auc, make_baseline, perturbat
 from .metrics.pointing import find_boxes, pad_boxes, pointing_game
 from .metrics.road import road_scores
 from .metrics.sanity import CascadingRandomization, randomization_units, spearman
-from .render import read_rows
+from .render import read_map_rows, read_rows
 from .store import (
     DONE,
     INPUT_MAP,
+    INPUT_SIZE,
     LAYER_MAP,
     identity,
     open_results,
@@ -155,6 +156,7 @@ class _Setup:
     autocast: torch.dtype | None
     boxes: list[list[Any]] | None
     results: dict[str, str]  # identity of the results file (store.identity)
+    input_sizes: np.ndarray | None = None  # native resolution (resize "none"): (N, 2)
 
 
 def _literal(value: Any) -> Any:
@@ -240,10 +242,9 @@ def _setup(cfg: DictConfig, path: Path, device: torch.device, notes: list[str]) 
             targets=f["targets/class"][:], scores=f["targets/score"][:],
             sizes=f["images/size"][:], seen=read_rows(f, "images/box", path), n=len(status),
             image_size=image_size, resize=str(f.attrs.get("resize", "square")),
-            results=identity(f))
-    if setup_kw["resize"] == "none":
-        raise StoreError(f"{path} was extracted at native resolution; evaluate needs a fixed "
-                         "input size")
+            results=identity(f), input_sizes=f[INPUT_SIZE][:] if INPUT_SIZE in f else None)
+    if setup_kw["resize"] == "none" and setup_kw["input_sizes"] is None:
+        raise StoreError(f"{path} is damaged: a native-resolution run without /{INPUT_SIZE}")
     method_name = stored.method.get("name")
     if method_name not in METHODS:
         raise StoreError(f"{path}: {unknown('stored method', method_name, METHODS)}")
@@ -423,10 +424,15 @@ class _BatchEvaluator:
 
         s = self.setup
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
-        dataset = ImageDataset(records, rows, s.image_size, s.resize, s.decode)
-        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=worker_init)
+        native = s.resize == "none"  # the model input at each image's own size, as extracted
+        dataset = ImageDataset(records, rows, s.image_size, None if native else s.resize,
+                               s.decode, s.input_sizes, s.stored.data.get("max_side"))
+        sizes = dataset.batches(self.cfg.batch_size)  # native: batches of equal size
+        batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
+                                    else {"batch_size": self.cfg.batch_size})
+        loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
+                            **batching)
         changed: list[str] = []
         bar = tqdm(total=len(rows), desc=f"evaluate {self.path.parent.name}", unit="img",
                    dynamic_ncols=True, disable=None)
@@ -489,7 +495,9 @@ class _BatchEvaluator:
         out: dict[str, torch.Tensor] = {"score": original}
         maps_in = {}
         for key in s.maps:
-            raw = torch.from_numpy(read_rows(f, key, self.path, rows)).to(dev)
+            # A ragged map gives one array per row; rows of one batch share one input size,
+            # so their maps share one shape.
+            raw = torch.from_numpy(np.stack(read_map_rows(f, key, self.path, rows))).to(dev)
             maps_in[key] = raw.reshape(-1, *raw.shape[-2:])
         baselines: dict[str, torch.Tensor] = {}
         for key, raw in maps_in.items():
