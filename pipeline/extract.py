@@ -182,7 +182,10 @@ def native_layout(
             if kind_of(key, method_kind) in spatial and len(shape) >= 2]
     shapes = {key: np.zeros((len(sizes), len(layout[key][0])), np.int32) for key in keys}
     failed: dict[int, str] = {}
-    for h, w in sorted({(int(h), int(w)) for h, w in sizes.tolist() if h > 0 and w > 0}):
+    distinct = sorted({(int(h), int(w)) for h, w in sizes.tolist() if h > 0 and w > 0})
+    log.info("native resolution: %d images of %d distinct sizes; one probe per size "
+             "reserves their maps", len(sizes), len(distinct))
+    for h, w in distinct:
         rows = np.flatnonzero((sizes[:, 0] == h) & (sizes[:, 1] == w))
         try:
             found = probe_layout(method, normalize(torch.zeros(1, 3, h, w, device=device)),

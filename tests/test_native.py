@@ -292,3 +292,54 @@ def test_unreadable_images_become_failed_rows(images, tmp_path):
         assert run.input_sizes.tolist()[3:] == [[0, 0], [40, 56]]
         assert [c.shape for c in run.cams(rows=slice(0, 4))] == [(2, 2), (2, 2), (2, 2),
                                                                 (0, 0)]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A real kill -9 of a native-resolution run, waited for by progress read from the file:
+    the file opens, and the same command completes it to the arrays of a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        h, w = SIZES[i % 3]
+        Image.fromarray(photo(i, h, w)).save(folder / f"img{i:02d}.{'png' if i % 2 else 'jpg'}")
+    args = [*TINY, "data=glob", f"data.pattern={folder}/img*", "data.resize=null",
+            "batch_size=2", "channels_last=false"]
+    run_dir = tmp_path / "killed"
+    results = run_dir / "results.h5"
+    command = [sys.executable, str(ROOT / "run.py"), "stage=extract", f"run_dir={run_dir}",
+               *args]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def done() -> int:
+        try:
+            with h5py.File(results, "r", locking=False) as f:
+                return int((f["images/status"][:] == DONE).sum())
+        except (OSError, KeyError):  # not created yet
+            return 0
+
+    deadline = time.monotonic() + 300
+    while done() < 4 and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with load_run(results) as run:  # opens; statuses readable
+        before = int(run.done.sum())
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    extract(compose_cfg(*args), tmp_path / "clean")
+    with load_run(results) as a, load_run(tmp_path / "clean") as b:
+        assert (a.status == DONE).all() and before < len(a)
+        for x, y in zip(a.cams(), b.cams(), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.weights(), b.weights(), rtol=1e-5, atol=1e-7)
