@@ -146,9 +146,9 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
                 firsts = [int(v) for v in np.cumsum([0, *lengths[:-1]])]
                 shape = (sum(lengths) if ds.attrs.get("encoding") == RAGGED else total,
                          *ds.shape[1:])
-                if copy:
+                if copy or not shape[0]:  # (HDF5 has no empty virtual dataset)
                     target = dst.create_dataset(key, shape=shape, dtype=ds.dtype,
-                                                chunks=ds.chunks)
+                                                chunks=ds.chunks if shape[0] else None)
                     step = ds.chunks[0] if ds.chunks else 1024
                     for f, start, count in zip(files, firsts, lengths, strict=True):
                         for lo in range(0, count, step):  # bounded memory: a chunk at a time

@@ -136,10 +136,11 @@ def _ragged_values(f: h5py.File, key: str, shapes: np.ndarray, dtype: Any) -> h5
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     dt = np.dtype(dtype)
-    chunk = max(1, min(total, CHUNK_BYTES // dt.itemsize))
+    # No image has values (all failed at creation): HDF5 takes no chunks for 0 elements.
+    chunks = (min(total, CHUNK_BYTES // dt.itemsize),) if total else None
     group_name, _, name = key.partition("/")
     ds = f.require_group(group_name).create_dataset(name, shape=(total,), dtype=dt,
-                                                   chunks=(chunk,), dcpl=dcpl)
+                                                   chunks=chunks, dcpl=dcpl)
     ds.attrs["encoding"] = RAGGED
     index = f.require_group(f"{RAGGED}/{key}")
     index.create_dataset("offset", data=offsets)

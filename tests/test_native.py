@@ -294,6 +294,28 @@ def test_unreadable_images_become_failed_rows(images, tmp_path):
                                                                 (0, 0)]
 
 
+
+def test_shards_whose_images_all_fail_still_make_valid_files(tmp_path):
+    """No image with values: empty flat datasets (HDF5 takes no chunks for them), which
+    open, merge (virtual or copied) and read as empty maps."""
+    folder = tmp_path / "unreadable"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_text("not an image\n")
+    run_dir = tmp_path / "run"
+    for shard in (0, 1):
+        summary = extract(compose_cfg(*TINY, "data=glob", f"data.pattern={folder}/*",
+                                      "data.resize=null", f"data.shard={shard}",
+                                      "data.num_shards=2"), run_dir)
+        assert (summary.done, summary.failed) == (0, 1)
+    for copy in (False, True):
+        merge_shards(run_dir, copy=copy)
+        with load_run(run_dir) as run:
+            assert (run.status == FAILED).all() and run.input_sizes.tolist() == [[0, 0]] * 2
+            assert [c.shape for c in run.cams()] == [(0, 0), (0, 0)]
+            assert run.file["gradcam/layer4"].shape == (0,)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
     """A real kill -9 of a native-resolution run, waited for by progress read from the file:
