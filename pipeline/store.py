@@ -7,7 +7,9 @@ dataset at its final shape, storage allocated up front and its disk blocks reser
 compression) under a temporary name and renamed into place. During the run, writes touch
 raw data only, never HDF5 metadata, and a row's status is set only after its arrays were
 flushed without error. A process killed at any moment therefore leaves a file that opens,
-whose "done" rows are complete; the rest are recomputed on resume.
+whose "done" rows are complete; the rest are recomputed on resume. Ragged maps keep this:
+their flat values are sized exactly, and every image's offset fixed, at creation, so a
+row's values always go to the same place, whoever writes them and when.
 
 Longer than our other modules on purpose: creating, validating, reading helpers and the
 writer of one format belong in one place, the one that docs/FORMAT.md describes.
