@@ -29,6 +29,7 @@ from pipeline.merge import merge_shards
 from pipeline.methods import build_method, target_fn
 from pipeline.models import build_model, resolve_layers
 from pipeline.render import render_run
+from pipeline.report import report
 from pipeline.results import load_run
 from pipeline.runtime import Normalize
 from pipeline.store import DONE, FAILED, PENDING, ResultsWriter, open_results, read_map
@@ -227,7 +228,7 @@ def test_render_draws_each_image_at_its_own_size(images, batched, tmp_path):
         assert Image.open(path).size == (w, h)
 
 
-def test_evaluate_scores_maps_at_native_size(images, batched, tmp_path):
+def test_evaluate_and_report_at_native_size(images, batched, tmp_path):
     run_dir = tmp_path / "evaluate"
     run_dir.mkdir()
     shutil.copy(batched, run_dir / "results.h5")
@@ -244,6 +245,11 @@ def test_evaluate_scores_maps_at_native_size(images, batched, tmp_path):
         # the explained class, top-1 here), as extract stored it.
         np.testing.assert_allclose(curves[:, 0], m["score"][:], rtol=1e-6)
         np.testing.assert_allclose(m["score"][:], run.predictions[1][:, 0], rtol=1e-4)
+    # The report of the run: its gallery draws the ragged maps (render), with the metrics.
+    index = report(run_dir, compose_cfg(*TINY))
+    text = index.read_text()
+    assert len(list((run_dir / "pictures").glob("*.png"))) == 7
+    assert "Deletion AUC" in text and all(f"img{i}" in text for i in range(7))
 
 
 def test_load_run_gives_each_map_its_own_shape(batched):
