@@ -245,8 +245,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.decode", cfg.data.decode, ("cpu", "device"))
     if cfg.channels_last not in ("auto", True, False):
         raise ConfigError(unknown("channels_last", cfg.channels_last, ("auto", "true", "false")))
-    if cfg.data.resize is not None:
-        _choice("data.resize", cfg.data.resize, RESIZES)
+    if cfg.data.resize is not None:  # null (native resolution) is valid too: say so
+        _choice("data.resize", cfg.data.resize, (*RESIZES, "null"))
     if cfg.model.reshape is not None:
         _choice("model.reshape", cfg.model.reshape, RESHAPES)
     _validate_method(cfg.method)

@@ -151,6 +151,9 @@ def test_max_side_caps_the_longest_side(images, tmp_path):
             np.testing.assert_allclose(cam, direct[i]["gradcam/layer4"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="data.max_side=50 applies to data.resize=null"):
         validate(compose_cfg(*TINY, "data.max_side=50"))
+    with pytest.raises(ConfigError,
+                       match="unknown data.resize 'none' valid: center_crop, null, square"):
+        validate(compose_cfg(*TINY, "data.resize=none"))
     with pytest.raises(ConfigError, match="data.max_side must be >= 8"):
         validate(_cfg(images, "data.max_side=4"))
     # Runs made before the key: a null max_side leaves the fingerprint as it was.
