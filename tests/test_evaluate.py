@@ -190,7 +190,8 @@ def test_road_equals_pytorch_grad_cam_without_noise():
     maps = common.normalize_maps(torch.rand(3, 14, 14))
     target = torch.tensor([0, 3, 4])
     removed = [20.0, 70.0]
-    morf, lerf = road.road_scores(common.Scorer(model, "prob"), x, maps, target, removed, noise=0.0)
+    morf, lerf = road.road_scores(common.Scorer(model, "prob"), x, maps, target, removed, noise=0.0,
+                                  rule="percentile")
     targets = [targets_mod.ClassifierOutputSoftmaxTarget(int(t)) for t in target]
     for j, q in enumerate(removed):
         for ours, remover in ((morf, pc.RemoveMostRelevantFirst),
@@ -209,7 +210,7 @@ def test_linear_imputation_edge_cases():
     out = road.linear_impute(x, keep)
     assert torch.equal(out[0], x[0]) and torch.equal(out[1], torch.zeros_like(x[1]))
     flat = torch.ones(1, 6, 5)
-    assert not road.road_masks(flat, 50.0)[0].any()  # all tied: all removed
+    assert not road.road_masks(flat, 50.0, "percentile")[0].any()  # all tied: all removed
 
 
 def test_road_of_a_constant_image_is_zero():
@@ -239,7 +240,7 @@ def test_road_noise_does_not_depend_on_the_batch():
 
 def test_road_masks_follow_pytorch_grad_cams_percentile_rule():
     maps = torch.arange(10.0).view(1, 2, 5) / 9
-    morf, lerf = road.road_masks(maps, 30.0)  # their percentile 70
+    morf, lerf = road.road_masks(maps, 30.0, "percentile")  # their percentile 70
     thr = np.percentile(maps.numpy(), 70)
     assert torch.equal(morf, maps < thr)
     assert morf.sum().item() == 7 and lerf.sum().item() == 7
