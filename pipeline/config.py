@@ -54,6 +54,9 @@ class TargetConfig:
     name: str = "pred"  # pred (top-1) | label (dataset label) | topk | class
     k: int = 5  # topk: maps for this many best classes per image
     index: int | None = None  # class: the class index, the same for every image
+    # What is explained of that class: logit | prob (softmax) | logprob (log_softmax) |
+    # sigmoid (multi-label models; target=class or label). Stored in /targets/score.
+    score: str = "logit"
 
 
 @dataclass
@@ -134,7 +137,8 @@ class EvaluateConfig:
     metrics: list[str] = field(default_factory=lambda: [
         "deletion", "insertion", "confidence", "road", "pointing", "sanity"])
     maps: list[str] | None = None  # stored maps to score, e.g. [gradcam/layer4]; null: all
-    score: str = "prob"  # prob (softmax of the target class) | logit
+    # null: the run's target.score (what its maps explain) | logit | prob | logprob | sigmoid
+    score: str | None = None
     steps: int = 50  # deletion/insertion curve points: k/steps of the pixels (RISE: 224)
     deletion_baseline: str = "zero"  # zero (normalization mean) | mean (image colour) | blur
     insertion_baseline: str = "blur"  # RISE's substrates: zero for deletion, blur for insertion
@@ -143,6 +147,8 @@ class EvaluateConfig:
     road_percentiles: list[float] = field(default_factory=lambda: [
         10, 20, 30, 40, 50, 60, 70, 80, 90])  # percent of pixels removed
     road_noise: float = 0.01  # std of the noise added to imputed pixels (normalized units)
+    # count: exactly p % of the pixels, ties in raster order | percentile: pytorch-grad-cam's
+    road_rule: str = "count"
     boxes: str | None = None  # CSV file,xmin,ymin,xmax,ymax; imagenet_val: LOC_val_solution.csv
     tolerance: float = 15.0  # pointing game tolerance, original-image pixels
     sanity_layers: list[str] | None = None  # layers to randomize, top first; null: automatic
@@ -291,6 +297,15 @@ def validate(cfg: DictConfig) -> None:
 def target_spec(target: DictConfig) -> str | int:
     """``pred``, ``label``, ``topk`` or the class index of ``target=class``, checked."""
     _choice("target", target.name, TARGET_MODES)
+    score = target.get("score", "logit")
+    _choice("target.score", score, _methods.SCORES)
+    if score == "sigmoid" and target.name in ("pred", "topk"):
+        # pred/topk rank the classes as one softmax does; a multi-label model's labels are
+        # independent, so which of them to explain is the user's choice.
+        raise ConfigError(f"target.score=sigmoid explains one label of a multi-label model; "
+                          f"target={target.name} ranks classes as a single-label one: use "
+                          f"target=class (target.index=N) or target=label, or target.score="
+                          f"logit|prob|logprob")
     if target.name == "topk" and target.k < 1:
         raise ConfigError(f"target.k must be >= 1, got {target.k}")
     if target.name != "class":

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .errors import ConfigError, StoreError, unknown
 from .locks import writer_lock
+from .methods.base import target_score
 from .metrics import METRICS
 from .metrics.common import SCORES, Scorer, normalize_maps, upsample
 from .metrics.confidence import explanation_confidence
@@ -55,6 +56,7 @@ from .metrics.file import (
 )
 from .metrics.perturbation import BASELINES, curve_auc, make_baseline, perturbation_curves
 from .metrics.pointing import find_boxes, pad_boxes, pointing_game
+from .metrics.road import RULES as ROAD_RULES
 from .metrics.road import road_scores
 from .metrics.sanity import CascadingRandomization, randomization_units, spearman
 from .render import read_map_rows, read_rows
@@ -85,7 +87,7 @@ def check_settings(ev: Any) -> None:
     for key in ("deletion_baseline", "insertion_baseline"):
         if ev[key] not in BASELINES:
             raise ConfigError(unknown(f"evaluate.{key}", ev[key], BASELINES))
-    if ev.score not in SCORES:
+    if ev.score is not None and ev.score not in SCORES:
         raise ConfigError(unknown("evaluate.score", ev.score, SCORES))
     if ev.steps < 1:
         raise ConfigError(f"evaluate.steps must be >= 1, got {ev.steps}")
@@ -98,6 +100,8 @@ def check_settings(ev: Any) -> None:
     if bad or not len(ev.road_percentiles):
         raise ConfigError(f"evaluate.road_percentiles must be percentages in (0, 100), got "
                           f"{list(ev.road_percentiles)}")
+    if ev.road_rule not in ROAD_RULES:
+        raise ConfigError(unknown("evaluate.road_rule", ev.road_rule, ROAD_RULES))
     if ev.tolerance < 0 or ev.road_noise < 0:
         raise ConfigError("evaluate.tolerance and evaluate.road_noise must be >= 0")
     if ev.sanity_depth < 1:
@@ -277,8 +281,21 @@ def _settings(cfg: DictConfig, setup: _Setup, sanity_layers: list[str]) -> dict[
     for key in ("overwrite", "limit"):  # not part of what the numbers mean
         ev.pop(key, None)
     ev["maps"] = setup.maps
+    ev["score"] = metric_score(cfg.evaluate, setup.stored)
     ev["sanity_units"] = sanity_layers
     return ev
+
+
+def explained_score(stored: DictConfig) -> str:
+    """The run's ``target.score``: what its maps explain and ``/targets/score`` holds (runs
+    from before the key existed explained the logit)."""
+    target = stored.get("target")
+    return str(target.get("score", "logit")) if isinstance(target, DictConfig) else "logit"
+
+
+def metric_score(ev: Any, stored: DictConfig) -> str:
+    """The score the metrics take: ``evaluate.score``, or (null) the run's own."""
+    return str(ev.score) if ev.score is not None else explained_score(stored)
 
 
 def _confirm_replace(path: Path, results: dict[str, str], overwrite: bool) -> None:
@@ -373,7 +390,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
             "score_check_max_abs_diff": worker.max_score_diff,
             "sanity_layers": list(units),
             "road_removed_percent": [float(q) for q in ev.road_percentiles],
-            "steps": int(ev.steps), "score": str(ev.score),
+            "steps": int(ev.steps), "score": settings["score"],
         }
         install(partial.path, target, results, attrs)
     return EvaluateSummary(path=target, evaluated=len(setup.rows) - skipped, skipped=skipped,
@@ -388,7 +405,9 @@ class _BatchEvaluator:
         ev = cfg.evaluate
         self.cfg, self.ev, self.setup, self.metrics = cfg, ev, setup, metrics
         self.device, self.path = device, path
-        self.scorer = Scorer(setup.model, ev.score, setup.autocast, ev.batch_points)
+        self.scorer = Scorer(setup.model, metric_score(ev, setup.stored), setup.autocast,
+                             ev.batch_points)
+        self.explained = explained_score(setup.stored)  # what /targets/score holds
         self.removed = [float(q) for q in ev.road_percentiles]
         self.units = units
         self.randomizer = CascadingRandomization(units, int(ev.seed)) if units else None
@@ -411,7 +430,8 @@ class _BatchEvaluator:
             return build_method(stored.method, self.setup.model, self.setup.layers,
                                 reshape=reshape_transform(stored.model.get("reshape")),
                                 topk=int(stored.get("topk", 5)),
-                                autocast_dtype=AUTOCAST.get(stored.get("precision", "fp32")))
+                                autocast_dtype=AUTOCAST.get(stored.get("precision", "fp32")),
+                                score=self.explained)
         except (TypeError, ValueError) as e:  # options of a damaged or forged config
             raise StoreError(f"{self.path}: its stored method config does not build "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
@@ -486,9 +506,13 @@ class _BatchEvaluator:
         item_rows = np.repeat(rows, reps)
         target = torch.from_numpy(s.targets[rows].reshape(-1).astype(np.int64)).to(dev)
         stored = torch.from_numpy(s.scores[rows].reshape(-1)).to(dev)
-        diffs = (logits.gather(1, target[:, None]).squeeze(1) - stored).abs()
+        # The explained score, as stored. A change of the logits by at most d changes
+        # softmax_t by <= d/2, sigmoid by <= d/4, log_softmax_t (z_t - logsumexp z) by <= 2d:
+        # the logits' tolerance, doubled for logprob, covers them all.
+        diffs = (target_score(logits, target, self.explained) - stored).abs()
         absolute, relative = self.score_tolerance
-        allowed = absolute + relative * logits.detach().abs().amax(1)
+        allowed = (absolute + relative * logits.detach().abs().amax(1)) * (
+            2.0 if self.explained == "logprob" else 1.0)
         self.max_score_diff = max(self.max_score_diff, float(diffs.max()))
         self.score_excess = max(self.score_excess, float((diffs / allowed).max()))
         original = self.scorer.from_logits(logits, target)
@@ -522,7 +546,7 @@ class _BatchEvaluator:
                 seeds = (torch.from_numpy(item_rows.astype(np.int64)) * reps
                          + torch.arange(reps).repeat(n) + int(ev.seed) * 1_000_003)
                 morf, lerf = road_scores(self.scorer, x, normalized, target, self.removed,
-                                         float(ev.road_noise), seeds)
+                                         float(ev.road_noise), seeds, str(ev.road_rule))
                 out[f"{key}/road_morf"], out[f"{key}/road_lerf"] = morf, lerf
                 out[f"{key}/road"] = ((lerf - morf) / 2).mean(1)
             if "pointing" in self.metrics and s.boxes is not None:

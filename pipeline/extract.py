@@ -111,6 +111,10 @@ def fingerprint(cfg: DictConfig) -> str:
     sub["target"] = target_spec(cfg.target)
     if sub["target"] == "topk":
         sub["target_k"] = cfg.target.k
+    # What is explained of it; absent for the logit, so runs made before target.score
+    # existed (all logit) keep their fingerprint and resume.
+    if cfg.target.get("score", "logit") != "logit":
+        sub["target_score"] = cfg.target.score
     return json.dumps(sub, sort_keys=True)
 
 
@@ -352,7 +356,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if isinstance(target, int) and not target < n_classes:
         raise ConfigError(f"target={target} is not a class of this model (0..{n_classes - 1})")
     method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
-                          topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision])
+                          topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision],
+                          score=cfg.target.score)
     normalize = Normalize(info.mean, info.std).to(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     if create:

@@ -16,6 +16,7 @@ from ..errors import ConfigError, unknown
 from .activations import Activations
 from .base import (
     METHODS,
+    SCORES,
     AttributionOptions,
     Batch,
     CAMWeightOptions,
@@ -28,6 +29,7 @@ from .base import (
     reduce_channels,
     register,
     target_fn,
+    target_score,
 )
 from .eigencam import EigenCAM
 from .gradcam import GradCAM, GradientCAM, cam_from_gradients, weighted_cam
@@ -64,7 +66,8 @@ def build_method(cfg: Any, model: nn.Module, layers: Any, **kwargs: Any) -> Meth
 
 __all__ = [
     "METHODS", "Method", "MethodOptions", "CAMWeightOptions", "AttributionOptions", "Batch",
-    "TargetFn", "InputGradient", "GradientCAM", "option", "register", "on_register",
+    "TargetFn", "SCORES", "target_score", "InputGradient", "GradientCAM", "option", "register",
+    "on_register",
     "method_class", "build_method", "explain_topk", "target_fn", "reduce_channels",
     "cam_from_gradients", "weighted_cam", "GradCAM", "Saliency", "Activations",
     "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad",

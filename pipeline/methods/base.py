@@ -27,6 +27,38 @@ from ..hooks import HookSet, LayerRecorder
 TargetFn = Callable[[torch.Tensor], torch.Tensor]
 Batch = dict[str, torch.Tensor]  # keys are HDF5 paths: "gradcam/layer4", "targets/class", ...
 
+# What is explained of the target class t (``target.score``): every method backpropagates
+# (or, gradient-free, compares) this one function of the logits z, and stores its value.
+SCORES = ("logit", "prob", "logprob", "sigmoid")
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor, kind: str = "logit") -> torch.Tensor:
+    """The explained score of class ``target[i]`` for each row of (N, K) ``logits``.
+
+    ``logit``: z_t (Grad-CAM's pre-softmax score; pytorch-grad-cam's ``ClassifierOutputTarget``);
+    ``prob``: softmax(z)_t (its ``ClassifierOutputSoftmaxTarget``); ``logprob``:
+    log_softmax(z)_t, whose gradient is dz_t - sum_k softmax(z)_k dz_k; ``sigmoid``:
+    sigmoid(z_t), the probability of label t in a multi-label model.
+
+    Args:
+        logits: (N, K) float logits, with or without a graph.
+        target: (N,) int64 class per row.
+        kind: One of :data:`SCORES`.
+
+    Returns:
+        (N,) scores, differentiable where ``logits`` are.
+    """
+    index = target.view(-1, 1)
+    if kind == "logit":
+        return logits.gather(1, index).squeeze(1)
+    if kind == "prob":
+        return logits.softmax(1).gather(1, index).squeeze(1)
+    if kind == "logprob":  # log_softmax, not log(softmax): finite where softmax underflows
+        return logits.log_softmax(1).gather(1, index).squeeze(1)
+    if kind == "sigmoid":
+        return logits.gather(1, index).squeeze(1).sigmoid()
+    raise ConfigError(unknown("target.score", kind, SCORES))
+
 
 def target_fn(target: Any, labels: torch.Tensor | None = None) -> TargetFn:
     """``pred`` -> top-1; ``label`` -> the dataset labels; an int -> that class for all."""
@@ -163,6 +195,7 @@ class Method(ABC):
         reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
         topk: int = 5,
         autocast_dtype: torch.dtype | None = None,
+        score: str = "logit",
         **options: Any,
     ) -> None:
         """Declare the method; its hooks are registered on ``__enter__``.
@@ -174,10 +207,15 @@ class Method(ABC):
             reshape: Turns a token layer's output into (N, C, h, w), or None.
             topk: Predictions (classes, probabilities) returned per image.
             autocast_dtype: bf16/fp16 autocast for the model's passes, or None (fp32).
+            score: What is explained of the target class (``target.score``, one of
+                :data:`SCORES`): every pass of the method scores through :meth:`score_of`.
             **options: The method's :attr:`Options`, checked here as the config is.
         """
         self.options = self.Options(**options)
         self.options.check()
+        if score not in SCORES:
+            raise ConfigError(unknown("target.score", score, SCORES))
+        self.score_kind = score
         self.model = model
         self.layers = dict(layers)
         self.reshape = reshape
@@ -208,6 +246,10 @@ class Method(ABC):
             return nullcontext()
         return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
+    def score_of(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The explained score (:func:`target_score` of :attr:`score_kind`), in float32."""
+        return target_score(logits.float(), target, self.score_kind)
+
     def __call__(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         """Run one batch; every returned tensor has the batch as its first axis."""
         grad_mode = torch.enable_grad() if self.needs_grad else torch.inference_mode()
@@ -220,14 +262,15 @@ class Method(ABC):
         return out
 
     def forward(self, x: torch.Tensor, choose: TargetFn) -> tuple[torch.Tensor, Batch]:
-        """Logits plus the prediction and target arrays every method stores."""
+        """The explained score (N,) plus the prediction and target arrays every method
+        stores (``targets/score``: the value of that score, not always the logit)."""
         with self.autocast(x):
             logits = self.model(x)
         logits = logits.float()
         prob, cls = logits.detach().softmax(1).topk(min(self.topk, logits.shape[1]), dim=1)
         # Targets are checked on the host before the batch (no device sync here).
         target = choose(logits.detach())
-        score = logits.gather(1, target[:, None]).squeeze(1)
+        score = self.score_of(logits, target)
         out = {
             "predictions/class": cls.int(),
             "predictions/prob": prob,

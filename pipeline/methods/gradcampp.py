@@ -2,29 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import CAMWeightOptions, register
+from .base import CAMWeightOptions, option, register
 from .gradcam import GradientCAM
 
-EPS = 1e-6  # pytorch-grad-cam's; it also keeps 0/0 finite where all gradients vanish
+
+@dataclass
+class GradCAMPlusPlusOptions(CAMWeightOptions):
+    # 0: eq. 19 as written, a_ij = 0 only where its denominator is 0. 1e-6 is
+    # pytorch-grad-cam's convention (added to every denominator): at gradients of ~1e-3 it is
+    # as large as 2 g^2 and reorders the channels (tests/test_definitions.py).
+    eps: float = option(0.0, at_least=0)
+
+
+def gradcampp_weights(activation: torch.Tensor, gradient: torch.Tensor,
+                      eps: float = 0.0) -> torch.Tensor:
+    """Grad-CAM++ channel weights (N, C) of (N, C, h, w) activations A and gradients g = dS/dA.
+
+    w_c = sum_ij relu(g_ij) a_ij, a_ij = g^2 / (2 g^2 + sum_ab(A_ab) g^3) (eq. 19). The
+    paper takes Y = exp(S); for a piecewise-linear network its higher derivatives are
+    exp(S) g^2 and exp(S) g^3, the exp(S) cancels in a_ij and only scales w (a positive
+    factor per image, gone after normalization), so g is the gradient of the score itself,
+    as in pytorch-grad-cam. ``eps = 0``: a_ij = 0 where the denominator is 0 (g = 0, or
+    sum(A) g = -2), the quotient as it is elsewhere; ``eps > 0`` adds it to every
+    denominator (pytorch-grad-cam: 1e-6) and zeroes a_ij where g = 0.
+    """
+    g2 = gradient.pow(2)
+    g3 = g2 * gradient
+    sum_a = activation.sum(dim=(2, 3), keepdim=True)
+    denom = 2 * g2 + sum_a * g3
+    if eps > 0:
+        aij = torch.where(gradient != 0, g2 / (denom + eps), torch.zeros_like(g2))
+    else:
+        # The division where denom is 0 gives nan/inf that torch.where drops.
+        aij = torch.where(denom != 0, g2 / denom, torch.zeros_like(g2))
+    return (gradient.clamp_min(0) * aij).sum(dim=(2, 3))
 
 
 @register
 class GradCAMPlusPlus(GradientCAM):
-    """w_c = sum_ij relu(g_ij) a_ij with a_ij = g^2 / (2 g^2 + sum_ij(A) g^3) (eq. 19).
+    """Grad-CAM++ (:func:`gradcampp_weights`); CAM = ReLU(sum_c w_c A_c).
 
-    As pytorch-grad-cam computes it: the exponential of the score is not taken (the
-    gradients are those of the pre-softmax score), and a_ij is zeroed where g is zero.
+    ``method.eps=1e-6`` reproduces pytorch-grad-cam's ``GradCAMPlusPlus``; the default 0 is
+    the paper's eq. 19, which pytorch-grad-cam's eps changes wherever gradients are small.
     """
 
     name = "gradcampp"
-    Options = CAMWeightOptions
+    Options = GradCAMPlusPlusOptions
+    options: GradCAMPlusPlusOptions
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-        g2 = gradient.pow(2)
-        g3 = g2 * gradient
-        sum_a = activation.sum(dim=(2, 3), keepdim=True)
-        aij = g2 / (2 * g2 + sum_a * g3 + EPS)
-        aij = torch.where(gradient != 0, aij, torch.zeros_like(aij))
-        return (gradient.clamp_min(0) * aij).sum(dim=(2, 3))
+        return gradcampp_weights(activation, gradient, self.options.eps)

@@ -76,7 +76,7 @@ class GuidedHooksMixin(Method):
         x = x.detach().requires_grad_()
         with self.guided.guiding(), self.autocast(x):
             logits = self.model(x)
-        score = logits.float().gather(1, target[:, None])
+        score = self.score_of(logits, target)
         (grad,) = torch.autograd.grad(score.sum(), x)
         return grad.float()
 

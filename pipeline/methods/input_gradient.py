@@ -41,7 +41,8 @@ class InputGradient(Method):
         chunk: int,
         like: torch.Tensor,
     ) -> torch.Tensor:
-        """sum_p w_p dY_t/dx over ``n_points`` model inputs per image, ``chunk`` per pass.
+        """sum_p w_p dY_t/dx over ``n_points`` model inputs per image, ``chunk`` per pass;
+        Y_t is the explained score (:meth:`Method.score_of`), as in every method.
 
         Each pass is one forward and one ``autograd.grad`` to its inputs (parameters
         frozen, no parameter gradients, no ``retain_graph``); images are independent, so the
@@ -67,7 +68,7 @@ class InputGradient(Method):
             inputs = points(rows).detach().requires_grad_()
             with self.autocast(inputs):
                 logits = self.model(inputs)
-            score = logits.float().gather(1, target[image, None])
+            score = self.score_of(logits, target[image])
             (grad,) = torch.autograd.grad(score.sum(), inputs)
             total.index_add_(0, image, grad.float() * point_weights[point].view(-1, 1, 1, 1))
         return total

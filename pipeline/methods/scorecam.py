@@ -18,16 +18,37 @@ EPS = 1e-8  # pytorch-grad-cam's, for channels that are constant (max == min)
 class ScoreCAMOptions(MethodOptions):
     batch_masks: int = option(64, at_least=1)  # masked inputs per forward pass (bounds memory)
     save_weights: bool = True  # also store the softmaxed scores under /scorecam_weights
+    # Upsampling of the activation maps to the input: false (half-pixel centres) as the
+    # official Score-CAM code's F.interpolate(mode="bilinear", align_corners=False); true is
+    # pytorch-grad-cam's nn.UpsamplingBilinear2d.
+    align_corners: bool = False
+
+
+def channel_masks(maps: torch.Tensor, size: tuple[int, int],
+                  align_corners: bool = False) -> torch.Tensor:
+    """Score-CAM's masks: (M, h, w) activation maps -> (M, 1, H, W) in [0, 1].
+
+    Each map is upsampled bilinearly to ``size`` (``align_corners`` as F.interpolate), then
+    min-max normalized: (m - min) / (max - min + 1e-8), so a constant map gives zeros.
+    """
+    mask = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)
+    flat = mask.flatten(1)
+    lo = flat.min(dim=1).values[:, None, None, None]
+    hi = flat.max(dim=1).values[:, None, None, None]
+    return (mask - lo) / (hi - lo + EPS)
 
 
 @register
 class ScoreCAM(ActivationCAM):
-    """As pytorch-grad-cam computes it, batched over images and channels.
+    """Score-CAM's channel weights, batched over images and channels.
 
-    Each channel's map is upsampled to the input (bilinear, ``align_corners=True`` as
-    ``nn.UpsamplingBilinear2d``), min-max normalized to [0, 1], and multiplies the input;
-    the model's pre-softmax scores of the target class for those masked inputs, softmaxed
-    over the channels, are the channel weights; CAM = ReLU(sum_c w_c A_c).
+    Each channel's map is upsampled to the input (:func:`channel_masks`: bilinear,
+    ``align_corners=False`` as the official Score-CAM code; ``method.align_corners=true``
+    gives pytorch-grad-cam's ``nn.UpsamplingBilinear2d``), min-max normalized to [0, 1], and
+    multiplies the input; the explained scores of the target class (``target.score``: the
+    logit by default, as pytorch-grad-cam's ``ClassifierOutputTarget``; ``prob`` as the
+    official code and torchcam) for those masked inputs, softmaxed over the channels, are
+    the channel weights; CAM = ReLU(sum_c w_c A_c) at the layer's resolution.
 
     Every target layer costs one extra forward pass per image and channel that is not all
     zero; channels that are (after a ReLU: 30-60% of EfficientNet-Lite0's last layer on the
@@ -54,19 +75,16 @@ class ScoreCAM(ActivationCAM):
         with self.not_recording():
             if len(rows_live) < n * c:
                 with self.autocast(x):
-                    zero_logits = self.model(torch.zeros_like(x[:1])).float()[0]
-                scores[~live] = zero_logits[target_of_row[~live]]
+                    zero_logits = self.model(torch.zeros_like(x[:1]))
+                dead = target_of_row[~live]
+                scores[~live] = self.score_of(zero_logits.expand(len(dead), -1), dead)
             for start in range(0, len(rows_live), self.options.batch_masks):
                 rows = rows_live[start:start + self.options.batch_masks]
                 image = rows // c
-                mask = F.interpolate(maps[rows, None], size=x.shape[-2:], mode="bilinear",
-                                     align_corners=True)
-                flat = mask.flatten(1)
-                lo = flat.min(dim=1).values[:, None, None, None]
-                hi = flat.max(dim=1).values[:, None, None, None]
-                mask = (mask - lo) / (hi - lo + EPS)
+                mask = channel_masks(maps[rows], tuple(x.shape[-2:]),
+                                     self.options.align_corners)
                 with self.autocast(x):
                     logits = self.model(x[image] * mask)
-                scores[rows] = logits.float().gather(1, target_of_row[rows, None]).squeeze(1)
+                scores[rows] = self.score_of(logits, target_of_row[rows])
         weights = scores.view(n, c).softmax(dim=1)
         return weighted_cam(weights, activation), weights

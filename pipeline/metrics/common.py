@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, unknown
-
-SCORES = ("prob", "logit")
+from ..methods.base import SCORES, target_score
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -34,8 +33,10 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class Scorer:
-    """The target class's score for batches of model inputs: softmax probability (``prob``,
-    as RISE, Grad-CAM++, torchcam) or the logit (``logit``), ``chunk`` inputs per forward."""
+    """The target class's score for batches of model inputs, ``chunk`` inputs per forward:
+    the function of the logits that extraction explains (``target.score``, one of
+    :data:`~pipeline.methods.base.SCORES`: :func:`~pipeline.methods.base.target_score`),
+    e.g. the softmax probability (``prob``, as RISE, Grad-CAM++, torchcam) or the logit."""
 
     def __init__(self, model: nn.Module, kind: str = "prob",
                  autocast_dtype: torch.dtype | None = None, chunk: int = 64) -> None:
@@ -54,8 +55,7 @@ class Scorer:
                 return self.model(x).float()
 
     def from_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        values = logits.softmax(1) if self.kind == "prob" else logits
-        return values.gather(1, target.view(-1, 1)).squeeze(1)
+        return target_score(logits, target, self.kind)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = [self.from_logits(self.logits(x[s:s + self.chunk]), target[s:s + self.chunk])

@@ -70,7 +70,8 @@ def _layout_per_map(ev: dict[str, Any], maps: list[str], metrics: list[str],
                     n_sanity: int) -> Layout:
     steps = int(ev["steps"])
     n_road = len(ev["road_percentiles"])
-    score = "softmax probability" if ev["score"] == "prob" else "logit"
+    score = {"prob": "softmax probability", "logprob": "log-softmax probability",
+             "sigmoid": "sigmoid probability"}.get(ev["score"], "logit")
     out: Layout = {
         "score": ((), ["image"], f"target class {score} of the re-loaded image (check of the "
                                  "reproduction: compare /targets/score)"),

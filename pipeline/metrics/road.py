@@ -1,6 +1,8 @@
-"""ROAD: RemOve And Debias (Rong et al., 2022), as pytorch-grad-cam's
-``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst``: pixels removed by a percentile
-threshold are filled by noisy linear imputation, and the target's score is taken."""
+"""ROAD: RemOve And Debias (Rong et al., 2022): exactly p % of the pixels, the most (MoRF)
+or least (LeRF) relevant first, are filled by noisy linear imputation, and the target's
+score is taken. pytorch-grad-cam's ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst``
+threshold at a percentile instead (``rule="percentile"``), which removes every pixel tied at
+the threshold: "90 %" of a Grad-CAM map removes ~92.5 % of its pixels where the map is flat."""
 
 from __future__ import annotations
 
@@ -92,43 +94,69 @@ def linear_impute(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).float().to(x.device)
 
 
-def road_masks(maps: torch.Tensor, removed: float) -> tuple[torch.Tensor, torch.Tensor]:
+RULES = ("count", "percentile")
+
+
+def removed_count(removed: float, pixels: int) -> int:
+    """How many of ``pixels`` ROAD removes for ``removed`` percent: removed/100 * pixels,
+    rounded half up (never Python's half-to-even)."""
+    return min(pixels, max(0, math.floor(removed * pixels / 100.0 + 0.5)))
+
+
+def road_masks(maps: torch.Tensor, removed: float,
+               rule: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
     """Keep-masks (N, H, W) of ROAD's MoRF and LeRF orders for ``removed`` percent.
 
-    As pytorch-grad-cam (its percentile p is ``100 - removed``): MoRF keeps the pixels with
+    ``count`` (default): exactly :func:`removed_count` pixels are removed per map, MoRF the
+    highest values first, LeRF the lowest first; among equal values the earlier one in
+    raster order (row-major flat index) goes first, in both orders (a stable sort on the
+    value, descending for MoRF, ascending for LeRF). ``percentile``: pytorch-grad-cam's
+    rule (its percentile p is ``100 - removed``): MoRF keeps the pixels with
     ``map < percentile(map, p)``, LeRF those with ``1 - map < percentile(1 - map, p)``, on
-    the min-max normalized map. Pixels tied at the threshold are removed.
+    the min-max normalized map, so every pixel tied at the threshold is removed.
     """
     flat = maps.flatten(1)
-    keep = 100.0 - removed
-    morf = flat < percentile(flat, keep)[:, None]
-    inv = 1 - flat
-    lerf = inv < percentile(inv, keep)[:, None]
-    return morf.view_as(maps), lerf.view_as(maps)
+    if rule == "percentile":
+        keep = 100.0 - removed
+        morf = flat < percentile(flat, keep)[:, None]
+        inv = 1 - flat
+        lerf = inv < percentile(inv, keep)[:, None]
+        return morf.view_as(maps), lerf.view_as(maps)
+    if rule != "count":
+        raise ValueError(f"unknown ROAD rule {rule!r}; valid: {', '.join(RULES)}")
+    count = removed_count(removed, flat.shape[1])
+    masks = []
+    for descending in (True, False):  # MoRF, LeRF
+        order = flat.sort(dim=1, descending=descending, stable=True).indices[:, :count]
+        masks.append(torch.ones_like(flat, dtype=torch.bool).scatter_(1, order, False))
+    return masks[0].view_as(maps), masks[1].view_as(maps)
 
 
 def road_scores(
     scorer: Scorer, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
     removed: Sequence[float], noise: float = 0.01, seeds: torch.Tensor | None = None,
+    rule: str = "count",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROAD (Rong et al., 2022) scores: (MoRF, LeRF), each (N, len(removed)).
 
-    For each percentage the pixels ranked most (MoRF) or least (LeRF) relevant are removed
-    (:func:`road_masks`) and filled by noisy linear imputation (:func:`linear_impute`, then
-    Gaussian noise of std ``noise`` on the imputed pixels, in normalized units as
-    pytorch-grad-cam); the value is the target's score on the imputed image. A good map has a
-    low MoRF and a high LeRF curve.
+    For each percentage that share of the pixels, ranked most (MoRF) or least (LeRF)
+    relevant, is removed (:func:`road_masks`) and filled by noisy linear imputation
+    (:func:`linear_impute`, then Gaussian noise of std ``noise`` on the imputed pixels, in
+    normalized units as pytorch-grad-cam); the value is the target's score on the imputed
+    image. A good map has a low MoRF and a high LeRF curve.
 
     Args:
         maps: (N, H, W) min-max normalized maps at the input's resolution.
         seeds: (N,) int64 per-image noise seeds, so an image's noise does not depend on the
             batch it is in; None draws from the global generator.
+        rule: Which pixels a percentage removes (:func:`road_masks`): ``count`` (exactly
+            that share, ties in raster order) or pytorch-grad-cam's ``percentile``.
     """
     n = len(x)
     morf = torch.empty(n, len(removed), device=x.device)
     lerf = torch.empty_like(morf)
     for j, q in enumerate(removed):
-        keep_m, keep_l = road_masks(maps, float(q))
+        keep_m, keep_l = road_masks(maps, float(q), rule)
         keep = torch.cat([keep_m, keep_l])
         both = torch.cat([x, x])
         imputed = linear_impute(both, keep)

@@ -39,12 +39,12 @@ HELP = {
     "sanity_last": "Spearman rho with the stored map once every unit is randomized "
                    "(about 0 passes the sanity check)",
     "mean_prob": "mean top-1 probability", "accuracy": "top-1 accuracy (labelled images)",
-    "mean_score": "mean target logit",
+    "mean_score": "mean explained target score (target.score; the logit by default)",
 }
 SWEEP_FIGURES: dict[str, tuple[str, str, str]] = {
     "mean_prob": ("Mean top-1 prob", "{:.3f}", "up"),
     "accuracy": ("Top-1 accuracy", "{:.3f}", "up"),
-    "mean_score": ("Mean target logit", "{:.2f}", "up"),
+    "mean_score": ("Mean target score", "{:.2f}", "up"),
 }
 ARROW = {"down": "↓", "up": "↑", "zero": "→0"}
 BETTER = {"down": "lower is better", "up": "higher is better", "zero": "closer to 0 is better"}
