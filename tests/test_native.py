@@ -236,7 +236,8 @@ def test_evaluate_and_report_at_native_size(images, batched, tmp_path):
     run_dir.mkdir()
     shutil.copy(batched, run_dir / "results.h5")
     cfg = compose_cfg(*TINY, "stage=evaluate", f"run_dir={run_dir}", "channels_last=false",
-                      "evaluate.metrics=[deletion,confidence]", "evaluate.steps=4")
+                      "evaluate.metrics=[deletion,confidence]", "evaluate.steps=4",
+                      "evaluate.score=logit")
     summary = evaluate(cfg, run_dir)
     assert summary.evaluated == 7
     with h5py.File(run_dir / "metrics.h5") as m, load_run(batched) as run:
@@ -244,10 +245,10 @@ def test_evaluate_and_report_at_native_size(images, batched, tmp_path):
         assert m.attrs["score_check_max_abs_diff"] < 1e-4
         curves = m["gradcam/layer4/deletion"][:]
         assert curves.shape == (7, 5) and np.isfinite(curves).all()
-        # Step 0 removes nothing: the model's own score of each image (the probability of
-        # the explained class, top-1 here), as extract stored it.
+        # Step 0 removes nothing: the model's own score of each image (the logit of the
+        # explained class), as extract stored it.
         np.testing.assert_allclose(curves[:, 0], m["score"][:], rtol=1e-6)
-        np.testing.assert_allclose(m["score"][:], run.predictions[1][:, 0], rtol=1e-4)
+        np.testing.assert_allclose(m["score"][:], run.targets[1], rtol=1e-5, atol=1e-5)
     # The report of the run: its gallery draws the ragged maps (render), with the metrics.
     index = report(run_dir, compose_cfg(*TINY))
     text = index.read_text()
