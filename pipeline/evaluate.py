@@ -418,7 +418,8 @@ class _BatchEvaluator:
     def run(self, rows: np.ndarray, partial: Partial, workers: int) -> None:
         from tqdm import tqdm
 
-        from .data import ImageDataset, Record, collate, decode_on_device
+        from .data import ImageDataset, Record, collate
+        from .device_decode import decode_ahead
         from .runtime import worker_init
 
         s = self.setup
@@ -432,11 +433,8 @@ class _BatchEvaluator:
                    dynamic_ncols=True, disable=None)
         try:
             with open_results(self.path) as f:
-                for batch in loader:
+                for batch, x in decode_ahead(loader, self.device, s.image_size):
                     batch_rows = batch["index"].numpy()
-                    x = batch["pixels"].to(self.device, non_blocking=True)
-                    for pos, reason in decode_on_device(batch, x, s.image_size).items():
-                        batch["error"][pos] = reason
                     ok = np.array([not e for e in batch["error"]])
                     for r, e in zip(batch_rows[~ok], np.array(batch["error"])[~ok], strict=True):
                         self.notes.append(f"{s.paths[r]} no longer loads ({e}); not evaluated")

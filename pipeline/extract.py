@@ -24,10 +24,10 @@ from .data import (
     Record,
     build_records,
     collate,
-    decode_on_device,
     shard_of,
     shard_range,
 )
+from .device_decode import check_decoder, decode_ahead
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
 from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
@@ -282,6 +282,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if create and num_shards > 1:
         _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
+    if cfg.data.decode == "device":
+        check_decoder(device)
     apply_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
@@ -371,13 +373,10 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                unit="img", dynamic_ncols=True, disable=None)
     try:
         with job.method:
-            for batch in loader:
+            # Copy whole (pinned) batches and select on the device: indexing on the host
+            # first would make an unpinned copy and a blocking transfer.
+            for batch, x in decode_ahead(loader, device, cfg.data.image_size):
                 rows = batch["index"]
-                # Copy the whole (pinned) batch and select on the device: indexing on the
-                # host first would make an unpinned copy and a blocking transfer.
-                x = batch["pixels"].to(device, non_blocking=True)
-                for pos, reason in decode_on_device(batch, x, cfg.data.image_size).items():
-                    batch["error"][pos] = reason
                 errors = _batch_errors(rows, batch, target, job.n_classes)
                 ok = torch.tensor([int(r) not in errors for r in rows])
                 arrays: dict[str, np.ndarray] = {}
