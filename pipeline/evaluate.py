@@ -321,7 +321,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
         ConfigError: Bad ``evaluate.*`` values, or a stored ``model._target_`` that this
             command line does not name.
     """
-    from .runtime import auto_workers, resolve_device
+    from .runtime import auto_workers, batch_size_of, resolve_device
 
     ev = cfg.evaluate
     check_settings(ev)
@@ -360,7 +360,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
             skipped = len(setup.rows) - len(todo)
             worker = _BatchEvaluator(cfg, setup, metrics, units, device, path)
             workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-                len(todo), cfg.batch_size)
+                len(todo), batch_size_of(cfg.batch_size, device))
             worker.run(todo, partial, workers)
             notes += worker.notes
         finally:
@@ -420,13 +420,14 @@ class _BatchEvaluator:
 
         from .data import ImageDataset, Record, collate
         from .device_decode import decode_ahead
-        from .runtime import worker_init
+        from .runtime import batch_size_of, worker_init
 
         s = self.setup
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
         dataset = ImageDataset(records, rows, s.image_size, s.resize, s.decode)
-        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda",
+        loader = DataLoader(dataset, batch_size=batch_size_of(self.cfg.batch_size, self.device),
+                            num_workers=workers, collate_fn=collate,
+                            pin_memory=self.device.type == "cuda",
                             worker_init_fn=worker_init)
         changed: list[str] = []
         bar = tqdm(total=len(rows), desc=f"evaluate {self.path.parent.name}", unit="img",

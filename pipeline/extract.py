@@ -43,6 +43,7 @@ from .runtime import (
     Normalize,
     apply_precision,
     auto_workers,
+    batch_size_of,
     micro_batch_of,
     resolve_device,
     to_host,
@@ -328,7 +329,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
-        x = normalize(torch.zeros(min(cfg.batch_size, len(rows)), 3, size, size, device=device))
+        x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
+                                  size, device=device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
@@ -362,9 +364,10 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     before = len(writer.file["images/status"]) - len(pending)
     dataset = ImageDataset(job.records, pending, cfg.data.image_size, cfg.data.resize,
                            cfg.data.decode)
+    batch_size = batch_size_of(cfg.batch_size, device)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-        len(dataset), cfg.batch_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+        len(dataset), batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda",
                         worker_init_fn=worker_init)
     background = BackgroundWriter(writer)
