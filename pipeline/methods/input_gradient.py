@@ -68,6 +68,6 @@ class InputGradient(Method):
             with self.autocast(inputs):
                 logits = self.model(inputs)
             score = logits.float().gather(1, target[image, None])
-            (grad,) = torch.autograd.grad(score.sum(), inputs)
+            (grad,) = self.score_gradients(score, [inputs])
             total.index_add_(0, image, grad.float() * point_weights[point].view(-1, 1, 1, 1))
         return total
