@@ -24,10 +24,10 @@ from .data import (
     Record,
     build_records,
     collate,
-    decode_on_device,
     shard_of,
     shard_range,
 )
+from .device_decode import check_decoder, decode_ahead
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
 from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
@@ -43,6 +43,7 @@ from .runtime import (
     Normalize,
     apply_precision,
     auto_workers,
+    batch_size_of,
     micro_batch_of,
     resolve_device,
     to_host,
@@ -286,6 +287,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if create and num_shards > 1:
         _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
+    if cfg.data.decode == "device":
+        check_decoder(device)
     apply_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
@@ -331,7 +334,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
-        x = normalize(torch.zeros(min(cfg.batch_size, len(rows)), 3, size, size, device=device))
+        x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
+                                  size, device=device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
@@ -365,9 +369,10 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     before = len(writer.file["images/status"]) - len(pending)
     dataset = ImageDataset(job.records, pending, cfg.data.image_size, cfg.data.resize,
                            cfg.data.decode)
+    batch_size = batch_size_of(cfg.batch_size, device)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-        len(dataset), cfg.batch_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
+        len(dataset), batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda",
                         worker_init_fn=worker_init)
     background = BackgroundWriter(writer)
@@ -376,13 +381,10 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                unit="img", dynamic_ncols=True, disable=None)
     try:
         with job.method:
-            for batch in loader:
+            # Copy whole (pinned) batches and select on the device: indexing on the host
+            # first would make an unpinned copy and a blocking transfer.
+            for batch, x in decode_ahead(loader, device, cfg.data.image_size):
                 rows = batch["index"]
-                # Copy the whole (pinned) batch and select on the device: indexing on the
-                # host first would make an unpinned copy and a blocking transfer.
-                x = batch["pixels"].to(device, non_blocking=True)
-                for pos, reason in decode_on_device(batch, x, cfg.data.image_size).items():
-                    batch["error"][pos] = reason
                 errors = _batch_errors(rows, batch, target, job.n_classes)
                 ok = torch.tensor([int(r) not in errors for r in rows])
                 arrays: dict[str, np.ndarray] = {}
