@@ -175,7 +175,7 @@ class CamsweepConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     stage: str = "all"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 16
+    batch_size: Any = "auto"  # auto (16 on CPU, from free GPU memory on CUDA) | N
     micro_batch: Any = "auto"  # images per model pass: auto (8 on CPU, batch on CUDA) | null | N
     num_workers: int | None = None  # null: chosen from the CPU count and dataset size
     precision: str = "fp32"
@@ -276,8 +276,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit must be >= 1 (or null: every image), got "
                           f"{cfg.data.limit}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    bs = cfg.batch_size
+    if bs != "auto" and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        raise ConfigError(f"batch_size must be auto or an integer >= 1, got {bs!r}")
     mb = cfg.micro_batch
     if mb is not None and mb != "auto" and (isinstance(mb, bool) or not isinstance(mb, int)
                                              or mb < 1):

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .device_decode import route
 from .errors import ConfigError, DataError
 from .images import CROP_RATIO, capped, header_size, input_box, open_image
 
@@ -254,7 +254,8 @@ class SizeBatches(Sampler[list[int]]):
 
 
 class ImageDataset(Dataset):
-    """Items: index, uint8 pixels (3, S, S), original size, input box, label, error.
+    """Items: index, uint8 pixels (3, S, S) (None for a JPEG decoded on the device, whose
+    bytes are ``jpeg``), original size, input box, label, error.
 
     At native resolution (``resize=None``) pixels are (3, h, w) at the size reserved for
     the image when its results file was created (``input_sizes``, indexed like
@@ -334,21 +335,19 @@ class ImageDataset(Dataset):
         return item
 
     def _jpeg_bytes(self, path: str, item: dict[str, Any]) -> bool:
-        """Put an upright baseline RGB/gray JPEG's bytes into ``item`` for decoding on the
-        device; anything else (PNG, CMYK, EXIF-rotated, unreadable) goes the PIL way."""
-        try:
-            with Image.open(path) as im:
-                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
-                    return False
-                if im.getexif().get(0x0112, 1) != 1:
-                    return False
-                w, h = im.size
-            data = torchvision.io.read_file(path)
-        except Exception:
+        """Route the file (:func:`~pipeline.device_decode.route`): a sound JPEG that nvJPEG's
+        batched path takes travels as bytes, size and box, without pixels; a damaged one
+        fails here with its reason. False: PIL decodes it in this worker."""
+        routed = route(path)
+        if routed.where == "failed":
+            item["error"] = routed.why
+            return True
+        if routed.where == "host":
             return False
-        item["jpeg"] = data
-        item["size"] = torch.tensor([h, w], dtype=torch.int32)
-        item["box"] = torch.tensor(input_box((h, w), self.size, self.resize), dtype=torch.float32)
+        item["jpeg"], item["pixels"] = routed.data, None
+        item["size"] = torch.tensor(routed.size, dtype=torch.int32)
+        item["box"] = torch.tensor(input_box(routed.size, self.size, self.resize),
+                                   dtype=torch.float32)
         return True
 
 
@@ -356,47 +355,16 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:250] or type(e).__name__
 
 
-def decode_on_device(
-    batch: dict[str, Any], pixels: torch.Tensor, image_size: int
-) -> dict[int, str]:
-    """Decode the batch's JPEG bytes on ``pixels.device`` (nvJPEG on a GPU) into ``pixels``,
-    cropped to each box and resized with antialiasing as PIL does. Returns position ->
-    reason for the JPEGs that do not decode."""
-    todo = [i for i, data in enumerate(batch["jpeg"]) if data is not None]
-    if not todo:
-        return {}
-    device = pixels.device
-    mode = torchvision.io.ImageReadMode.RGB
-    try:
-        images = torchvision.io.decode_jpeg([batch["jpeg"][i] for i in todo], mode=mode,
-                                            device=device)
-    except RuntimeError:  # one bad file fails the whole call: decode one by one to find it
-        images = []
-        for i in todo:
-            try:
-                images.append(torchvision.io.decode_jpeg(batch["jpeg"][i], mode=mode,
-                                                         device=device))
-            except RuntimeError as e:
-                images.append(_reason(e))
-    errors: dict[int, str] = {}
-    for i, image in zip(todo, images, strict=True):
-        if isinstance(image, str):
-            errors[i] = image
-            continue
-        y0, x0, y1, x1 = batch["box"][i].tolist()
-        crop = image[:, int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))]
-        resized = torch.nn.functional.interpolate(
-            crop[None].float(), size=(image_size, image_size), mode="bilinear",
-            antialias=True, align_corners=False)
-        pixels[i] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    return errors
-
-
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch. ``pixels`` stacks the rows decoded in the worker (all rows, but for
+    ``decode=device`` JPEGs, which carry ``jpeg`` bytes instead), ``host`` their positions;
+    :func:`~pipeline.device_decode.batch_pixels` makes the device batch of all rows."""
+    host = [i for i, it in enumerate(items) if it["pixels"] is not None]
     return {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
-        "pixels": torch.stack([it["pixels"] for it in items]),
+        "pixels": torch.stack([items[i]["pixels"] for i in host]) if host else None,
+        "host": torch.tensor(host, dtype=torch.int64),
         "size": torch.stack([it["size"] for it in items]),
         "box": torch.stack([it["box"] for it in items]),
         "error": [it["error"] for it in items],

@@ -339,7 +339,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
         ConfigError: Bad ``evaluate.*`` values, or a stored ``model._target_`` that this
             command line does not name.
     """
-    from .runtime import auto_workers, resolve_device
+    from .runtime import auto_workers, batch_size_of, resolve_device
 
     ev = cfg.evaluate
     check_settings(ev)
@@ -378,7 +378,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> EvaluateSummary:
             skipped = len(setup.rows) - len(todo)
             worker = _BatchEvaluator(cfg, setup, metrics, units, device, path)
             workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-                len(todo), cfg.batch_size)
+                len(todo), batch_size_of(cfg.batch_size, device))
             worker.run(todo, partial, workers)
             notes += worker.notes
         finally:
@@ -439,17 +439,19 @@ class _BatchEvaluator:
     def run(self, rows: np.ndarray, partial: Partial, workers: int) -> None:
         from tqdm import tqdm
 
-        from .data import ImageDataset, Record, collate, decode_on_device
-        from .runtime import worker_init
+        from .data import ImageDataset, Record, collate
+        from .device_decode import decode_ahead
+        from .runtime import batch_size_of, worker_init
 
         s = self.setup
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
         native = s.resize == "none"  # the model input at each image's own size, as extracted
         dataset = ImageDataset(records, rows, s.image_size, None if native else s.resize,
                                s.decode, s.input_sizes, s.stored.data.get("max_side"))
-        sizes = dataset.batches(self.cfg.batch_size)  # native: batches of equal size
+        batch_size = batch_size_of(self.cfg.batch_size, self.device)
+        sizes = dataset.batches(batch_size)  # native: batches of equal size
         batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
-                                    else {"batch_size": self.cfg.batch_size})
+                                    else {"batch_size": batch_size})
         loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
                             **batching)
@@ -458,11 +460,8 @@ class _BatchEvaluator:
                    dynamic_ncols=True, disable=None)
         try:
             with open_results(self.path) as f:
-                for batch in loader:
+                for batch, x in decode_ahead(loader, self.device, s.image_size):
                     batch_rows = batch["index"].numpy()
-                    x = batch["pixels"].to(self.device, non_blocking=True)
-                    for pos, reason in decode_on_device(batch, x, s.image_size).items():
-                        batch["error"][pos] = reason
                     ok = np.array([not e for e in batch["error"]])
                     for r, e in zip(batch_rows[~ok], np.array(batch["error"])[~ok], strict=True):
                         self.notes.append(f"{s.paths[r]} no longer loads ({e}); not evaluated")

@@ -24,11 +24,11 @@ from .data import (
     Record,
     build_records,
     collate,
-    decode_on_device,
     native_sizes,
     shard_of,
     shard_range,
 )
+from .device_decode import check_decoder, decode_ahead
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
 from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
@@ -44,6 +44,7 @@ from .runtime import (
     Normalize,
     apply_precision,
     auto_workers,
+    batch_size_of,
     micro_batch_of,
     resolve_device,
     to_host,
@@ -337,6 +338,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if create and num_shards > 1:
         _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
+    if cfg.data.decode == "device":
+        check_decoder(device)
     apply_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model)
@@ -392,7 +395,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
         input_sizes = f[INPUT_SIZE][:] if INPUT_SIZE in f else None
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
-        x = normalize(torch.zeros(min(cfg.batch_size, len(rows)), 3, size, size, device=device))
+        x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
+                                  size, device=device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
@@ -428,12 +432,13 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
         pending = pending[job.input_sizes[pending].min(axis=1) > 0]
     dataset = ImageDataset(job.records, pending, cfg.data.image_size, cfg.data.resize,
                            cfg.data.decode, job.input_sizes, cfg.data.get("max_side"))
+    batch_size = batch_size_of(cfg.batch_size, device)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
-        len(dataset), cfg.batch_size)
+        len(dataset), batch_size)
     # Native resolution: batches of equal input size, in the file's row order within a size.
-    sizes = dataset.batches(cfg.batch_size)
+    sizes = dataset.batches(batch_size)
     batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
-                                else {"batch_size": cfg.batch_size})
+                                else {"batch_size": batch_size})
     loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                         **batching)
@@ -443,13 +448,10 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                unit="img", dynamic_ncols=True, disable=None)
     try:
         with job.method:
-            for batch in loader:
+            # Copy whole (pinned) batches and select on the device: indexing on the host
+            # first would make an unpinned copy and a blocking transfer.
+            for batch, x in decode_ahead(loader, device, cfg.data.image_size):
                 rows = batch["index"]
-                # Copy the whole (pinned) batch and select on the device: indexing on the
-                # host first would make an unpinned copy and a blocking transfer.
-                x = batch["pixels"].to(device, non_blocking=True)
-                for pos, reason in decode_on_device(batch, x, cfg.data.image_size).items():
-                    batch["error"][pos] = reason
                 errors = _batch_errors(rows, batch, target, job.n_classes)
                 ok = torch.tensor([int(r) not in errors for r in rows])
                 arrays: dict[str, np.ndarray] = {}

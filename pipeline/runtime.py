@@ -3,8 +3,10 @@ workers and pass size. Shared by the extract and evaluate stages."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +18,54 @@ from .errors import ConfigError, unknown
 # fp16 run the model under autocast. Stored in the file with the run's config.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# fp16 gradients: the backpropagated score is multiplied by LOSS_SCALE, so that gradients
+# below fp16's smallest subnormal (6e-8) survive the half-precision backward pass; they are
+# divided by it again in float32. Where the scaled gradients overflow (inf/NaN), the pass is
+# repeated with the scale divided by LOSS_BACKOFF, down to 1 (no scaling).
+LOSS_SCALE = 2.0**10
+LOSS_BACKOFF = 2.0**5
+
+
+def loss_scale_of(autocast_dtype: torch.dtype | None) -> float | None:
+    """The first loss scale for a model run under ``autocast_dtype``: :data:`LOSS_SCALE`
+    for float16; None (no scaling) for bfloat16, whose range is float32's, and fp32."""
+    return LOSS_SCALE if autocast_dtype == torch.float16 else None
+
+
+def scaled_grad(
+    total: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    scale: float | None,
+    allow_unused: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(total, inputs)``, through loss scaling where ``scale`` is set.
+
+    Scales are powers of two, so scaling and unscaling are exact in float32: without
+    underflow or overflow the gradients equal the unscaled ones bit for bit.
+
+    Args:
+        total: A float32 scalar (the sum of the target scores).
+        inputs: The tensors to differentiate against.
+        scale: The first scale (:func:`loss_scale_of`), or None for one plain pass.
+        allow_unused: As for ``torch.autograd.grad`` (None for an input not used).
+
+    Returns:
+        The gradients: float32 where scaled, else as autograd gives them.
+    """
+    if scale is None:
+        return torch.autograd.grad(total, inputs, allow_unused=allow_unused)
+    while True:
+        last = scale <= 1
+        # The graph is kept for a retry (fp16 only); the last try frees it.
+        grads = torch.autograd.grad(total * scale, inputs, retain_graph=not last,
+                                    allow_unused=allow_unused)
+        present = [g for g in grads if g is not None]
+        # One host sync per pass: an overflow must be known before the gradients are used.
+        if last or not present or bool(torch.stack([g.isfinite().all() for g in present]).all()):
+            return tuple(None if g is None else g.float() / scale for g in grads)
+        scale = max(1.0, scale / LOSS_BACKOFF)
 
 
 def apply_precision(precision: str) -> None:
@@ -105,6 +155,37 @@ def worker_init(worker_id: int) -> None:
     del worker_id  # same for every worker
     for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+CPU_BATCH = 16  # batch_size=auto on a CPU: decode and model keep each other busy
+# batch_size=auto on CUDA: the largest power of two up to GPU_BATCH_PER_GIB images per GiB
+# free on the device when the run starts, between CPU_BATCH and GPU_BATCH_MAX. ResNet-50
+# Grad-CAM at 224 px in fp32 holds about 0.1 GiB per image, ViT-B/16 somewhat more: 6 per
+# GiB leaves room for the model, cuDNN's workspaces and the batch prepared ahead.
+GPU_BATCH_PER_GIB = 6
+GPU_BATCH_MAX = 128
+
+
+def batch_size_of(setting: int | str, device: torch.device) -> int:
+    """Images per batch for ``batch_size`` (not part of a run's identity: a run may resume
+    with another).
+
+    Args:
+        setting: ``auto`` or an integer >= 1 (used as it is).
+        device: The run's device (:func:`resolve_device`).
+
+    Returns:
+        An integer: for ``auto``, :data:`CPU_BATCH` on a CPU; on CUDA the largest power
+        of two <= :data:`GPU_BATCH_PER_GIB` x the free GiB of ``device``, within
+        [:data:`CPU_BATCH`, :data:`GPU_BATCH_MAX`] (128 from 21.4 GiB free; 64 with 12).
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = GPU_BATCH_PER_GIB * free / 2**30
+    return min(GPU_BATCH_MAX, max(CPU_BATCH, 1 << int(math.log2(fits)) if fits >= 1 else 1))
 
 
 def micro_batch_of(setting: int | str | None, device: torch.device) -> int | None:

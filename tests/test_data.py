@@ -13,10 +13,10 @@ from pipeline.data import (
     ImageDataset,
     build_records,
     collate,
-    decode_on_device,
     shard_of,
     shard_range,
 )
+from pipeline.device_decode import batch_pixels
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import input_box, open_image
 
@@ -202,10 +202,9 @@ def test_decode_on_device_gives_the_pixels_of_cpu_decoding(tmp_path, resize, siz
     cpu = collate([ImageDataset(recs, rows, size, resize)[i] for i in rows])
     dev = collate([ImageDataset(recs, rows, size, resize, decode="device")[i] for i in rows])
     assert all(j is not None for j in dev["jpeg"])  # every file took the device path
-    assert not dev["pixels"].any()  # ... so no pixels yet: the decoder makes all of them
-    pixels = dev["pixels"].to(device)
-    assert decode_on_device(dev, pixels, size) == {}
-    pixels = pixels.cpu()
+    assert dev["pixels"] is None and len(dev["host"]) == 0  # no pixels shipped: bytes only
+    pixels = batch_pixels(dev, torch.device(device), size).cpu()
+    assert dev["error"] == [""] * len(rows)
     assert torch.equal(dev["size"], cpu["size"]) and torch.equal(dev["box"], cpu["box"])
     assert cpu["pixels"].float().std() > 20  # real pictures, not blank ones that agree
     diff = (pixels.int() - cpu["pixels"].int()).abs().float()

@@ -426,7 +426,7 @@ def test_symlink_loop_lists_each_image_once(tmp_path):
     (["data.limit=-1"], "data.limit must be >= 1"),
     (["num_workers=-3"], "num_workers must be >= 0"),
     (["data.image_size=0"], "data.image_size must be >= 8"),
-    (["batch_size=abc"], "batch_size=abc: Value 'abc' of type 'str' could not be converted"),
+    (["batch_size=abc"], "batch_size must be auto or an integer >= 1, got 'abc'"),
     (["+model.kwargs.foo=1"], "does not accept model.kwargs (foo)"),
     (["model.colour=1"], "unknown config key 'model.colour'"),
     (["-m", "method=choice(gradcam,saliencyy)"], "unknown method 'saliencyy'"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, TypeVar
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, unknown
 from ..hooks import HookSet, LayerRecorder
+from ..runtime import loss_scale_of, scaled_grad
 
 # Picks the class to explain per image from the logits, e.g. argmax or the dataset label.
 TargetFn = Callable[[torch.Tensor], torch.Tensor]
@@ -278,6 +279,11 @@ class Method(ABC):
             "targets/score": score.detach(),
         }
         return score, out
+
+    def score_gradients(self, score: torch.Tensor, inputs: Sequence[torch.Tensor],
+                        allow_unused: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """d(sum of the scores)/d inputs; loss-scaled under fp16 autocast (runtime.scaled_grad)."""
+        return scaled_grad(score.sum(), inputs, loss_scale_of(self.autocast_dtype), allow_unused)
 
     @abstractmethod
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:

@@ -63,7 +63,7 @@ class GradientCAM(Method):
             raise RuntimeError(f"target layers {missing} were not called in the forward pass")
         acts = [self.recorder.outputs[n] for n in names]
         # Images are independent, so d(sum of scores)/dA gives each image its own gradient.
-        grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
+        grads = self.score_gradients(score, acts, allow_unused=True)
         out = []
         for name, act, grad in zip(names, acts, grads, strict=True):
             if grad is None:

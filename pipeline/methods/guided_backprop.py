@@ -77,7 +77,7 @@ class GuidedHooksMixin(Method):
         with self.guided.guiding(), self.autocast(x):
             logits = self.model(x)
         score = self.score_of(logits, target)
-        (grad,) = torch.autograd.grad(score.sum(), x)
+        (grad,) = self.score_gradients(score, [x])
         return grad.float()
 
 
@@ -97,6 +97,6 @@ class GuidedBackprop(GuidedHooksMixin, InputGradient):
         x = x.detach().requires_grad_()
         with self.guided.guiding():
             score, out = self.forward(x, choose)
-        (grad,) = torch.autograd.grad(score.sum(), x)
+        (grad,) = self.score_gradients(score, [x])
         self.add_attribution(out, "input", grad)
         return out

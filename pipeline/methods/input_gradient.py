@@ -69,6 +69,6 @@ class InputGradient(Method):
             with self.autocast(inputs):
                 logits = self.model(inputs)
             score = self.score_of(logits, target[image])
-            (grad,) = torch.autograd.grad(score.sum(), inputs)
+            (grad,) = self.score_gradients(score, [inputs])
             total.index_add_(0, image, grad.float() * point_weights[point].view(-1, 1, 1, 1))
         return total

@@ -18,6 +18,6 @@ class Saliency(InputGradient):
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         x = x.detach().requires_grad_()
         score, out = self.forward(x, choose)
-        (grad,) = torch.autograd.grad(score.sum(), x)
+        (grad,) = self.score_gradients(score, [x])
         self.add_attribution(out, "input", grad)
         return out
