@@ -29,9 +29,9 @@ from .data import (
     shard_range,
 )
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
+from .layouts import layer_reshape
 from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
-from .layouts import layer_reshape
 from .models import (
     build_model,
     check_input_size,

@@ -168,11 +168,13 @@ def detect(name: str, module: nn.Module, model: nn.Module, shape: tuple[int, ...
     length, channels = dims
     expected = patch_grid(model, size)
     prefix = prefix_tokens(model)
-    if prefix is None:  # no word from the model: the fewest extra tokens that leave a grid
-        tries = [p for p in range(min(length, 9))
-                 if _token_grid(length - p, size, expected) is not None]
-        exact = [p for p in tries if _token_grid(length - p, size, expected) == expected]
-        prefix = (exact or tries or [1 if setting == "vit" else 0])[0]
+    if prefix is None:  # no word from the model: the extra tokens whose rest fits best
+        grids = {p: _token_grid(length - p, size, expected) for p in range(min(length, 9))}
+        fits = {p: abs(math.log(g[0] * size[1] / (g[1] * size[0])))
+                for p, g in grids.items() if g is not None}
+        prefix = (min(fits, key=lambda p: (g != expected if (g := grids[p]) and expected
+                                           else False, round(fits[p], 6), p))
+                  if fits else 1 if setting == "vit" else 0)
     grid = _token_grid(length - prefix, size, expected) if length > prefix else None
     if grid is None:
         raise ConfigError(f"layer {name!r} outputs {length} tokens of {channels} channels: "

@@ -199,11 +199,16 @@ def _build_timm(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
     client's minute of retries). A checkpoint path loads as for every model.
     """
     timm = _import_timm()
-    name, kwargs = str(cfg.name), dict(cfg.kwargs)
+    from omegaconf import OmegaConf
+
+    name = str(cfg.name)
+    # Plain lists and dicts: timm passes values on to torch ops (depths=[2, 2, 6, 2]).
+    kwargs = (OmegaConf.to_container(cfg.kwargs, resolve=True) if OmegaConf.is_config(cfg.kwargs)
+              else dict(cfg.kwargs or {}))
     if not timm.is_model(name):
         raise ConfigError(unknown("timm model", name, timm.list_models()))
-    model = _construct(lambda **kw: timm.create_model(name, **kw), name,
-                       {**kwargs, "pretrained": False})
+    model = _construct(lambda **kw: timm.create_model(name, pretrained=False, **kw), name,
+                       kwargs)
     if cfg.weights == "DEFAULT":
         pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         cached = _timm_cached_weights(timm, name, pretrained_cfg)
