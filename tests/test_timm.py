@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import timm
 import torch
 from conftest import TINY, compose_cfg, write_images
 from torch import nn
@@ -24,7 +25,6 @@ from pipeline.results import load_run
 from pipeline.runtime import Normalize
 from pipeline.store import attr_list
 
-timm = pytest.importorskip("timm")  # the timm extra; CI installs it (dev)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VIT = "{img_size:32,patch_size:8,depth:2,num_classes:10}"
@@ -102,6 +102,23 @@ def test_timm_vit_tokens_detected_and_cam_equals_hand_reshape(tmp_path):
         assert attr_list(stored.attrs["mean"]) == [0.5, 0.5, 0.5]  # timm's config of this ViT
         assert stored.config["model"]["reshape"] is None
     assert len(list((tmp_path / "run" / "pictures").rglob("*.png"))) >= 3
+
+
+def test_evaluate_rebuilds_a_timm_token_model_and_its_layouts(tmp_path):
+    """The sanity check recomputes the stored maps on the re-loaded model: a ViT's tokens
+    must be read as at extraction, with no reshape key in the stored config."""
+    cfg = timm_run(tmp_path, "vit_tiny_patch16_224", "[blocks.1.norm1]", VIT, 32,
+                   "stage=extract")
+    options = ("stage=evaluate", f"run_dir={tmp_path / 'run'}", "evaluate.metrics=[sanity]",
+               "evaluate.sanity_max_steps=2")
+    # model=timm names the stored model._target_ (timm.create_model) on this command line.
+    result = run(compose_cfg(*TINY, "model=timm", *options), tmp_path / "run")
+    assert result["evaluated"] == 3
+    with h5py.File(result["metrics"], "r") as m:
+        rho = m["gradcam/blocks.1.norm1/sanity_spearman"][:]
+    # Rank correlations of the recomputed maps (NaN where a map is constant, as documented).
+    assert rho.shape == (3, 2) and np.isfinite(rho).sum() >= 4
+    assert cfg.model.reshape is None
 
 
 def test_timm_deit_distilled_drops_both_prefix_tokens(tmp_path):
