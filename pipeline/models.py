@@ -245,8 +245,13 @@ def check_input_size(model: nn.Module, size: int) -> None:
         h, w = fixed
         square = f"data.image_size={h} or " if h == w else ""
         raise ConfigError(f"the model takes {h}x{w} inputs only, data.image_size is {size}: "
-                          f"set {square}model.kwargs.img_size={size} (timm resamples its "
-                          "position embedding), or model.kwargs.dynamic_img_size=true")
+                          f"set {square}+model.kwargs.img_size={size} (timm resamples its "
+                          "position embedding), or +model.kwargs.dynamic_img_size=true")
+    if isinstance(model, torchvision.models.VisionTransformer) and model.image_size != size:
+        raise ConfigError(f"the model takes {model.image_size}x{model.image_size} inputs only, "
+                          f"data.image_size is {size}: set data.image_size={model.image_size} "
+                          f"or +model.kwargs.image_size={size} (random init or a checkpoint "
+                          "of that size)")
     trained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if trained and tuple(trained[1:]) != (size, size):
         log.info("the model's pretrained config names %s inputs; data.image_size=%d decides "

@@ -237,7 +237,13 @@ def layouts_attr(layouts: Mapping[str, Any]) -> dict[str, str]:
 def read_layouts(f: h5py.File) -> dict[str, dict[str, Any]]:
     """{layer: layout} as stored at creation; empty for files of before the attribute."""
     text = f.attrs.get(LAYOUTS_ATTR)
-    return json.loads(text) if text else {}
+    try:
+        value = json.loads(text) if text else {}
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{f.filename} is damaged: {LAYOUTS_ATTR} is not JSON") from e
+    if not isinstance(value, dict):
+        raise StoreError(f"{f.filename} is damaged: {LAYOUTS_ATTR} is not a mapping")
+    return value
 
 
 def is_scale(ds: h5py.Dataset) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.cli import run
 from pipeline.data import ImageDataset, build_records, collate
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.layouts import Layout, detect_layouts, layer_reshape
 from pipeline.methods import GradCAM
 from pipeline.models import build_model, resolve_layers
@@ -136,8 +136,12 @@ def test_timm_swin_channels_last_detected(tmp_path):
                              {"layers.0": nhwc_to_map, "layers.1": nhwc_to_map})
     assert {k: v["text"] for k, v in layouts.items()} == {
         "layers.0": "nhwc(grid=8x8)", "layers.1": "nhwc(grid=4x4)"}
-    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:  # plain h5py reads it too
+    with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:  # plain h5py reads it too
         assert '"nhwc(grid=4x4)"' in f.attrs["layer_layouts"]
+        f.attrs["layer_layouts"] = '{"layers.0": '  # damaged
+    with load_run(tmp_path / "run") as stored, pytest.raises(
+            StoreError, match="results.h5 is damaged: layer_layouts is not JSON"):
+        _ = stored.layouts
 
 
 def test_timm_convnext_nchw_stage_and_nhwc_block_norm_in_one_run(tmp_path):
@@ -248,6 +252,15 @@ def test_explicit_reshape_overrides_are_config_choices(tmp_path):
     with load_run(tmp_path / "vit") as stored:
         assert stored.layouts["blocks.1.norm1"]["source"] == "model.reshape=vit"
         assert stored.cams("blocks.1.norm1").shape == (2, 4, 4)
+    # Activations of a token layer: the detected map (prefix dropped), or raw with none.
+    run(compose_cfg(*base, "method=activations", "method.dtype=float32"), tmp_path / "act")
+    run(compose_cfg(*base, "method=activations", "method.dtype=float32", "model.reshape=none"),
+        tmp_path / "raw")
+    with load_run(tmp_path / "act") as act, load_run(tmp_path / "raw") as raw:
+        tokens = raw.activations("blocks.1.norm1")
+        assert tokens.shape == (2, 17, 192) and raw.layouts["blocks.1.norm1"]["layout"] == "none"
+        expected = tokens_to_map(1, 4, 4)(torch.from_numpy(tokens)).numpy()
+        np.testing.assert_array_equal(act.activations("blocks.1.norm1"), expected)
     with pytest.raises(ConfigError, match=r"outputs shape \(1, 17, 192\), not"):
         run(compose_cfg(*base, "model.reshape=none"), tmp_path / "none")
     with pytest.raises(ConfigError, match="unknown model.reshape 'swim'; did you mean 'swin'"):
@@ -260,8 +273,13 @@ def test_fixed_size_vit_at_another_image_size_is_one_line(tmp_path):
                       "model.weights=null", "data=glob", f"data.pattern={tmp_path}/img/*.jpg",
                       "data.image_size=64", "model.target_layers=[blocks.11.norm1]")
     with pytest.raises(ConfigError, match=r"takes 224x224 inputs only, data.image_size is 64: "
-                                          r"set data.image_size=224 or model.kwargs.img_size=64"):
+                                          r"set data.image_size=224 or \+model.kwargs.img_size=64"):
         run(cfg, tmp_path / "run")
+    tv = compose_cfg(*TINY, "model=vit_b_16", "model.weights=null", "data=glob",
+                     f"data.pattern={tmp_path}/img/*.jpg", "data.image_size=64")
+    with pytest.raises(ConfigError, match=r"takes 224x224 inputs only, data.image_size is 64: "
+                                          r"set data.image_size=224 or \+model.kwargs.image_s"):
+        run(tv, tmp_path / "tv")
 
 
 def test_unknown_timm_model_names_the_closest():
