@@ -207,6 +207,10 @@ def _build_timm(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
               else dict(cfg.kwargs or {}))
     if not timm.is_model(name):
         raise ConfigError(unknown("timm model", name, timm.list_models()))
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):  # e.g. convnext_tiny.fb_in1k
+        raise ConfigError(unknown(f"pretrained tag of timm model {arch!r}", name,
+                                  timm.list_pretrained(f"{arch}.*")))
     model = _construct(lambda **kw: timm.create_model(name, pretrained=False, **kw), name,
                        kwargs)
     if cfg.weights == "DEFAULT":

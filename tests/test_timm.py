@@ -287,6 +287,11 @@ def test_unknown_timm_model_names_the_closest():
     with pytest.raises(ConfigError, match="unknown timm model 'convnext_tinyy'; did you mean "
                                           "'convnext_tiny'"):
         build_model(cfg.model)
+    cfg = compose_cfg("model=timm", "model.name=convnext_tiny.fb_in1kk", "model.weights=null")
+    with pytest.raises(ConfigError, match="unknown pretrained tag of timm model 'convnext_tiny' "
+                                          "'convnext_tiny.fb_in1kk'; did you mean "
+                                          "'convnext_tiny.fb_in1k'"):
+        build_model(cfg.model)
 
 
 def test_missing_timm_says_which_extra(monkeypatch):
@@ -298,11 +303,10 @@ def test_missing_timm_says_which_extra(monkeypatch):
 
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
-    """An empty Hugging Face cache and torch hub dir: no weights are cached."""
+    """An empty Hugging Face hub cache (test_convnext's weights live on the hub)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     return tmp_path / "hf"
 
 
