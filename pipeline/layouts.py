@@ -113,6 +113,22 @@ def _token_grid(n: int, size: tuple[int, int],
     return min(pairs, key=lambda p: abs(math.log(p[0] * size[1] / (p[1] * size[0]))))
 
 
+def _guess_prefix(length: int, size: tuple[int, int], expected: tuple[int, int] | None,
+                  default: int) -> int:
+    """Prefix tokens of a model that does not say: of 0..8, the count whose remaining tokens
+    are the patch grid, else form the grid closest to the input's aspect (fewer on ties)."""
+    best: tuple[tuple[bool, float, int], int] | None = None
+    for p in range(min(length, 9)):
+        grid = _token_grid(length - p, size, expected)
+        if grid is None:
+            continue
+        aspect = abs(math.log(grid[0] * size[1] / (grid[1] * size[0])))
+        key = (grid != expected, round(aspect, 6), p)
+        if best is None or key < best[0]:
+            best = (key, p)
+    return default if best is None else best[1]
+
+
 def _last_dim_channels(module: nn.Module) -> int | None:
     """C of a module that works on the last dimension (LayerNorm, Linear)."""
     if isinstance(module, nn.LayerNorm):
@@ -168,13 +184,8 @@ def detect(name: str, module: nn.Module, model: nn.Module, shape: tuple[int, ...
     length, channels = dims
     expected = patch_grid(model, size)
     prefix = prefix_tokens(model)
-    if prefix is None:  # no word from the model: the extra tokens whose rest fits best
-        grids = {p: _token_grid(length - p, size, expected) for p in range(min(length, 9))}
-        fits = {p: abs(math.log(g[0] * size[1] / (g[1] * size[0])))
-                for p, g in grids.items() if g is not None}
-        prefix = (min(fits, key=lambda p: (g != expected if (g := grids[p]) and expected
-                                           else False, round(fits[p], 6), p))
-                  if fits else 1 if setting == "vit" else 0)
+    if prefix is None:
+        prefix = _guess_prefix(length, size, expected, 1 if setting == "vit" else 0)
     grid = _token_grid(length - prefix, size, expected) if length > prefix else None
     if grid is None:
         raise ConfigError(f"layer {name!r} outputs {length} tokens of {channels} channels: "
