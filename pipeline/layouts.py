@@ -151,8 +151,8 @@ def detect(name: str, module: nn.Module, model: nn.Module, shape: tuple[int, ...
         setting: ``model.reshape``: None/auto detect; none, vit, nhwc, swin force.
 
     Raises:
-        ConfigError: A forced layout that the output cannot have, or tokens that form no
-            grid (one line, naming the layer and its shape).
+        ConfigError: A forced layout that the output cannot have (one line, naming the
+            layer and its shape).
     """
     setting = "auto" if setting is None else setting
     if setting not in RESHAPES:
@@ -187,11 +187,12 @@ def detect(name: str, module: nn.Module, model: nn.Module, shape: tuple[int, ...
     if prefix is None:
         prefix = _guess_prefix(length, size, expected, 1 if setting == "vit" else 0)
     grid = _token_grid(length - prefix, size, expected) if length > prefix else None
-    if grid is None:
-        raise ConfigError(f"layer {name!r} outputs {length} tokens of {channels} channels: "
-                          f"with {prefix} prefix tokens the rest form no grid for a "
-                          f"{size[0]}x{size[1]} input; choose another layer or set "
-                          f"model.reshape (none, nhwc)")
+    if grid is None:  # not tokens of a grid: used as they are (activations store them)
+        if setting == "vit":
+            raise ConfigError(f"model.reshape=vit: layer {name!r} outputs {length} tokens of "
+                              f"{channels} channels; with {prefix} prefix tokens the rest form "
+                              f"no grid for a {size[0]}x{size[1]} input")
+        return as_is
     return Layout("tokens", dims, channels, grid, prefix, source)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.cli import run
 from pipeline.data import ImageDataset, build_records, collate
 from pipeline.errors import ConfigError, StoreError
-from pipeline.layouts import Layout, detect_layouts, layer_reshape
+from pipeline.layouts import Layout, detect, detect_layouts, layer_reshape
 from pipeline.methods import GradCAM
 from pipeline.models import build_model, resolve_layers
 from pipeline.results import load_run
@@ -241,6 +241,11 @@ def test_prefix_tokens_without_word_from_the_model_and_overrides():
         detect_layouts(model, {"norm": model.norm}, (24, 40), "nhwc")
     with pytest.raises(ConfigError, match="unknown model.reshape 'vitt'; did you mean 'vit'"):
         detect_layouts(model, layers, (24, 40), "vitt")
+    # 1001..993 tokens have no factor pair within a 32x32 input: used as they are (say,
+    # stored activations), unless forced.
+    assert detect("x", nn.Identity(), model, (1001, 4), (32, 32)).kind == "none"
+    with pytest.raises(ConfigError, match="model.reshape=vit: layer 'x' outputs 1001 tokens"):
+        detect("x", nn.Identity(), model, (1001, 4), (32, 32), "vit")
 
 
 def test_explicit_reshape_overrides_are_config_choices(tmp_path):
