@@ -85,9 +85,12 @@ def _version(module: str, dist: str) -> str | None:
 
 
 # Import name -> distribution name, for the versions recorded with every result.
+# timm models of the benchmarks (``timm/<name>``) and their target layers: ConvNeXt's last
+# stage, and the last ViT block's first LayerNorm (as vit_b_16's shipped config).
+TIMM_LAYERS = {"convnext_atto": "stages.3", "vit_tiny_patch16_224": "blocks.11.norm1"}
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "h5py": "h5py",
             "pytorch_grad_cam": "grad-cam", "captum": "captum", "PIL": "pillow",
-            "cv2": "opencv-python-headless"}
+            "cv2": "opencv-python-headless", "timm": "timm"}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from _common import (
     ROOT,
+    TIMM_LAYERS,
     LoadMeter,
     argument_parser,
     busy_warning,
@@ -87,8 +88,12 @@ def compose_config(overrides: list[str]) -> Any:
 
 def overrides_for(args: argparse.Namespace, device: torch.device, folder: Path, method: str,
                   workers: int, run_dir: Path) -> list[str]:
+    model = [f"model={args.model}"]
+    if args.model.startswith("timm/"):  # model=timm model.name=... and its target layer
+        name = args.model.removeprefix("timm/")
+        model = ["model=timm", f"model.name={name}", f"model.target_layers=[{TIMM_LAYERS[name]}]"]
     return [
-        "stage=extract", f"run_dir={run_dir}", f"model={args.model}", "model.weights=null",
+        "stage=extract", f"run_dir={run_dir}", *model, "model.weights=null",
         f"method={method}", "data=glob", f"data.pattern='{folder}/*.jpg'",
         f"data.image_size={IMAGE_SIZE}", f"batch_size={args.batch_size}",
         f"num_workers={workers}", f"device={device}", f"precision={args.precision}",
@@ -270,7 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
                    help="data.decode: PIL in the loader workers, or JPEGs on the device")
-    p.add_argument("--model", default="resnet34", help="a conf/model/*.yaml name")
+    p.add_argument("--model", default="resnet34",
+                   help="a conf/model/*.yaml name, or timm/<name> of: " + " ".join(TIMM_LAYERS))
     p.add_argument("--methods", nargs="+", choices=["gradcam", "saliency", "activations"],
                    help="default: gradcam saliency activations (--quick: gradcam)")
     p.add_argument("--n", type=int, help="number of images (default 256; --quick 48)")

@@ -46,6 +46,7 @@ import torch
 import torchvision
 from _common import (
     ROOT,
+    TIMM_LAYERS,
     argument_parser,
     busy_warning,
     fmt,
@@ -110,6 +111,9 @@ MODELS: dict[str, tuple[str, str | None]] = {
     "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", "vit"),
     # The embedded pretrained model, on the bundled photos (see model_inputs).
     "efficientnet_lite0": ("features", None),
+    # timm (random init): ours detects the layout; the peers get the explicit reshape.
+    "timm/convnext_atto": (TIMM_LAYERS["convnext_atto"], None),
+    "timm/vit_tiny_patch16_224": (TIMM_LAYERS["vit_tiny_patch16_224"], "vit"),
 }
 PRETRAINED = ("efficientnet_lite0",)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -200,8 +204,14 @@ def build(name: str, frozen: bool, channels_last: bool = False) -> torch.nn.Modu
     (equal to ``copy.deepcopy(model).requires_grad_(True)``). ``channels_last``: NHWC
     weights, as ``channels_last=true`` makes them in a run (and as a peer's user would)."""
     torch.manual_seed(SEED)
-    model = (copy.deepcopy(_lite0()[0]) if name in PRETRAINED
-             else torchvision.models.get_model(name, weights=None).eval())
+    if name in PRETRAINED:
+        model = copy.deepcopy(_lite0()[0])
+    elif name.startswith("timm/"):
+        import timm
+
+        model = timm.create_model(name.removeprefix("timm/"), pretrained=False).eval()
+    else:
+        model = torchvision.models.get_model(name, weights=None).eval()
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     if not head.weight.any():
         # torchvision zero-initializes ViT's head: every gradient, and so every map, would
@@ -302,8 +312,9 @@ def _first(out: torch.Tensor, k: int) -> np.ndarray:
 def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes: torch.Tensor,
                  stack: contextlib.ExitStack) -> tuple[Callable[[], Any], MapFn]:
     """The call to time, and how to get the first images' raw maps from its result."""
+    from pipeline.layouts import layer_reshape
     from pipeline.methods import Activations, GradCAM, Saliency
-    from pipeline.models import reshape_transform, resolve_layers
+    from pipeline.models import resolve_layers
 
     layer, reshape_kind = MODELS[spec.model]
     k = spec.agree_images
@@ -324,7 +335,9 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
     if spec.method in (FORWARD, OURS_GRADCAM, OURS_SALIENCY, OURS_ACTIVATIONS):
         model = build(spec.model, frozen=True, channels_last=spec.channels_last).to(device)
         layers = resolve_layers(model, [layer])
-        reshape = reshape_transform(reshape_kind)
+        # As extract: the layout detected in a probe pass (vit_b_16: tokens, 1 prefix).
+        reshape = layer_reshape(model, layers, (spec.image_size, spec.image_size),
+                                device=device)[0]
         if spec.method == FORWARD:
             def forward() -> torch.Tensor:
                 with torch.inference_mode(), _autocast(device, spec.precision):

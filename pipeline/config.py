@@ -23,7 +23,7 @@ STAGES = ("all", "extract", "render", "merge", "evaluate", "report")
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
 RESIZES = ("square", "center_crop")
-RESHAPES = ("vit", "nhwc", "swin")
+RESHAPES = ("auto", "none", "vit", "nhwc", "swin")  # pipeline.layouts says what each does
 TARGET_MODES = ("pred", "label", "topk", "class")
 
 
@@ -37,7 +37,8 @@ class ModelConfig:
     # Module names as ``named_modules()`` spells them; ``features[-1]`` indexes a container;
     # glob patterns (``layer*.*.conv?``) and ``type:Conv2d`` select several.
     target_layers: list[str] = field(default_factory=list)
-    # How to turn a layer's token output into a (C, h, w) map: vit | nhwc | swin, or null.
+    # How a layer's output becomes a (C, h, w) map: null/auto (detected per layer from the
+    # model and the output's shape) | none (as it is) | vit (tokens) | nhwc / swin.
     reshape: str | None = None
     # Any importable constructor, e.g. ``torchvision.models.resnet18``; kwargs go to it.
     _target_: str | None = None

@@ -421,14 +421,16 @@ class _BatchEvaluator:
 
     def _method(self) -> Any:
         """The stored method on the re-loaded model (the sanity check recomputes maps)."""
+        from .layouts import layer_reshape
         from .methods import build_method
-        from .models import reshape_transform
         from .runtime import AUTOCAST
 
-        stored = self.setup.stored
+        stored, s = self.setup.stored, self.setup
+        reshape, _ = layer_reshape(s.model, s.layers, (s.image_size, s.image_size),
+                                   stored.model.get("reshape"), self.device)
         try:
             return build_method(stored.method, self.setup.model, self.setup.layers,
-                                reshape=reshape_transform(stored.model.get("reshape")),
+                                reshape=reshape,
                                 topk=int(stored.get("topk", 5)),
                                 autocast_dtype=AUTOCAST.get(stored.get("precision", "fp32")),
                                 score=self.explained)

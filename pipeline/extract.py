@@ -30,12 +30,13 @@ from .data import (
 )
 from .device_decode import check_decoder, decode_ahead
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
+from .layouts import layer_reshape
 from .locks import writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
+    check_input_size,
     compile_model,
-    reshape_transform,
     resolve_layers,
     use_channels_last,
 )
@@ -62,6 +63,7 @@ from .store import (
     ResultsWriter,
     create_results,
     kind_of,
+    layouts_attr,
     open_results,
     remove_stale_temporaries,
 )
@@ -345,6 +347,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     model, info = build_model(cfg.model)
     model.to(device)
     size = cfg.data.image_size
+    check_input_size(model, size)
     channels_last = use_channels_last(model, cfg.channels_last,
                                       torch.zeros(1, 3, size, size, device=device),
                                       cfg.precision)
@@ -358,7 +361,8 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         raise ConfigError(f"topk={cfg.topk}: the model has {n_classes} classes")
     if isinstance(target, int) and not target < n_classes:
         raise ConfigError(f"target={target} is not a class of this model (0..{n_classes - 1})")
-    method = build_method(cfg.method, model, layers, reshape=reshape_transform(cfg.model.reshape),
+    reshape, layer_layouts = layer_reshape(model, layers, (size, size), cfg.model.reshape, device)
+    method = build_method(cfg.method, model, layers, reshape=reshape,
                           topk=cfg.topk, autocast_dtype=AUTOCAST[cfg.precision],
                           score=cfg.target.score)
     normalize = Normalize(info.mean, info.std).to(device)
@@ -383,7 +387,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
             "resize": cfg.data.resize or "none", "shard": shard, "num_shards": num_shards,
             "first_index": start, "n_total": len(records),
             "listing_sha256": listing_digest(records), "categories": info.categories or [],
-            "mean": list(info.mean), "std": list(info.std),
+            "mean": list(info.mean), "std": list(info.std), **layouts_attr(layer_layouts),
             "versions": {"camsweep": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "h5py": h5py.__version__},
         }

@@ -131,6 +131,137 @@ def _torchvision_pretrained(name: str) -> tuple[nn.Module, Any]:
         ) from e
 
 
+TIMM = "timm.create_model"  # model._target_ of conf/model/timm.yaml: model.name is timm's
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError as e:
+        raise ConfigError(f"model=timm needs the timm package ({e}): "
+                          "pip install camsweep[timm]") from e
+    return timm
+
+
+def _timm_cached_weights(timm: Any, name: str, pretrained_cfg: dict[str, Any]) -> str | None:
+    """The local file of timm's pretrained weights for ``name`` if it is cached (Hugging
+    Face hub cache or torch hub's checkpoints), else None. Looks, never downloads."""
+    from timm.models import _builder, _hub
+
+    source, where = _builder._resolve_pretrained_source(pretrained_cfg)
+    if source == "file":
+        return str(where)
+    if source == "url":
+        return str(Path(_hub.get_cache_dir()) / Path(str(where)).name) if _hub.check_cached_file(
+            where) else None
+    if source != "hf-hub":
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo, filename = where if isinstance(where, tuple) else (where, "pytorch_model.bin")
+    repo, _, revision = str(repo).partition("@")
+    for candidate in dict.fromkeys(["model.safetensors", filename]
+                                   if filename == "pytorch_model.bin" else [filename]):
+        found = try_to_load_from_cache(repo, candidate, cache_dir=constants.HF_HUB_CACHE,
+                                       revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the Hugging Face hub answers a TCP connect within ``timeout``, else why not.
+
+    huggingface_hub retries an unreachable hub for about a minute per file; this one
+    connection says at once that a download cannot work."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (
+            443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({type(e).__name__}: {e})"
+    return None
+
+
+def _build_timm(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model(cfg.name, **cfg.kwargs)`` with ``cfg.weights``, and timm's data
+    config (mean, std, input size) for the model.
+
+    ``DEFAULT`` loads timm's pretrained weights from the local cache, or downloads them when
+    the hub is reachable; offline and not cached, one line at once (not after the hub
+    client's minute of retries). A checkpoint path loads as for every model.
+    """
+    timm = _import_timm()
+    from omegaconf import OmegaConf
+
+    name = str(cfg.name)
+    # Plain lists and dicts: timm passes values on to torch ops (depths=[2, 2, 6, 2]).
+    kwargs = (OmegaConf.to_container(cfg.kwargs, resolve=True) if OmegaConf.is_config(cfg.kwargs)
+              else dict(cfg.kwargs or {}))
+    if not timm.is_model(name):
+        raise ConfigError(unknown("timm model", name, timm.list_models()))
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):  # e.g. convnext_tiny.fb_in1k
+        raise ConfigError(unknown(f"pretrained tag of timm model {arch!r}", name,
+                                  timm.list_pretrained(f"{arch}.*")))
+    model = _construct(lambda **kw: timm.create_model(name, pretrained=False, **kw), name,
+                       kwargs)
+    if cfg.weights == "DEFAULT":
+        pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        cached = _timm_cached_weights(timm, name, pretrained_cfg)
+        if cached is None:
+            why = _hub_reachable()
+            if why is not None:
+                from huggingface_hub import constants
+
+                where = pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("url")
+                raise ConfigError(
+                    f"timm weights of {name!r} ({where}) are not cached in "
+                    f"{constants.HF_HUB_CACHE} and {why}: pre-download them "
+                    f"(timm.create_model({name!r}, pretrained=True) with network), pass a "
+                    f"checkpoint with model.weights=/path/to/file, or use model.weights=null "
+                    f"for random init")
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        else:  # the cached file, so the hub client makes no request at all
+            model = timm.create_model(name, pretrained=True,
+                                      pretrained_cfg_overlay={"file": cached}, **kwargs)
+    elif cfg.weights is not None:
+        _load_checkpoint(model, cfg.weights)
+    data = timm.data.resolve_data_config({}, model=model)
+    return model, data
+
+
+def check_input_size(model: nn.Module, size: int) -> None:
+    """One line where the model takes inputs of one size only and ``size`` is another
+    (timm's ViTs with ``strict_img_size``), instead of its assertion in the first pass;
+    a note where the model's pretrained config names another size than ``size``."""
+    embed = getattr(model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None)
+    if (fixed is not None and getattr(embed, "strict_img_size", False)
+            and tuple(fixed) != (size, size)):
+        h, w = fixed
+        square = f"data.image_size={h} or " if h == w else ""
+        raise ConfigError(f"the model takes {h}x{w} inputs only, data.image_size is {size}: "
+                          f"set {square}+model.kwargs.img_size={size} (timm resamples its "
+                          "position embedding), or +model.kwargs.dynamic_img_size=true")
+    if isinstance(model, torchvision.models.VisionTransformer) and model.image_size != size:
+        raise ConfigError(f"the model takes {model.image_size}x{model.image_size} inputs only, "
+                          f"data.image_size is {size}: set data.image_size={model.image_size} "
+                          f"or +model.kwargs.image_size={size} (random init or a checkpoint "
+                          "of that size)")
+    trained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if trained and tuple(trained[1:]) != (size, size):
+        log.info("the model's pretrained config names %s inputs; data.image_size=%d decides "
+                 "this run's", "x".join(map(str, trained[1:])), size)
+
+
 def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
     """Build ``cfg.model`` in eval mode with frozen parameters.
 
@@ -139,7 +270,11 @@ def build_model(cfg: Any) -> tuple[nn.Module, ModelInfo]:
     """
     mean, std, categories = IMAGENET_MEAN, IMAGENET_STD, imagenet_categories()
     weights = cfg.weights
-    if cfg.get("_target_"):
+    if cfg.get("_target_") == TIMM:
+        model, data = _build_timm(cfg)
+        mean, std = tuple(data["mean"]), tuple(data["std"])
+        categories = categories if getattr(model, "num_classes", None) == 1000 else None
+    elif cfg.get("_target_"):
         module_name, _, attr = cfg._target_.rpartition(".")
         try:
             ctor: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)

@@ -24,6 +24,7 @@ from .store import (
     is_scale,
     open_results,
     ragged_keys,
+    read_layouts,
     read_map,
     stored_config,
 )
@@ -64,6 +65,12 @@ class Run:
     @property
     def layers(self) -> list[str]:
         return [str(x) for x in attr_list(self.file.attrs.get("target_layers"))]
+
+    @property
+    def layouts(self) -> dict[str, dict[str, Any]]:
+        """{layer: how its output became the stored (C, h, w)}, e.g. ``layout`` "tokens",
+        ``text`` "tokens(prefix=1, grid=14x14)" (docs/FORMAT.md; empty for older files)."""
+        return read_layouts(self.file)
 
     @property
     def config(self) -> dict[str, Any]:

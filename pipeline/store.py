@@ -289,6 +289,28 @@ def create_results(
     return run_id
 
 
+LAYOUTS_ATTR = "layer_layouts"
+
+
+def layouts_attr(layouts: Mapping[str, Any]) -> dict[str, str]:
+    """The root attribute ``layer_layouts`` for ``create_results``'s attrs: JSON of
+    {layer: how its output became (C, h, w)} (``pipeline.layouts.Layout.as_dict``)."""
+    return {LAYOUTS_ATTR: json.dumps({str(k): v.as_dict() if hasattr(v, "as_dict") else v
+                                      for k, v in layouts.items()})}
+
+
+def read_layouts(f: h5py.File) -> dict[str, dict[str, Any]]:
+    """{layer: layout} as stored at creation; empty for files of before the attribute."""
+    text = f.attrs.get(LAYOUTS_ATTR)
+    try:
+        value = json.loads(text) if text else {}
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{f.filename} is damaged: {LAYOUTS_ATTR} is not JSON") from e
+    if not isinstance(value, dict):
+        raise StoreError(f"{f.filename} is damaged: {LAYOUTS_ATTR} is not a mapping")
+    return value
+
+
 def is_scale(ds: h5py.Dataset) -> bool:
     """Whether ``ds`` is a dimension scale (an axis name for xarray), not per-image data."""
     return ds.attrs.get("CLASS") == b"DIMENSION_SCALE"

@@ -17,13 +17,21 @@ SCRIPTS = {
                        "--image-size", "32"],
     "bench_e2e": ["--model", "resnet18", "--n", "8", "--batch-size", "4", "--methods",
                   "gradcam", "--workers", "0"],
+    # timm rows: ours detects the token layout, pytorch-grad-cam gets the explicit reshape.
+    "bench_methods:timm": ["--models", "timm/convnext_atto", "timm/vit_tiny_patch16_224",
+                           "--batches", "1", "--layouts", "nchw", "--methods", "forward",
+                           "gradcam", "pgc-gradcam", "--warmup", "0", "--repeats", "1",
+                           "--min-time", "0", "--in-process"],
+    "bench_e2e:timm": ["--model", "timm/convnext_atto", "--n", "4", "--batch-size", "4",
+                       "--methods", "gradcam", "--workers", "0"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_script_runs(tmp_path, script):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"),
+    file = script.partition(":")[0]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{file}.py"),
                            *SCRIPTS[script], "--device", "cpu", "--out", str(tmp_path),
                            "--name", "smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,3 +47,9 @@ def test_benchmark_script_runs(tmp_path, script):
         assert [r["layout"] for r in rows] == ["nchw", "nhwc"]
         assert all(r["rounds"] >= 1 and r["gradcam_vs_forward"] > 0 and r["gradcam_vs_pgc"] > 0
                    for r in rows)
+    if script == "bench_methods:timm":
+        cells = payload["cells"]
+        assert not [c for c in cells if c["error"]]
+        pgc = {c["model"]: c["max_abs_diff"] for c in cells if c["method"] == "pgc-gradcam"}
+        assert sorted(pgc) == ["timm/convnext_atto", "timm/vit_tiny_patch16_224"]
+        assert all(d <= 1e-5 for d in pgc.values()), pgc
