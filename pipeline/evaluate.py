@@ -282,6 +282,7 @@ def _settings(cfg: DictConfig, setup: _Setup, sanity_layers: list[str]) -> dict[
         ev.pop(key, None)
     ev["maps"] = setup.maps
     ev["score"] = metric_score(cfg.evaluate, setup.stored)
+    ev["confidence_score"] = confidence_score(ev["score"])
     ev["sanity_units"] = sanity_layers
     return ev
 
@@ -296,6 +297,13 @@ def explained_score(stored: DictConfig) -> str:
 def metric_score(ev: Any, stored: DictConfig) -> str:
     """The score the metrics take: ``evaluate.score``, or (null) the run's own."""
     return str(ev.score) if ev.score is not None else explained_score(stored)
+
+
+def confidence_score(score: str) -> str:
+    """The score of Average Drop / Increase in Confidence: a confidence in [0, 1] as in
+    Grad-CAM++ (softmax probability; sigmoid where the metrics score sigmoid). A drop
+    relative to a logit or a log-probability, which may be negative or zero, means nothing."""
+    return score if score in ("prob", "sigmoid") else "prob"
 
 
 def _confirm_replace(path: Path, results: dict[str, str], overwrite: bool) -> None:
@@ -407,6 +415,8 @@ class _BatchEvaluator:
         self.device, self.path = device, path
         self.scorer = Scorer(setup.model, metric_score(ev, setup.stored), setup.autocast,
                              ev.batch_points)
+        self.confidence = Scorer(setup.model, confidence_score(self.scorer.kind),
+                                 setup.autocast, ev.batch_points)
         self.explained = explained_score(setup.stored)  # what /targets/score holds
         self.removed = [float(q) for q in ev.road_percentiles]
         self.units = units
@@ -539,8 +549,9 @@ class _BatchEvaluator:
                 out[f"{key}/{mode}"] = curves
                 out[f"{key}/{mode}_auc"] = curve_auc(curves)
             if "confidence" in self.metrics:
-                for name, value in explanation_confidence(self.scorer, x, raw, target,
-                                                          original).items():
+                confident = self.confidence.from_logits(logits, target)
+                for name, value in explanation_confidence(self.confidence, x, raw, target,
+                                                          confident).items():
                     out[f"{key}/{name}"] = value
             if "road" in self.metrics:
                 # Per item seeds: the noise of an image does not depend on its batch.

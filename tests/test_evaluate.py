@@ -5,6 +5,7 @@ stale partial and metrics files refused, stored code never run, one writer at a 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -727,3 +728,29 @@ def test_road_noise_is_drawn_on_the_cpu_per_image():
     assert meta.device.type == "meta" and meta.shape == whole.shape
     like = torch.zeros(3, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(road._noise(like, seeds, 1), whole.double(), rtol=0, atol=0)
+
+
+def test_average_drop_takes_a_confidence_whatever_score_the_other_metrics_take(tiny_run,
+                                                                                tmp_path):
+    """Average Drop / Increase in Confidence are defined on a probability (Grad-CAM++): a
+    logit run, scored by logits or log-probabilities elsewhere, gets the same drop and
+    increase as scoring by probabilities, and drops lie in [0, 1]; deletion differs."""
+    _, base = tiny_run
+    run_dir = _copy(tiny_run, tmp_path / "run")
+    found = {}
+    for score in ("logit", "logprob", "prob"):
+        run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=4",
+                        "evaluate.metrics=[deletion,confidence]", f"evaluate.score={score}",
+                        "evaluate.overwrite=true"), run_dir)
+        with h5py.File(run_dir / METRICS_FILE) as m:
+            assert json.loads(m.attrs["settings"])["confidence_score"] == "prob"
+            found[score] = {k: m[f"gradcam/layer4/{k}"][:] for k in ("drop", "increase",
+                                                                    "deletion_auc")}
+    done = np.isfinite(found["prob"]["drop"])
+    assert done.sum() == 5 and (found["prob"]["drop"][done] >= 0).all()
+    assert (found["prob"]["drop"][done] <= 1).all()
+    for score in ("logit", "logprob"):
+        for key in ("drop", "increase"):
+            np.testing.assert_array_equal(found[score][key], found["prob"][key], err_msg=key)
+        assert not np.allclose(found[score]["deletion_auc"][done],
+                               found["prob"]["deletion_auc"][done])
