@@ -197,7 +197,8 @@ def native_layout(
         try:
             found = probe_layout(method, normalize(torch.zeros(1, 3, h, w, device=device)),
                                  target, k)
-        except (RuntimeError, ValueError) as e:  # e.g. a kernel larger than the input
+        # e.g. a kernel larger than the input; timm's patch embedding asserts divisibility
+        except (RuntimeError, ValueError, AssertionError) as e:
             reason = f"the model cannot take a {h}x{w} input: {str(e).splitlines()[0]}"
             failed.update({int(r): reason[:250] for r in rows})
             continue

@@ -375,3 +375,23 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
         for x, y in zip(a.cams(), b.cams(), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.weights(), b.weights(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_vit_at_native_size_fails_only_the_sizes_its_patches_do_not_divide(images, tmp_path):
+    """timm's patch embedding asserts (AssertionError, not RuntimeError) that the input is a
+    multiple of the patch: those images fail with the model's reason, the others are done,
+    each with its own token grid (dynamic_img_size)."""
+    cfg = compose_cfg(*TINY, "model=timm", "model.name=vit_tiny_patch16_224",
+                      "model.weights=null", "model.target_layers=[blocks.0]",
+                      "+model.kwargs={depth: 1, patch_size: 8, dynamic_img_size: true}",
+                      "data=glob", f"data.pattern={images}/img*", "data.resize=null",
+                      "channels_last=false")
+    summary = extract(cfg, tmp_path)
+    assert (summary.done, summary.failed) == (5, 2)
+    with load_run(tmp_path) as run:
+        failed = run.status == FAILED
+        assert [Path(p).name for p in run.paths[failed]] == ["img3.png", "img6.jpg"]
+        assert all("the model cannot take a 33x71 input: Input height (33) should be "
+                   "divisible by patch size (8)" in e for e in run.errors[failed])
+        assert [c.shape for c in run.cams()] == [(5, 7), (8, 6), (5, 7), (0, 0), (8, 6),
+                                                 (5, 7), (0, 0)]
