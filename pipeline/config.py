@@ -274,6 +274,11 @@ def validate(cfg: DictConfig) -> None:
         if max_side < 8:
             raise ConfigError(f"data.max_side must be >= 8 pixels (or null: no cap), got "
                               f"{max_side}")
+    if cfg.data.resize is None and cfg.data.get("decode", "cpu") == "device":
+        # The device path decodes a batch of one size; native runs decode on the CPU.
+        raise ConfigError("data.decode=device needs data.resize=square or center_crop; "
+                          "native resolution (data.resize=null) decodes on the CPU: use "
+                          "data.decode=cpu")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit must be >= 1 (or null: every image), got "
                           f"{cfg.data.limit}")

@@ -156,6 +156,9 @@ def test_max_side_caps_the_longest_side(images, tmp_path):
         validate(compose_cfg(*TINY, "data.resize=none"))
     with pytest.raises(ConfigError, match="data.max_side must be >= 8"):
         validate(_cfg(images, "data.max_side=4"))
+    with pytest.raises(ConfigError, match="data.decode=device needs data.resize=square or "
+                                          "center_crop; native resolution"):
+        validate(_cfg(images, "data.decode=device"))
     # Runs made before the key: a null max_side leaves the fingerprint as it was.
     assert "max_side" not in fingerprint(compose_cfg(*TINY))
     assert '"max_side": 50' in fingerprint(cfg)
