@@ -465,6 +465,14 @@ def check_ragged(f: h5py.File, key: str, n: int | None, path: str | os.PathLike)
     if (shapes < 0).any() or (offsets < 0).any() or (ends > values.shape[0]).any():
         raise StoreError(f"{path} is damaged: the index of ragged map {key} points outside "
                          f"its {values.shape[0]} values")
+    # Creation (and merge, shard after shard) lays the images out back to back in row order:
+    # any other index (overlapping or shuffled places) would give rows each other's values.
+    packed = np.concatenate([[0], ends[:-1]]) if n else offsets
+    if n and (offsets != packed).any():
+        row = int(np.flatnonzero(offsets != packed)[0])
+        raise StoreError(f"{path} is damaged: the index of ragged map {key} is not laid out "
+                         f"image after image (row {row} at {int(offsets[row])}, expected "
+                         f"{int(packed[row])})")
 
 
 def is_ragged(f: h5py.File, key: str) -> bool:

@@ -281,6 +281,13 @@ def test_damaged_ragged_index_is_one_clear_error(batched, tmp_path):
     with pytest.raises(StoreError, match="points outside its 32 values"):
         open_results(bad).close()
     shutil.copy(batched, bad)
+    with h5py.File(bad, "r+") as f:  # row 3 pointed at row 2's values: in range, but wrong
+        index = f["ragged/gradcam/layer4/offset"]
+        index[3] = index[2]
+    with pytest.raises(StoreError, match=r"ragged map gradcam/layer4 is not laid out image "
+                                         r"after image \(row 3 at 8, expected 12\)"):
+        open_results(bad).close()
+    shutil.copy(batched, bad)
     with h5py.File(bad, "r+") as f:
         f.attrs["format_version"] = 1
     with pytest.raises(StoreError, match="ragged maps in a format_version 1 file"):
