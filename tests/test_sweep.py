@@ -376,3 +376,33 @@ def test_a_shard_finding_the_merge_done_does_not_claim_it(tmp_path, image_dir, c
     messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.merge"]
     assert [m.split(" ->")[0] for m in messages] == [
         "all shards done, merged", f"{tmp_path / 'results.h5'} already merges these shards"]
+
+
+def _fake_slurm(bin_dir: Path, squeue: str | None, sacct: str) -> None:
+    """``squeue`` and ``sacct`` on PATH printing the given ``JobID|State`` lines (squeue
+    None: exits 1 as for job ids the controller no longer knows)."""
+    bin_dir.mkdir(exist_ok=True)
+    for name, out in (("squeue", squeue), ("sacct", sacct)):
+        script = bin_dir / name
+        body = ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+                if out is None else f"printf '%s' {shlex.quote(out)}")
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+
+
+def test_slurm_states_trust_the_controller_over_lagging_accounting(tmp_path, monkeypatch):
+    """slurmdbd records a start late: sacct says PENDING while the controller runs the job
+    (a CI failure). squeue answers for jobs it holds; sacct only for the ones it forgot."""
+    from pipeline.cluster import slurm_states
+
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    _fake_slurm(tmp_path / "bin", squeue="41|RUNNING\n42_[1-2]|PENDING\n",
+                sacct="41|PENDING\n40|COMPLETED\n42_[1-2]|PENDING\n43|CANCELLED by 0\n")
+    assert slurm_states(["41", "40", "42_2", "43", "44"]) == {
+        "41": "RUNNING", "42_2": "PENDING", "40": "COMPLETED", "43": "CANCELLED"}
+    # Every id forgotten by the controller (squeue fails): accounting answers for all.
+    _fake_slurm(tmp_path / "bin", squeue=None, sacct="41|COMPLETED\n")
+    assert slurm_states(["41"]) == {"41": "COMPLETED"}
+    # No SLURM at all.
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert slurm_states(["41"]) == {}
