@@ -159,13 +159,16 @@ class RunPage:
         keys = [k for k in FIGURES if any(k in s.figures for s in summaries)]
         rows = [{"map": s.key, "images": s.n, **s.figures} for s in summaries]
         settings = json.loads(metrics.attrs.get("settings", "{}"))
-        note = (f"score: {settings.get('score', '?')} of the target class · deletion "
+        confidence = settings.get("confidence_score")
+        drop = (f" (Avg Drop / Increase: {confidence})"
+                if confidence and confidence != settings.get("score") else "")
+        note = (f"score: {settings.get('score', '?')} of the target class{drop} · deletion "
                 f"baseline {settings.get('deletion_baseline', '?')}, insertion baseline "
                 f"{settings.get('insertion_baseline', '?')}, {settings.get('steps')} "
                 f"steps · evaluated {str(metrics.attrs.get('created', '?'))[:19]}")
         check = metrics.attrs.get("score_check_max_abs_diff")
         if check is not None:
-            note += f" · reproduction check: max |Δ logit| {float(check):.2g}"
+            note += f" · reproduction check: max |Δ score| {float(check):.2g}"
         return {"table": figure_table(rows, keys, ["map", "images"], FIGURES), "note": note,
                 "plots": run_plots(metrics, [s.key for s in summaries], self.out)}
 
