@@ -237,3 +237,15 @@ def test_micro_batch_auto_is_8_on_cpu_and_the_batch_on_cuda():
     assert micro_batch_of("auto", torch.device("cuda")) is None
     assert micro_batch_of(None, torch.device("cpu")) is None
     assert micro_batch_of(3, torch.device("cuda")) == 3
+
+
+def test_a_layer_without_a_spatial_map_is_one_clear_error(tmp_path):
+    """The classifier's output (N, K) is neither a map nor tokens: the error names the layer,
+    its shape and what to choose, and no results file is left behind."""
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"layer 'fc' outputs shape \(1, 1000\), not a spatial "
+                                          r"map \(N, C, h, w\) nor tokens .*choose a "
+                                          r"convolutional or token layer"):
+        extract(compose_cfg(*TINY, "model.target_layers=[fc]"), tmp_path)
+    assert not (tmp_path / "results.h5").exists()

@@ -73,8 +73,10 @@ class GradientCAM(Method):
             if self.reshape is not None:
                 act, grad = self.reshape(act), self.reshape(grad)
             if act.ndim != 4:
-                raise ConfigError(f"layer {name!r} outputs shape {tuple(act.shape)}, not "
-                                  f"(N, C, h, w); token models need model.reshape=vit|nhwc")
+                raise ConfigError(f"layer {name!r} outputs shape {tuple(act.shape)}, not a "
+                                  f"spatial map (N, C, h, w) nor tokens of the model's patch "
+                                  f"grid; choose a convolutional or token layer (or force a "
+                                  f"layout with model.reshape=vit|nhwc|swin)")
             out.append((name, act, grad))
         return out
 
