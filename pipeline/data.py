@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .device_decode import route
 from .errors import ConfigError, DataError
@@ -280,6 +280,19 @@ class ImageDataset(Dataset):
         if self.resize is not None or self.input_sizes is None:
             return None
         return SizeBatches(self.input_sizes[self.indices], batch_size)
+
+    def loader(self, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+        """The DataLoader extract and evaluate read: batches of ``batch_size`` (at native
+        resolution, of equal input size, in row order within a size), pinned for CUDA,
+        workers that leave SLURM's and Ctrl-C's signals to the main process."""
+        from .runtime import worker_init
+
+        sizes = self.batches(batch_size)
+        batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
+                                    else {"batch_size": batch_size})
+        return DataLoader(self, num_workers=workers, collate_fn=collate,
+                          pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                          **batching)
 
     def __len__(self) -> int:
         return len(self.indices)

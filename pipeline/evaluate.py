@@ -35,7 +35,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import __version__
 from .errors import ConfigError, StoreError, unknown
@@ -451,22 +450,17 @@ class _BatchEvaluator:
     def run(self, rows: np.ndarray, partial: Partial, workers: int) -> None:
         from tqdm import tqdm
 
-        from .data import ImageDataset, Record, collate
+        from .data import ImageDataset, Record
         from .device_decode import decode_ahead
-        from .runtime import batch_size_of, worker_init
+        from .runtime import batch_size_of
 
         s = self.setup
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
         native = s.resize == "none"  # the model input at each image's own size, as extracted
         dataset = ImageDataset(records, rows, s.image_size, None if native else s.resize,
                                s.decode, s.input_sizes, s.stored.data.get("max_side"))
-        batch_size = batch_size_of(self.cfg.batch_size, self.device)
-        sizes = dataset.batches(batch_size)  # native: batches of equal size
-        batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
-                                    else {"batch_size": batch_size})
-        loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
-                            **batching)
+        loader = dataset.loader(batch_size_of(self.cfg.batch_size, self.device), workers,
+                                self.device)
         changed: list[str] = []
         bar = tqdm(total=len(rows), desc=f"evaluate {self.path.parent.name}", unit="img",
                    dynamic_ncols=True, disable=None)

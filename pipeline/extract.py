@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
@@ -23,7 +22,6 @@ from .data import (
     ImageDataset,
     Record,
     build_records,
-    collate,
     native_sizes,
     shard_of,
     shard_range,
@@ -49,7 +47,6 @@ from .runtime import (
     micro_batch_of,
     resolve_device,
     to_host,
-    worker_init,
 )
 from .store import (
     ACTIVATIONS,
@@ -440,13 +437,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     batch_size = batch_size_of(cfg.batch_size, device)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(
         len(dataset), batch_size)
-    # Native resolution: batches of equal input size, in the file's row order within a size.
-    sizes = dataset.batches(batch_size)
-    batching: dict[str, Any] = ({"batch_sampler": sizes} if sizes is not None
-                                else {"batch_size": batch_size})
-    loader = DataLoader(dataset, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                        **batching)
+    loader = dataset.loader(batch_size, workers, device)
     background = BackgroundWriter(writer)
     failed = 0
     bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",
