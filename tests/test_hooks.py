@@ -221,6 +221,7 @@ def test_misused_layers_fail_with_a_clear_message():
                                                num_heads=2, hidden_dim=16, mlp_dim=32)
     vit.eval().requires_grad_(False)
     layers = resolve_layers(vit, ["encoder.layers.encoder_layer_0.ln_1"])
-    with pytest.raises(ConfigError, match="force a layout with model.reshape=vit"), GradCAM(vit, layers) as m:
+    with (pytest.raises(ConfigError, match="force a layout with model.reshape=vit"),
+          GradCAM(vit, layers) as m):
         m(torch.randn(1, 3, 32, 32), target_fn("pred"))
     assert not model.side._forward_hooks and not vit.encoder._forward_hooks
