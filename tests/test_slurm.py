@@ -210,6 +210,22 @@ def job_logs(sweep_dir: Path, job_id: str) -> str:
                    for p in sorted((sweep_dir / ".submitit" / job_id).glob("*_log.*")))
 
 
+def resume_after_requeue(proc: subprocess.Popen, out: Path, gate: Path, sweep_dir: Path,
+                         job_id: str) -> tuple[str, str]:
+    """Open the stalled job's gate once SLURM requeued it; the driver ends well, the job
+    ran twice (requeued, then completed) and its second run did the 2 images the first
+    left. Returns the driver's output and the job's logs."""
+    gate.unlink()
+    rc, text = finish(proc, out)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
+    logs = job_logs(sweep_dir, job_id)
+    assert "killed by signal" not in logs
+    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
+    return text, logs
+
+
 def arrays(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with h5py.File(path, "r", locking=False) as f:
@@ -257,15 +273,8 @@ def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
     assert job_id and done_rows(results) == 4  # stalled on the second batch
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
     wait_until("SLURM to requeue the job", lambda: restarted(job_id), proc=proc, out=out)
-    (gates / "0").unlink()
-    rc, text = finish(proc, out)
-    assert rc == 0, text[-3000:]
-    assert "Traceback" not in text
-    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
-    logs = job_logs(sweep_dir, job_id)
-    assert "killed by signal" not in logs
+    _, logs = resume_after_requeue(proc, out, gates / "0", sweep_dir, job_id)
     assert "Bypassing signal SIGTERM" in logs  # submitit's handler saw it; workers ignored it
-    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
     assert_same_arrays(results, reference_run(tmp_path, image_dir))
 
 
@@ -288,15 +297,9 @@ def test_time_limit_requeues_through_submitit_and_resumes(cluster, tmp_path, ima
     job_id = slurm_job_id(sweep_dir, 0)
     wait_until("submitit to requeue the job at its time limit", lambda: restarted(job_id),
                timeout=120, proc=proc, out=out)
-    (gates / "0").unlink()
-    rc, text = finish(proc, out)
-    assert rc == 0, text[-3000:]
-    assert "Traceback" not in text
-    assert final_states(job_id) == ["REQUEUED", "COMPLETED"]
-    logs = job_logs(sweep_dir, job_id)
+    text, logs = resume_after_requeue(proc, out, gates / "0", sweep_dir, job_id)
     assert "Caught signal SIGUSR2" in logs and "this job is timed-out" in logs
-    assert "Calling checkpoint method" in logs and "killed by signal" not in logs
-    assert re.search(r"6 of 6 images done, 0 failed \(4 were done before this run\)", logs), logs
+    assert "Calling checkpoint method" in logs
     assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 1 job: 1 done"
     assert_same_arrays(results, reference_run(tmp_path, image_dir))
 
