@@ -36,7 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from ..errors import StoreError
 
 FORMAT = "camsweep"
 FORMAT_VERSION = 2  # the newest version this module reads and writes
