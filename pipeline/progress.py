@@ -43,7 +43,8 @@ class Progress:
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = (f", ETA {_duration((self.total - self.n) / rate)}"
                if rate > 0 and self.total >= self.n else "")
-        return f"{self.desc}: {self.n}/{self.total} {self.unit}{share}, {rate:.3g} {self.unit}/s{eta}"
+        return (f"{self.desc}: {self.n}/{self.total} {self.unit}{share}, "
+                f"{rate:.3g} {self.unit}/s{eta}")
 
     def close(self) -> None:
         if self.bar is not None:
