@@ -257,6 +257,11 @@ def test_missing_photo_draws_the_map_alone(tmp_path, caplog):
     assert read_png(titled).shape[0] > 70
 
 
+def banner_height(width: int, parts: list[str]) -> int:
+    """Rows add_title puts above a 10-row picture of ``width`` pixels."""
+    return add_title(np.zeros((10, width, 3), np.uint8), parts).shape[0] - 10
+
+
 def test_title_is_a_banner_above_the_picture(tmp_path):
     photo = gray_photo(tmp_path / "p.png", 80, 96)
     run = make_run(tmp_path / "run", [photo], {"gradcam/layer4": peak_cam(7, 7, 3, 3)[None]})
@@ -266,12 +271,22 @@ def test_title_is_a_banner_above_the_picture(tmp_path):
     pic = read_png(titled)
     banner = pic.shape[0] - bare.shape[0]
     assert pic.shape[1] == bare.shape[1] and banner >= 12
-    np.testing.assert_array_equal(pic[banner:], bare)
+    np.testing.assert_array_equal(pic[banner:], bare)  # the picture itself is untouched
     text = pic[:banner]
     assert text.max() > 200 and np.median(text) < 40  # white letters on a dark strip
-    # A long title on a narrow picture wraps instead of running off the edge.
-    narrow = add_title(np.zeros((40, 60, 3), np.uint8), ["285 Egyptian cat", "p=0.82", "[x]"])
-    assert narrow.shape[1] == 60 and narrow.shape[0] - 40 > banner
+
+
+def test_long_titles_wrap_on_narrow_pictures():
+    """Widths far from any wrap boundary, so font metrics cannot decide the outcome: this
+    title measures about 300 px at the font of a 600-px picture (590 px of room), and its
+    first part alone is wider than the 54 px of room of a 60-px picture."""
+    title = ["285 Egyptian cat", "p=0.82", "[x]"]
+    assert banner_height(600, title) == banner_height(600, ["x"])  # one line
+    narrow = add_title(np.zeros((40, 60, 3), np.uint8), title)
+    assert narrow.shape[1] == 60  # wraps (and cuts) instead of running off the edge
+    assert banner_height(60, title) > banner_height(60, ["x"])  # more than one line
+    # Both at the smallest font: the narrower picture never gets the shorter banner.
+    assert banner_height(60, title) >= banner_height(330, title)
 
 
 def test_title_text_names_class_probability_and_top1(tmp_path):
