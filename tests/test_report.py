@@ -4,8 +4,8 @@ console errors, every picture there, a screenshot that is not blank)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +22,7 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 from pipeline.cli import run
 from pipeline.errors import CamsweepError, StoreError
 from pipeline.report import report
+from pipeline.report.gallery import Ranking, choose
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser",
                                                 "google-chrome")) if p), None)
@@ -42,6 +43,7 @@ class Links(HTMLParser):
         self.links: list[str] = []
         self.row_classes: list[str] = []
         self.images = 0
+        self.img_attrs: list[dict[str, str | None]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -49,6 +51,8 @@ class Links(HTMLParser):
             if a.get(key):
                 self.links.append(str(a[key]))
         self.images += tag == "img"
+        if tag == "img":
+            self.img_attrs.append(a)
         if tag == "tr":
             self.row_classes.append(a.get("class") or "")
 
@@ -65,7 +69,8 @@ def check_links(index: Path) -> Links:
 
 
 def browse(index: Path, tmp: Path) -> tuple[list[str], np.ndarray]:
-    """Open the page in headless Chromium: its console lines and a 1280 x 2000 screenshot."""
+    """Open the page in headless Chromium: its console lines and a 1280 x 2000 screenshot.
+    ``#check`` makes the page load its lazy pictures at once, so all of them are checked."""
     if CHROMIUM is None:
         if os.environ.get("CI"):  # .ci/run installs chromium: missing there is a failure
             pytest.fail(NO_CHROMIUM)
@@ -75,7 +80,7 @@ def browse(index: Path, tmp: Path) -> tuple[list[str], np.ndarray]:
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--no-first-run", f"--user-data-dir={tmp / 'chromium-profile'}",
            "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-           "--window-size=1280,2000", index.resolve().as_uri()]
+           "--window-size=1280,2000", index.resolve().as_uri() + "#check"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.is_file(), proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
@@ -121,12 +126,14 @@ def test_run_report_in_a_browser(evaluated_run, tmp_path):
     assert index == evaluated_run / "report" / "index.html"
     text = index.read_text()
     parser = check_links(index)
-    # Gallery: 4 images x 2 layers drawn by render_run (made now: there were none), two plots.
-    assert len(list((evaluated_run / "pictures").glob("*.png"))) == 8
+    # Gallery: 4 images x 2 layers, drawn from the stored arrays; two plots.
     assert parser.images == 8 + 2
+    assert not (evaluated_run / "pictures").exists()  # the report writes only report/
     assert "plots/faithfulness.svg" in text and "plots/sanity.svg" in text
     assert "failed" in parser.row_classes  # the broken file, marked
     assert "zz-broken.jpg" in text and "Deletion AUC" in text
+    assert f"python run.py stage=explore run_dir={evaluated_run}" in text
+    assert "all 4 images" in text and "sorted worst to best by deletion AUC" in text
     console, shot = browse(index, tmp_path)
     assert_clean(console, parser.images)
     assert_not_blank(shot)
@@ -135,6 +142,76 @@ def test_run_report_in_a_browser(evaluated_run, tmp_path):
     (evaluated_run / "report" / "img" / "stale.jpg").write_bytes(b"x")
     report(evaluated_run)
     assert not (evaluated_run / "report" / "img" / "stale.jpg").exists()
+    assert not list(evaluated_run.glob(".report.*-*"))  # no temporary left
+
+
+def test_gallery_thumbnails_are_small_lazy_jpegs_without_a_banner(evaluated_run):
+    """The page stays small however many images it shows: separate JPEG files, loaded
+    when scrolled to, and no title burned into them (the page shows that text)."""
+    index = report(evaluated_run)
+    parser = check_links(index)
+    gallery = [a for a in parser.img_attrs if str(a["src"]).startswith("img/")]
+    assert len(gallery) == 8
+    assert all(a["loading"] == "lazy" and str(a["src"]).endswith(".jpg") for a in gallery)
+    assert not any(str(a["src"]).startswith("data:") for a in parser.img_attrs)
+    for a in gallery:
+        thumb = cv2.imread(str(index.parent / str(a["src"])), cv2.IMREAD_COLOR)
+        # The photos are 150 x 200: a banner would make the picture taller than that.
+        assert thumb.shape[:2] == (150, 200)
+        assert (int(a["height"] or 0), int(a["width"] or 0)) == (150, 200)
+        assert (index.parent / str(a["src"])).stat().st_size < 40_000
+    assert index.stat().st_size < 60_000
+
+
+def test_gallery_shows_the_worst_the_best_and_each_class(evaluated_run, tmp_path):
+    """With more done images than report.max_images, the gallery ranks by the first
+    metric evaluate stored instead of showing the first rows in file order."""
+    with h5py.File(evaluated_run / "metrics.h5", "r") as m:
+        auc = m["gradcam/layer3/deletion_auc"][:]
+    ranked = [int(r) for r in np.argsort(-np.nan_to_num(auc, nan=-np.inf))
+              if np.isfinite(auc[r])]  # worst (highest deletion AUC) first
+    text = report(evaluated_run, compose_cfg(*TINY, "report.max_images=3")).read_text()
+    gallery = text[text.index("<h2>Gallery"):]
+    heads = re.findall(r"<h3>(.*?)<small>(.*?)</small></h3>", gallery)
+    titles = [t for t, _ in heads]
+    assert titles[:2] == ["worst by deletion AUC (gradcam/layer3)",
+                          "best by deletion AUC (gradcam/layer3)"]
+    assert len(titles) == 3 and titles[2].startswith("per class · predicted ")
+    shown = [int(r) for r in re.findall(r'row (\d+)</span>', gallery)]
+    assert shown[:2] == [ranked[0], ranked[-1]] and len(shown) == 3
+    assert len(set(shown)) == 3
+
+
+def test_gallery_choice_by_numbers():
+    values = np.array([0.5, 0.9, np.nan, 0.1, 0.7, 0.3, 0.2, 0.8, 0.6, 0.4])
+    classes = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, -1])
+    done = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    lower_better = Ranking("deletion AUC", values, "down")
+    sections = choose(done, lower_better, classes, str, budget=7, per_class=2)
+    assert [(s.title, s.rows) for s in sections] == [
+        ("worst by deletion AUC", [1, 7]),  # highest AUC first
+        ("best by deletion AUC", [3, 6]),
+        ("per class · label 0", [0, 2]),  # classes with most images left first; the
+        ("per class · label 1", [4]),  # row without a value after the others; budget spent
+    ]
+    # All done images fit: one section, worst first, the row without a value last.
+    (everything,) = choose(done[:4], lower_better, classes, str, budget=7)
+    assert everything.rows == [1, 0, 3, 2] and everything.title == "all 4 images"
+    higher_better = Ranking("top-1 probability", values, "up")
+    assert choose(done, higher_better, classes, str, budget=3)[0].rows == [3]
+    assert choose(done, lower_better, classes, str, budget=0) == []
+
+
+def test_a_deleted_metric_dataset_is_shown_as_missing(evaluated_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated_run, run_dir)
+    with h5py.File(run_dir / "metrics.h5", "r+") as m:
+        del m["gradcam/layer4/deletion_auc"]
+    text = report(run_dir).read_text()
+    table = _metrics_table(text)
+    assert table.count(">missing</td>") == 1  # layer4's deletion AUC; layer3's is shown
+    assert "missing from metrics.h5: gradcam/layer4/deletion_auc" in text
+    assert f"stage=evaluate run_dir={run_dir} evaluate.overwrite=true" in text
 
 
 def test_run_report_without_metrics_says_how_to_get_them(tmp_path, image_dir):
@@ -275,22 +352,3 @@ def test_report_reads_metrics_stored_inside_older_results_files(evaluated_run, t
     legacy = _metrics_table(report(old).read_text())
     assert "Deletion AUC" in legacy and "gradcam/layer4" in legacy
     assert legacy == current
-
-
-def test_gallery_pictures_older_than_the_results_are_drawn_again(evaluated_run, tmp_path,
-                                                                  caplog):
-    run_dir = tmp_path / "run"
-    shutil.copytree(evaluated_run, run_dir)
-    pictures = sorted((run_dir / "pictures").glob("*.png"))
-    assert len(pictures) == 8
-    made = (run_dir / "results.h5").stat().st_mtime
-    for p in pictures:
-        os.utime(p, (made - 60, made - 60))  # as if left by an earlier extraction
-    with caplog.at_level(logging.INFO, logger="pipeline.report.run_page"):
-        report(run_dir)
-    assert "drawing 8 gallery pictures with render_run" in caplog.text
-    assert all(p.stat().st_mtime >= made for p in pictures)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.report.run_page"):
-        report(run_dir)  # up to date now: nothing drawn
-    assert "gallery pictures" not in caplog.text
