@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 
 from pipeline.cli import run
 from pipeline.errors import CamsweepError, StoreError
-from pipeline.report import report
+from pipeline.report import report, report_lock
 from pipeline.report.gallery import Ranking, choose
+from pipeline.report.plots import is_flat
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser",
                                                 "google-chrome")) if p), None)
@@ -214,6 +216,17 @@ def test_a_deleted_metric_dataset_is_shown_as_missing(evaluated_run, tmp_path):
     assert f"stage=evaluate run_dir={run_dir} evaluate.overwrite=true" in text
 
 
+def test_a_deleted_metric_dataset_of_a_sweep_job_is_shown_as_missing(sweep_dir, tmp_path):
+    sweep = tmp_path / "multirun"
+    shutil.copytree(sweep_dir, sweep)
+    with h5py.File(sweep / "0" / "metrics.h5", "r+") as m:
+        del m["gradcam/layer3/insertion_auc"]
+    text = report(sweep).read_text()
+    assert "job 0: missing from 0/metrics.h5: gradcam/layer3/insertion_auc" in text
+    table = text[text.index("<h2>Metrics per job"):]
+    assert table.count(">missing</td>") == 1
+
+
 def test_run_report_without_metrics_says_how_to_get_them(tmp_path, image_dir):
     run_dir = tmp_path / "run"
     run(compose_cfg(*TINY, "stage=all", "data=glob", f"data.pattern={image_dir}/*.jpg",
@@ -282,9 +295,76 @@ def test_sweep_report_in_a_browser(sweep_dir, tmp_path):
     assert parser.row_classes.count("failed") == 1
     assert "unknown layer &#39;layer9&#39;" in text and "FAILED" in text
     assert "../1/report/index.html" in parser.links
+    # resnet18's mean top-1 prob and target score do not depend on the layer: listed with
+    # their values, not drawn as flat lines; the metrics, which do, are drawn.
+    assert ("<li>Mean top-1 prob: the same for every layer · <b>resnet18 gradcam "
+            in text)
+    assert "<li>Mean target score: the same for every layer" in text
+    assert "<li>Deletion AUC" not in text
+    panels = (sweep_dir / "report" / "plots" / "vs_layer.svg").read_text().count('id="axes_')
+    assert panels == 3  # deletion AUC, insertion AUC, avg drop (increase: 0.0 in every job)
+    assert "stage=explore run_dir=" in text
     console, shot = browse(index, tmp_path)
     assert_clean(console, parser.images)
     assert_not_blank(shot)
+
+
+def test_flat_means_flat_within_each_line():
+    def points(values: dict[tuple[str, str], float]) -> list[dict[str, object]]:
+        return [{"model": m, "method": "gradcam", "layer": layer, "value": v}
+                for (m, layer), v in values.items()]
+
+    series = ("model", "method")
+    # Two models, each the same at both layers: flat against the layer, not the model.
+    two = points({("a", "l3"): 0.5, ("a", "l4"): 0.5, ("b", "l3"): 0.7, ("b", "l4"): 0.7})
+    assert is_flat(two, "layer", series) and not is_flat(two, "model", ("layer", "method"))
+    assert is_flat(points({("a", "l3"): 0.5, ("a", "l4"): 0.5 + 1e-9}), "layer", series)
+    assert not is_flat(points({("a", "l3"): 0.5, ("a", "l4"): 0.501}), "layer", series)
+    # No line with two points: flat only if every value is the same.
+    assert not is_flat(points({("a", "l3"): 0.5, ("b", "l4"): 0.7}), "layer", series)
+    assert is_flat(points({("a", "l3"): 0.5, ("b", "l4"): 0.5}), "layer", series)
+
+
+def _report_cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "stage=report", f"run_dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_two_reports_at_once_never_crash(evaluated_run, tmp_path):
+    """Two ``stage=report`` on one run at the same moment: one writes, the other waits for
+    it and writes again; both succeed and the page is whole."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(_report_cmd(evaluated_run), cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("Traceback" not in out for out in outputs), outputs
+    parser = check_links(evaluated_run / "report" / "index.html")
+    assert parser.images == 8 + 2
+    assert not list(evaluated_run.glob(".report.*-*"))  # no temporary left behind
+
+
+def test_a_report_waits_for_the_one_being_written(evaluated_run, tmp_path):
+    """While one report holds the lock, a second says so in one line and waits; it writes
+    its page once the first is done."""
+    code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            f"from pipeline.report import report\nprint(report({str(evaluated_run)!r}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with report_lock(evaluated_run):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = ""
+        while "waiting for it" not in seen:  # its own words, read as they come
+            ready, _, _ = select.select([proc.stderr], [], [], 120)
+            line = proc.stderr.readline() if ready else ""
+            assert line, f"no word from the second report: {seen}"
+            seen += line
+        assert proc.poll() is None  # still waiting: it did not write under our lock
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip() == str(evaluated_run / "report" / "index.html")
+    assert "another process is writing the report of" in seen
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from ..store.atomic import atomic_output, remove_temporaries
 from .run_page import RunPage
 from .sweep_page import REPORT, SweepPage
 
-__all__ = ["REPORT", "report"]
+__all__ = ["REPORT", "report", "report_lock"]
 
 log = logging.getLogger(__name__)
 

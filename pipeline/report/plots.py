@@ -153,7 +153,7 @@ def sweep_plots(table: Any, records: list[dict[str, Any]],
 
     Returns:
         The plots (``{"src", "caption"}``) and the flat figures left out (``{"figure",
-        "plot", "value"}``).
+        "where", "value"}``).
     """
     ok = table[table["state"].isin(["done", "incomplete"])]
     points: list[dict[str, Any]] = []
@@ -184,8 +184,12 @@ def sweep_plots(table: Any, records: list[dict[str, Any]],
         for k in names:
             mine = [p for p in points if p["figure"] == k]
             if is_flat(mine, x, others):
-                flat.append({"figure": labels[k][0], "plot": f"the {x}",
-                             "value": _values(mine, others, labels[k][1])})
+                everywhere = _same([p["value"] for p in mine])
+                entry = {"figure": labels[k][0],
+                         "where": "in every job" if everywhere else f"for every {x}",
+                         "value": _values(mine, () if everywhere else others, labels[k][1])}
+                if entry not in flat:
+                    flat.append(entry)
             elif x == "layer":
                 panels.append((_title(labels[k]), _by_layer(
                     mine, k, layers, list(dict.fromkeys((p["model"], p["method"])
@@ -206,19 +210,21 @@ def is_flat(points: list[dict[str, Any]], x: str, series: tuple[str, ...],
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for p in points:
         groups.setdefault(tuple(p[k] for k in series), []).append(p)
-
-    def same(values: list[float]) -> bool:
-        return bool(np.allclose(values, values[0], rtol=rtol, atol=atol))
-
     if any(len({p[x] for p in g}) > 1 for g in groups.values()):
-        return all(same([p["value"] for p in g]) for g in groups.values())
-    return same([p["value"] for p in points])
+        return all(_same([p["value"] for p in g], rtol, atol) for g in groups.values())
+    return _same([p["value"] for p in points], rtol, atol)
+
+
+def _same(values: list[float], rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    return bool(np.allclose(values, values[0], rtol=rtol, atol=atol))
 
 
 def _values(points: list[dict[str, Any]], series: tuple[str, ...], pattern: str) -> str:
     """A flat figure's value as text: ``0.512``, or one per series when they differ
     (``resnet18 gradcam 0.512, resnet34 gradcam 0.498``)."""
     texts = {" ".join(str(p[k]) for k in series): pattern.format(p["value"]) for p in points}
+    if not series:
+        return next(iter(texts.values()))
     if len(set(texts.values())) == 1:
         return next(iter(texts.values()))
     return ", ".join(f"{name} {text}" for name, text in texts.items())

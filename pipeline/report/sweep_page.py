@@ -62,6 +62,9 @@ class SweepPage:
             swept=swept, overview=overview, plot_items=plot_items, flat=flat,
             explore=f"python run.py stage=explore run_dir={self.root}",
             jobs=[self._job(row, swept) for _, row in table.iterrows()],
+            # What the job ran, unless a swept column already says it.
+            columns={"model": "model" not in swept, "method": "method" not in swept,
+                     "layers": "model.target_layers" not in swept},
             metrics=(figure_table(records, keys, ["job", "model", "method", "layer", "images"],
                                   FIGURES, gone) if records else None),
             notes=notes)
