@@ -3,6 +3,7 @@ are drawn, file names stay inside pictures/, and nothing crashes on missing phot
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -517,3 +518,19 @@ def test_a_damaged_file_is_one_line_and_exit_2_on_the_command_line(sound_runs, s
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert re.search(DAMAGES["status byte 7"][1], lines[0])
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+class Terminal(io.StringIO):
+    """What a terminal's stderr looks like to the progress bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_render_shows_progress_on_a_terminal(tmp_path, monkeypatch):
+    photos = [gray_photo(tmp_path / f"p{i}.png", 20, 20) for i in range(3)]
+    run = make_run(tmp_path / "run", photos, {"gradcam/l": np.ones((3, 3, 3), np.float32)})
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert len(render(run)) == 3
+    assert re.search(r"render: 100%.*3/3", terminal.getvalue()), terminal.getvalue()

@@ -3,6 +3,7 @@ console errors, every picture there, a screenshot that is not blank)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -432,3 +433,17 @@ def test_report_reads_metrics_stored_inside_older_results_files(evaluated_run, t
     legacy = _metrics_table(report(old).read_text())
     assert "Deletion AUC" in legacy and "gradcam/layer4" in legacy
     assert legacy == current
+
+
+class Terminal(io.StringIO):
+    """What a terminal's stderr looks like to the progress bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_report_shows_progress_on_a_terminal(evaluated_run, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    report(evaluated_run)
+    assert re.search(r"report thumbnails: 100%.*4/4", terminal.getvalue()), terminal.getvalue()
