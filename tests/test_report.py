@@ -183,6 +183,8 @@ def test_gallery_shows_the_worst_the_best_and_each_class(evaluated_run, tmp_path
     shown = [int(r) for r in re.findall(r'row (\d+)</span>', gallery)]
     assert shown[:2] == [ranked[0], ranked[-1]] and len(shown) == 3
     assert len(set(shown)) == 3
+    # Under each image, the value it was ranked by stands out (layer3's deletion AUC).
+    assert re.findall(r'class="chip rank">(\w+) ', gallery) == ["del"] * 3
 
 
 def test_gallery_choice_by_numbers():

@@ -31,6 +31,7 @@ class Ranking:
     label: str  # "deletion AUC of gradcam/layer4"
     values: np.ndarray  # (N,) float
     direction: str  # "down": lower is better; "up": higher is better
+    source: tuple[str, str] | None = None  # (map key, metric dataset) ranked by, if any
 
     def worst_first(self, rows: np.ndarray) -> np.ndarray:
         """``rows`` from worst to best; rows without a value last, in row order."""

@@ -82,5 +82,5 @@ def metric_ranking(g: h5py.Group | None) -> Ranking | None:
                 values = np.asarray(g[key][name][:], dtype=np.float64)
                 values = values.reshape(len(values), -1)[:, 0]
                 if np.isfinite(values).any():
-                    return Ranking(f"{label} ({key})", values, direction)
+                    return Ranking(f"{label} ({key})", values, direction, (key, name))
     return None

@@ -107,6 +107,7 @@ class RunPage:
         return render_page("run.html", **context)
 
     def _choose(self, run: Run, done: np.ndarray, ranking: Ranking | None) -> list[Section]:
+        self.ranking = ranking
         cls, prob = run.predictions
         if ranking is None:  # no metrics: the model's confidence
             ranking = Ranking("top-1 probability", prob[:, 0].astype(np.float64), "up")
@@ -198,6 +199,8 @@ class RunPage:
                     if "pointing_hit" in g:
                         per_image[key]["pointing_hit"] = g["pointing_hit"][:]
 
+        rank = self.ranking.source if self.ranking else None
+
         def entry(r: int) -> dict[str, Any]:
             label, top = int(labels[r]), int(cls[r, 0])
             item: dict[str, Any] = {
@@ -220,17 +223,21 @@ class RunPage:
                     "group": m.group, "layer": m.layer, "k": k,
                     "explained": (class_name(self.categories, int(target[r, k]))
                                   if k is not None else None),
-                    "chips": self._chips(per_image.get(m.key), index)})
+                    "chips": self._chips(per_image.get(m.key), index,
+                                         rank if rank and rank[0] == m.key else None)})
             return item
 
         return [{"title": s.title, "note": s.note, "entries": [entry(r) for r in s.rows]}
                 for s in sections]
 
     @staticmethod
-    def _chips(values: dict[str, np.ndarray] | None, r: tuple[int, ...]) -> list[dict[str, str]]:
+    def _chips(values: dict[str, np.ndarray] | None, r: tuple[int, ...],
+               rank: tuple[str, str] | None = None) -> list[dict[str, str]]:
+        """The per-image metric values of one map; the one the gallery ranks by marked."""
         if not values:
             return []
-        chips = [{"kind": "", "text": f"{label} {pattern.format(float(values[key][r]))}"}
+        chips = [{"kind": "rank" if rank and rank[1] == key else "",
+                  "text": f"{label} {pattern.format(float(values[key][r]))}"}
                  for key, label, pattern in CHIPS
                  if key in values and np.isfinite(values[key][r])]
         if "pointing_hit" in values and np.isfinite(values["pointing_hit"][r]):
