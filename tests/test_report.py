@@ -202,6 +202,9 @@ def test_gallery_choice_by_numbers():
     # All done images fit: one section, worst first, the row without a value last.
     (everything,) = choose(done[:4], lower_better, classes, str, budget=7)
     assert everything.rows == [1, 0, 3, 2] and everything.title == "all 4 images"
+    # One class left: it gets the rest of the budget, spread from worst to best.
+    one = np.where(classes >= 0, 0, -1)
+    assert choose(done, lower_better, one, str, budget=7)[2].rows == [4, 0, 5]
     higher_better = Ranking("top-1 probability", values, "up")
     assert choose(done, higher_better, classes, str, budget=3)[0].rows == [3]
     assert choose(done, lower_better, classes, str, budget=0) == []

@@ -64,7 +64,8 @@ def choose(done: np.ndarray, ranking: Ranking, classes: np.ndarray,
 
     All done images, worst first, when they fit; otherwise a third of the budget for the
     worst, a third for the best, and the rest for the most frequent classes, ``per_class``
-    each, spread from worst to best within the class.
+    each (or an equal share of the rest, when that is more), spread from worst to best
+    within the class.
 
     Args:
         done: The done rows.
@@ -99,12 +100,16 @@ def choose(done: np.ndarray, ranking: Ranking, classes: np.ndarray,
     known = rest[classes[rest] >= 0]
     counts = {int(c): int(n) for c, n in zip(*np.unique(classes[known], return_counts=True),
                                              strict=True)}
+    # A few per class; more each when there are few classes (the budget is not wasted).
+    each = max(per_class, left // max(1, len(counts)))
     for cls in sorted(counts, key=lambda c: (-counts[c], c)):
         if left <= 0:
             break
         members = ranking.worst_first(known[classes[known] == cls])
-        m = min(per_class, left, len(members))
-        picks = members[np.unique(np.round(np.linspace(0, len(members) - 1, m)).astype(int))]
+        m = min(each, left, len(members))
+        valued = ranking.ranked(members)  # spread over the rows with a value, if enough
+        pool = valued if len(valued) >= m else members
+        picks = pool[np.unique(np.round(np.linspace(0, len(pool) - 1, m)).astype(int))]
         left -= len(picks)
         sections.append(Section(f"per class · {class_kind} {class_name(cls)}",
                                 f"{len(picks)} of its {counts[cls]} images not shown above, "
