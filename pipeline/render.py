@@ -322,7 +322,10 @@ def _draw(
     # activations: (C, h, w) maps, or (C,) when pooled at extraction
     ndim, shape = map_ndim(f, m.key), row_shape(f, m.key, row)
     channels = shape[0] if shape else 0
-    if ndim == 4:
+    if ndim == 4 and tuple(shape[1:]) == (1, 1):  # e.g. avgpool: a grid of 1x1 tiles says nothing
+        picture = activation_strip(np.asarray(read_map_rows(f, m.key, path, row)).reshape(-1))
+        shown = f"{channels} channels, 1x1"
+    elif ndim == 4:
         n = min(grid_channels, channels)
         if f[m.key].ndim == 4:  # fixed size: read the first n channels only
             grid = read_rows(f, m.key, path, (row, slice(0, n)))

@@ -24,6 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.pictures import (
     activation_grid,
+    activation_strip,
     add_title,
     grid_shape,
     normalize_cam,
@@ -347,13 +348,18 @@ def test_activation_grid_tiles():
 
 def test_activation_runs_grid_and_pooled(tmp_path, caplog):
     photos = [gray_photo(tmp_path / f"p{i}.png", 30, 30) for i in range(2)]
+    pooled = np.random.default_rng(2).random((2, 16, 1, 1)).astype(np.float32)
     maps = {"activations/layer3": np.random.default_rng(0).random((2, 80, 4, 4)).astype(np.float16),
-            "activations/fc": np.random.default_rng(1).random((2, 12)).astype(np.float32)}
+            "activations/fc": np.random.default_rng(1).random((2, 12)).astype(np.float32),
+            "activations/avgpool": pooled}
     run = make_run(tmp_path / "run", photos, maps, method="activations")
     written = render(run, grid_channels=16, title=False)
-    assert len(written) == 4
+    assert len(written) == 6
     grids = [read_png(p) for p in written if "__layer3__" in p.name]
     assert [g.shape for g in grids] == [(4 * 48 + 5 * 2, 4 * 48 + 5 * 2, 3)] * 2
+    # A (C, 1, 1) layer (avgpool) is a bar code of its channels, not a grid of flat tiles.
+    strips = [read_png(p) for p in written if "__avgpool__" in p.name]
+    np.testing.assert_array_equal(strips[0], activation_strip(pooled[0].reshape(-1)))
 
 
 # -- with the real extraction --------------------------------------------------------------

@@ -143,6 +143,7 @@ def test_run_report_in_a_browser(evaluated_run, tmp_path):
 
     # Rebuilt from scratch: a stale file of an earlier report does not survive.
     (evaluated_run / "report" / "img" / "stale.jpg").write_bytes(b"x")
+    (evaluated_run / ".report.tmp-99999-0badc0de").mkdir()  # left by a killed report
     report(evaluated_run)
     assert not (evaluated_run / "report" / "img" / "stale.jpg").exists()
     assert not list(evaluated_run.glob(".report.*-*"))  # no temporary left

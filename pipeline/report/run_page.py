@@ -77,8 +77,10 @@ class RunPage:
         self.cfg = cfg
         self.max_images = int(getattr(getattr(cfg, "report", None), "max_images", 24) or 0)
         render = getattr(cfg, "render", None)
-        self.image_weight = float(getattr(render, "image_weight", 0.5) or 0.5)
-        self.grid_channels = int(getattr(render, "grid_channels", 64) or 64)
+        weight = getattr(render, "image_weight", None)
+        channels = getattr(render, "grid_channels", None)
+        self.image_weight = 0.5 if weight is None else float(weight)  # 0 is a valid weight
+        self.grid_channels = 64 if channels is None else int(channels)
 
     def build(self) -> str:
         path = self.run_dir / "results.h5"
