@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..metrics.file import METRICS_FILE
+from ..progress import Progress
 from ..results import load_sweep
 from .metrics_view import missing_figures, missing_note, run_metrics
 from .page import FIGURES, card, figure_table, render_page
@@ -35,23 +36,25 @@ class SweepPage:
         records: list[dict[str, Any]] = []  # one per (job, map) with metrics
         notes: list[str] = []
         gone: set[tuple[str, str]] = set()  # (job/map, figure) whose dataset is missing
-        for _, row in table.iterrows():
-            if row["state"] not in ("done", "incomplete"):
-                continue
-            try:
-                summaries, missing = run_metrics(row["run_dir"])
-            except StoreError as e:  # this job's metrics only; the sweep's page goes on
-                log.warning("report: job %s: %s", row["job"], e)
-                notes.append(f"job {row['job']}: {e}")
-                continue
-            if missing:
-                notes.append(f"job {row['job']}: " + missing_note(
-                    missing, f"{row['job']}/{METRICS_FILE}", row["run_dir"]))
-                gone |= {(f"{row['job']}/{key}", figure)
-                         for key, figure in missing_figures(missing)}
-            records += [{"job": row["job"], "model": row["model"], "method": row["method"],
-                         "layer": s.key.split("/", 1)[1], "map": f"{row['job']}/{s.key}",
-                         "images": s.n, **s.figures} for s in summaries]
+        with Progress(len(table), "report jobs", unit="job") as progress:
+            for _, row in table.iterrows():
+                progress.update()
+                if row["state"] not in ("done", "incomplete"):
+                    continue
+                try:
+                    summaries, missing = run_metrics(row["run_dir"])
+                except StoreError as e:  # this job's metrics only; the sweep's page goes on
+                    log.warning("report: job %s: %s", row["job"], e)
+                    notes.append(f"job {row['job']}: {e}")
+                    continue
+                if missing:
+                    notes.append(f"job {row['job']}: " + missing_note(
+                        missing, f"{row['job']}/{METRICS_FILE}", row["run_dir"]))
+                    gone |= {(f"{row['job']}/{key}", figure)
+                             for key, figure in missing_figures(missing)}
+                records += [{"job": row["job"], "model": row["model"], "method": row["method"],
+                             "layer": s.key.split("/", 1)[1], "map": f"{row['job']}/{s.key}",
+                             "images": s.n, **s.figures} for s in summaries]
         overview = [card("jobs", len(table))] + [
             card(state, count, state != "done") for state, count in sweep.counts().items()]
         keys = [k for k in FIGURES
