@@ -1,8 +1,9 @@
 """The page of a sweep (a Hydra multirun folder): the jobs table of
 :func:`pipeline.results.load_sweep` (failed jobs marked in red with their error), every
-figure and metric plotted against the layer and the model, and a table of the metrics per
-job and map. A job whose metrics cannot be used (stale, damaged) is listed with the reason
-instead of its numbers."""
+figure and metric plotted against the layer and the model (a figure flat across the sweep is
+listed with its value instead), and a table of the metrics per job and map. A job whose
+metrics cannot be used (stale, damaged) is listed with the reason instead of its numbers; a
+metric dataset missing from a job's metrics file is named, and its cells say "missing"."""
 
 from __future__ import annotations
 
