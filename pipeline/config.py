@@ -163,7 +163,7 @@ class EvaluateConfig:
 
 @dataclass
 class ReportConfig:
-    max_images: int = 24  # images in a run report's gallery (the first done rows)
+    max_images: int = 24  # images in a run report's gallery (worst, best, per class)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from .pictures import (
     pixel_box,
     saliency_picture,
 )
+from .progress import Progress
 from .store import (
     ACTIVATIONS,
     DONE,
@@ -143,11 +144,56 @@ def _write(path: Path, rgb: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class Painter:
+    """Draws the pictures of one open results file's rows, untitled: what
+    :func:`render_run` writes and what the report shows as thumbnails.
+
+    Args:
+        f: The results file, opened through :func:`pipeline.store.open_results`.
+        path: Its path (for messages).
+        image_weight: Weight of the photo in a Grad-CAM overlay, 0..1.
+        grid_channels: Channels in an activation grid.
+        max_side: Photos are decoded at most this many pixels on their longest side.
+    """
+
+    def __init__(self, f: h5py.File, path: Path, image_weight: float = 0.5,
+                 grid_channels: int = 64, max_side: int = MAX_SIDE) -> None:
+        if not 0.0 <= image_weight <= 1.0:
+            raise ConfigError(f"render.image_weight must be in [0, 1], got {image_weight}")
+        self.f, self.path = f, path
+        self.image_weight, self.grid_channels = image_weight, max(1, grid_channels)
+        self.max_side = max_side
+        self.maps = stored_maps(f)
+        self.views = pictures_of(f, self.maps)
+        self.paths = f["images/path"].asstr()[:]
+        self.sizes = read_rows(f, "images/size", path)
+        self.boxes = read_rows(f, "images/box", path)
+        self.labels = _Labels(f)
+        self.noted: set[str] = set()
+        self.needs_photo = any(m.kind != ACTIVATIONS for m in self.maps)
+
+    def row(self, row: int) -> list[tuple[MapInfo, int | None, np.ndarray, list[str]]]:
+        """(map, k, picture, title parts) for each picture of a done ``row``: one per
+        stored map, one per explained class of a target=topk map (``k``)."""
+        photo, box = (load_photo(self.paths[row], self.sizes[row], self.boxes[row],
+                                 self.max_side) if self.needs_photo
+                      else (None, self.boxes[row]))
+        out = []
+        for m, k in self.views:
+            picture, caption = _draw(self.f, self.path, m, row, photo, box, self.sizes[row],
+                                     self.image_weight, self.grid_channels, self.labels,
+                                     self.noted, k)
+            if picture is not None:
+                out.append((m, k, picture, caption))
+        return out
+
+
 def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
     """Draw the pictures of a run from its ``results.h5``, into ``run_dir/pictures``.
 
     One picture per done image and per stored map: a Grad-CAM overlay per layer, a
     saliency picture, an activation grid per layer (or a bar code for pooled layers).
+    Progress: a bar on a terminal, a log line now and then otherwise.
 
     Args:
         run_dir: The run's folder, holding ``results.h5``.
@@ -185,31 +231,23 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
             log.warning("render: nothing to draw in %s (%d done rows, %d maps)",
                         path, len(rows), len(maps))
             return written
-        paths = f["images/path"].asstr()[:]
-        sizes = read_rows(f, "images/size", path)
-        boxes = read_rows(f, "images/box", path)
-        labels = _Labels(f)
+        painter = Painter(f, path, image_weight, grid_channels)
         out_dir.mkdir(parents=True, exist_ok=True)
         real_out = out_dir.resolve()
         digits = len(str(max(len(status) - 1, 0)))
-        noted: set[str] = set()
-        needs_photo = any(m.kind != ACTIVATIONS for m in maps)
-        for row in rows:
-            photo, box = (load_photo(paths[row], sizes[row], boxes[row]) if needs_photo
-                          else (None, boxes[row]))
-            for m, k in pictures_of(f, maps):
-                picture, caption = _draw(f, path, m, int(row), photo, box, sizes[row],
-                                         image_weight, grid_channels, labels, noted, k)
-                if picture is None:
-                    continue
-                if title:
-                    picture = add_title(picture, caption)
-                shown = m.layer if k is None else f"{m.layer}-top{k + 1}"
-                target = out_dir / picture_name(paths[row], int(row), digits, shown, m.group)
-                if target.resolve().parent != real_out:  # names are sanitized; belt and braces
-                    raise RuntimeError(f"refusing to write {target} outside {out_dir}")
-                _write(target, picture)
-                written.append(target)
+        with Progress(len(rows), "render", unit="img") as progress:
+            for row in rows:
+                for m, k, picture, caption in painter.row(int(row)):
+                    if title:
+                        picture = add_title(picture, caption)
+                    shown = m.layer if k is None else f"{m.layer}-top{k + 1}"
+                    target = out_dir / picture_name(painter.paths[row], int(row), digits,
+                                                    shown, m.group)
+                    if target.resolve().parent != real_out:  # names are sanitized; belt and braces
+                        raise RuntimeError(f"refusing to write {target} outside {out_dir}")
+                    _write(target, picture)
+                    written.append(target)
+                progress.update()
     return written
 
 
@@ -261,7 +299,10 @@ def _draw(
     # activations: (C, h, w) maps, or (C,) when pooled at extraction
     ndim, shape = map_ndim(f, m.key), row_shape(f, m.key, row)
     channels = shape[0] if shape else 0
-    if ndim == 4:
+    if ndim == 4 and tuple(shape[1:]) == (1, 1):  # e.g. avgpool: a grid of 1x1 tiles says nothing
+        picture = activation_strip(np.asarray(read_map_rows(f, m.key, path, row)).reshape(-1))
+        shown = f"{channels} channels, 1x1"
+    elif ndim == 4:
         n = min(grid_channels, channels)
         if f[m.key].ndim == 4:  # fixed size: read the first n channels only
             grid = read_rows(f, m.key, path, (row, slice(0, n)))

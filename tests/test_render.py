@@ -3,6 +3,7 @@ are drawn, file names stay inside pictures/, and nothing crashes on missing phot
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.pictures import (
     activation_grid,
+    activation_strip,
     add_title,
     grid_shape,
     normalize_cam,
@@ -257,6 +259,11 @@ def test_missing_photo_draws_the_map_alone(tmp_path, caplog):
     assert read_png(titled).shape[0] > 70
 
 
+def banner_height(width: int, parts: list[str]) -> int:
+    """Rows add_title puts above a 10-row picture of ``width`` pixels."""
+    return add_title(np.zeros((10, width, 3), np.uint8), parts).shape[0] - 10
+
+
 def test_title_is_a_banner_above_the_picture(tmp_path):
     photo = gray_photo(tmp_path / "p.png", 80, 96)
     run = make_run(tmp_path / "run", [photo], {"gradcam/layer4": peak_cam(7, 7, 3, 3)[None]})
@@ -266,12 +273,22 @@ def test_title_is_a_banner_above_the_picture(tmp_path):
     pic = read_png(titled)
     banner = pic.shape[0] - bare.shape[0]
     assert pic.shape[1] == bare.shape[1] and banner >= 12
-    np.testing.assert_array_equal(pic[banner:], bare)
+    np.testing.assert_array_equal(pic[banner:], bare)  # the picture itself is untouched
     text = pic[:banner]
     assert text.max() > 200 and np.median(text) < 40  # white letters on a dark strip
-    # A long title on a narrow picture wraps instead of running off the edge.
-    narrow = add_title(np.zeros((40, 60, 3), np.uint8), ["285 Egyptian cat", "p=0.82", "[x]"])
-    assert narrow.shape[1] == 60 and narrow.shape[0] - 40 > banner
+
+
+def test_long_titles_wrap_on_narrow_pictures():
+    """Widths far from any wrap boundary, so font metrics cannot decide the outcome: this
+    title measures about 300 px at the font of a 600-px picture (590 px of room), and its
+    first part alone is wider than the 54 px of room of a 60-px picture."""
+    title = ["285 Egyptian cat", "p=0.82", "[x]"]
+    assert banner_height(600, title) == banner_height(600, ["x"])  # one line
+    narrow = add_title(np.zeros((40, 60, 3), np.uint8), title)
+    assert narrow.shape[1] == 60  # wraps (and cuts) instead of running off the edge
+    assert banner_height(60, title) > banner_height(60, ["x"])  # more than one line
+    # Both at the smallest font: the narrower picture never gets the shorter banner.
+    assert banner_height(60, title) >= banner_height(330, title)
 
 
 def test_title_text_names_class_probability_and_top1(tmp_path):
@@ -331,13 +348,18 @@ def test_activation_grid_tiles():
 
 def test_activation_runs_grid_and_pooled(tmp_path, caplog):
     photos = [gray_photo(tmp_path / f"p{i}.png", 30, 30) for i in range(2)]
+    pooled = np.random.default_rng(2).random((2, 16, 1, 1)).astype(np.float32)
     maps = {"activations/layer3": np.random.default_rng(0).random((2, 80, 4, 4)).astype(np.float16),
-            "activations/fc": np.random.default_rng(1).random((2, 12)).astype(np.float32)}
+            "activations/fc": np.random.default_rng(1).random((2, 12)).astype(np.float32),
+            "activations/avgpool": pooled}
     run = make_run(tmp_path / "run", photos, maps, method="activations")
     written = render(run, grid_channels=16, title=False)
-    assert len(written) == 4
+    assert len(written) == 6
     grids = [read_png(p) for p in written if "__layer3__" in p.name]
     assert [g.shape for g in grids] == [(4 * 48 + 5 * 2, 4 * 48 + 5 * 2, 3)] * 2
+    # A (C, 1, 1) layer (avgpool) is a bar code of its channels, not a grid of flat tiles.
+    strips = [read_png(p) for p in written if "__avgpool__" in p.name]
+    np.testing.assert_array_equal(strips[0], activation_strip(pooled[0].reshape(-1)))
 
 
 # -- with the real extraction --------------------------------------------------------------
@@ -502,3 +524,19 @@ def test_a_damaged_file_is_one_line_and_exit_2_on_the_command_line(sound_runs, s
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert re.search(DAMAGES["status byte 7"][1], lines[0])
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+class Terminal(io.StringIO):
+    """What a terminal's stderr looks like to the progress bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_render_shows_progress_on_a_terminal(tmp_path, monkeypatch):
+    photos = [gray_photo(tmp_path / f"p{i}.png", 20, 20) for i in range(3)]
+    run = make_run(tmp_path / "run", photos, {"gradcam/l": np.ones((3, 3, 3), np.float32)})
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert len(render(run)) == 3
+    assert re.search(r"render: 100%.*3/3", terminal.getvalue()), terminal.getvalue()

@@ -9,27 +9,36 @@ laptop, a cluster's file browser or an archive the same way. No torch is importe
 - A sweep (a Hydra multirun folder): :mod:`.sweep_page`.
 
 Where things are: :mod:`.page` (jinja2 environment, figures, table data), :mod:`.plots`
-(matplotlib SVGs), ``templates/`` (HTML, CSS and the page's few lines of JavaScript; HTML
-autoescaped). Files are read through :func:`pipeline.store.open_results` and
-:func:`pipeline.metrics.file.read_metrics`: a damaged results file, or metrics of an
-earlier results file, stop the report with one line.
+(matplotlib SVGs), :mod:`.gallery` (which images a run's page shows), :mod:`.metrics_view`
+(missing metric datasets, the per-image values ranked by), ``templates/`` (HTML, CSS and
+the page's few lines of JavaScript; HTML autoescaped). Files are read through
+:func:`pipeline.store.open_results` and :func:`pipeline.metrics.file.read_metrics`: a
+damaged results file, or metrics of an earlier results file, stop the report with one line.
 
-The page is rebuilt from scratch in a temporary folder and swapped in at the end, so an
-interrupted report never leaves a half-written page behind.
+The page is rebuilt from scratch in a private temporary folder and swapped in at the end
+(:func:`pipeline.store.atomic.atomic_output`), so an interrupted report never leaves a
+half-written page behind. One report of a folder is written at a time: a second one waits
+for the first (it says so in one line), then writes its own.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import RunRefused, StoreError
+from ..locks import writer_lock
+from ..store.atomic import atomic_output, remove_temporaries
 from .run_page import RunPage
 from .sweep_page import REPORT, SweepPage
 
-__all__ = ["REPORT", "report"]
+__all__ = ["REPORT", "report", "report_lock"]
+
+log = logging.getLogger(__name__)
 
 
 def report(run_dir: str | Path, cfg: Any = None) -> Path:
@@ -53,22 +62,34 @@ def report(run_dir: str | Path, cfg: Any = None) -> Path:
                      "(no <job>/.hydra); give run_dir=<run or multirun folder>")
 
 
-def _write(run_dir: Path, build: Callable[[Path], str]) -> Path:
-    """Build the page in a fresh temporary folder, then swap it in place of the old one."""
+@contextmanager
+def report_lock(run_dir: Path) -> Iterator[None]:
+    """The one place the report takes its lock (the writer lock of ``run_dir/report``): a
+    report being written makes a second one wait, saying so in one line."""
     final = run_dir / REPORT
-    tmp = run_dir / f".{REPORT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "img").mkdir(parents=True)
-    (tmp / "plots").mkdir()
+    held = ExitStack()
     try:
-        page = build(tmp)
-        (tmp / "index.html").write_text(page, encoding="utf-8")
-        old = run_dir / f".{REPORT}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        held.enter_context(writer_lock(final, "writing the report"))
+    except RunRefused:
+        log.info("report: another process is writing the report of %s; waiting for it",
+                 run_dir)
+        held.enter_context(writer_lock(final, "writing the report", wait=True))
+    with held:
+        yield
+
+
+def _write(run_dir: Path, build: Callable[[Path], str]) -> Path:
+    """Build the page in a private temporary folder, then swap it in place of the old one."""
+    final = run_dir / REPORT
+    with report_lock(run_dir):
+        # Left by a report that was killed (no other is running: we hold the lock).
+        remove_temporaries(final)
+        remove_temporaries(final, "old")
+        for legacy in (f".{REPORT}.tmp", f".{REPORT}.old"):  # camsweep before atomic_output
+            shutil.rmtree(run_dir / legacy, ignore_errors=True)
+        with atomic_output(final, directory=True) as tmp:
+            (tmp / "img").mkdir()
+            (tmp / "plots").mkdir()
+            page = build(tmp)
+            (tmp / "index.html").write_text(page, encoding="utf-8")
     return final / "index.html"

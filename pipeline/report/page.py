@@ -5,7 +5,7 @@ templates lay out. Python builds data, the templates make the markup; no HTML he
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -81,9 +81,11 @@ def card(label: str, value: Any, bad: bool = False) -> dict[str, Any]:
 
 
 def figure_table(rows: list[dict[str, Any]], keys: Sequence[str], label_cols: Sequence[str],
-                 figures: dict[str, tuple[str, str, str]]) -> dict[str, Any]:
+                 figures: dict[str, tuple[str, str, str]],
+                 missing: Collection[tuple[str, str]] = ()) -> dict[str, Any]:
     """A table of figures as data for the ``figure_table`` macro: the best value of each
-    column (when there is more than one) is marked, shown bold green."""
+    column (when there is more than one) is marked, shown bold green; a (row's ``map``,
+    figure) pair in ``missing`` (its dataset is gone from the metrics file) says so."""
     best: dict[str, float] = {}
     for key in keys:
         values = [r[key] for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
@@ -94,8 +96,10 @@ def figure_table(rows: list[dict[str, Any]], keys: Sequence[str], label_cols: Se
     heads = [{"text": f"{figures[k][0]} {ARROW[figures[k][2]]}",
               "title": f"{HELP.get(k, '')}; {BETTER[figures[k][2]]}"} for k in keys]
     body = [{"labels": [r.get(c, "") for c in label_cols],
-             "cells": [{"text": fmt(r.get(k), figures[k][1]),
-                         "best": k in best and r.get(k) == best[k]} for k in keys]}
+             "cells": [{"text": "missing", "best": False, "missing": True}
+                       if (r.get("map"), k) in missing else
+                       {"text": fmt(r.get(k), figures[k][1]), "missing": False,
+                        "best": k in best and r.get(k) == best[k]} for k in keys]}
             for r in rows]
     return {"labels": list(label_cols), "figures": heads, "rows": body}
 

@@ -139,14 +139,21 @@ def run_plots(metrics: h5py.Group, keys: list[str], out: Path) -> list[dict[str,
 
 # -- a sweep -------------------------------------------------------------------------------
 
-def sweep_plots(table: Any, records: list[dict[str, Any]], out: Path) -> list[dict[str, str]]:
+def sweep_plots(table: Any, records: list[dict[str, Any]],
+                out: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Each figure and metric against the layer (one line per model and method) and
-    against the model (one bar per layer and method).
+    against the model (one bar per layer and method); a figure that is flat in a plot (the
+    same value wherever the plot's x changes: e.g. the accuracy of one model across a layer
+    sweep) gets no panel there, and is listed with its value instead.
 
     Args:
         table: ``load_sweep(...).table``: one row per job.
         records: One dict per (job, map) with metrics: model, method, layer and figures.
         out: The report folder.
+
+    Returns:
+        The plots (``{"src", "caption"}``) and the flat figures left out (``{"figure",
+        "where", "value"}``).
     """
     ok = table[table["state"].isin(["done", "incomplete"])]
     points: list[dict[str, Any]] = []
@@ -159,23 +166,68 @@ def sweep_plots(table: Any, records: list[dict[str, Any]], out: Path) -> list[di
         points += [{**base, "figure": k, "value": float(r[k])} for k in FIGURES
                    if k in r and np.isfinite(float(r[k]))]
     if not points:
-        return []
+        return [], []
     labels = {**SWEEP_FIGURES, **FIGURES}
     names = [k for k in labels if any(p["figure"] == k for p in points)]
     layers = list(dict.fromkeys(p["layer"] for p in points))
     models = list(dict.fromkeys(p["model"] for p in points))
-    series = list(dict.fromkeys((p["model"], p["method"]) for p in points))
     items: list[dict[str, str]] = []
-    if len(layers) > 1:
-        panels = [(_title(labels[k]), _by_layer(points, k, layers, series)) for k in names]
-        items += _item(plot_grid(panels, out, "vs_layer.svg"),
-                       "Against the layer: one line per model and method")
-    if len(models) > 1:
-        groups = list(dict.fromkeys((p["layer"], p["method"]) for p in points))
-        panels = [(_title(labels[k]), _by_model(points, k, models, groups)) for k in names]
-        items += _item(plot_grid(panels, out, "vs_model.svg"),
-                       "Against the model: one bar per layer and method")
-    return items
+    flat: list[dict[str, str]] = []
+    for x, others, name, caption in (
+            ("layer", ("model", "method"), "vs_layer.svg",
+             "Against the layer: one line per model and method"),
+            ("model", ("layer", "method"), "vs_model.svg",
+             "Against the model: one bar per layer and method")):
+        if len(layers if x == "layer" else models) < 2:
+            continue
+        panels = []
+        for k in names:
+            mine = [p for p in points if p["figure"] == k]
+            if is_flat(mine, x, others):
+                everywhere = _same([p["value"] for p in mine])
+                entry = {"figure": labels[k][0],
+                         "where": "in every job" if everywhere else f"for every {x}",
+                         "value": _values(mine, () if everywhere else others, labels[k][1])}
+                if entry not in flat:
+                    flat.append(entry)
+            elif x == "layer":
+                panels.append((_title(labels[k]), _by_layer(
+                    mine, k, layers, list(dict.fromkeys((p["model"], p["method"])
+                                                        for p in mine)))))
+            else:
+                panels.append((_title(labels[k]), _by_model(
+                    mine, k, models, list(dict.fromkeys((p["layer"], p["method"])
+                                                        for p in mine)))))
+        items += _item(plot_grid(panels, out, name), caption)
+    return items, flat
+
+
+def is_flat(points: list[dict[str, Any]], x: str, series: tuple[str, ...],
+            rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    """Whether a figure's ``points`` draw flat lines against ``x``: within each series
+    (points equal in the ``series`` keys) every value is the same (to ``rtol``/``atol``),
+    and some series has points at two x; or, when none has, all values are the same."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault(tuple(p[k] for k in series), []).append(p)
+    if any(len({p[x] for p in g}) > 1 for g in groups.values()):
+        return all(_same([p["value"] for p in g], rtol, atol) for g in groups.values())
+    return _same([p["value"] for p in points], rtol, atol)
+
+
+def _same(values: list[float], rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    return bool(np.allclose(values, values[0], rtol=rtol, atol=atol))
+
+
+def _values(points: list[dict[str, Any]], series: tuple[str, ...], pattern: str) -> str:
+    """A flat figure's value as text: ``0.512``, or one per series when they differ
+    (``resnet18 gradcam 0.512, resnet34 gradcam 0.498``)."""
+    texts = {" ".join(str(p[k]) for k in series): pattern.format(p["value"]) for p in points}
+    if not series:
+        return next(iter(texts.values()))
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return ", ".join(f"{name} {text}" for name, text in texts.items())
 
 
 def _title(spec: tuple[str, str, str]) -> str:

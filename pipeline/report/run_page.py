@@ -1,12 +1,12 @@
 """The page of one run: what was run, the metrics of ``stage=evaluate`` (if any) with their
-curves, a gallery of the first done images with their overlays and per-image metric
-values, and the failed images.
+curves, a gallery of chosen images (:mod:`.gallery`: the worst and best by the first
+metric, a few per class) with their overlays and per-image metric values, and the failed
+images.
 
-Gallery pictures are render's: the page shows JPEG thumbnails of the PNGs in
-``<run_dir>/pictures``. Where one of the gallery's pictures is missing, or older than
-``results.h5`` (a re-extracted run), :func:`pipeline.render.render_run` is called for the
-gallery's rows and (re)writes them there, exactly as ``stage=render`` would; the report
-logs that it did.
+Gallery thumbnails are drawn here from the stored arrays, as ``stage=render`` draws its
+pictures (:class:`pipeline.render.Painter`) but without the title banner (the page shows
+that text) and small: JPEG files beside the page, loaded lazily by the browser. The report
+writes only inside its own folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -24,15 +23,18 @@ import numpy as np
 
 from ..metrics.file import MapSummary, read_metrics, summarize
 from ..pictures import picture_name
-from ..render import PICTURES, pictures_of, render_run
+from ..progress import Progress
+from ..render import Painter
 from ..results import Run, load_run
-from ..store import stored_maps
+from .gallery import Ranking, Section, choose
+from .metrics_view import metric_ranking, missing_datasets, missing_figures, missing_note
 from .page import FIGURES, card, class_name, figure_table, render_page
 from .plots import run_plots
 
 log = logging.getLogger(__name__)
 
-THUMB = 480  # longest side of gallery pictures, in pixels (full size stays in pictures/)
+THUMB = 400  # longest side of a gallery thumbnail, in pixels (shown at most 300 wide)
+JPEG_QUALITY = 85
 MAX_FAILED = 500  # failed images listed on the page
 # Per-image metric -> (chip label, format), in the order the chips are shown.
 CHIPS = (("deletion_auc", "del", "{:.3f}"), ("insertion_auc", "ins", "{:.3f}"),
@@ -41,31 +43,29 @@ CHIPS = (("deletion_auc", "del", "{:.3f}"), ("insertion_auc", "ins", "{:.3f}"),
 
 
 @dataclass
-class _View:
-    """One picture per gallery image: a stored map, or one class of a target=topk map."""
-
-    group: str
-    layer: str
-    key: str  # HDF5 path "group/dataset"
-    k: int | None = None  # the class axis position of a target=topk map
-
-    @property
-    def shown(self) -> str:
-        """The layer as render_run names its pictures."""
-        return self.layer if self.k is None else f"{self.layer}-top{self.k + 1}"
+class _Thumb:
+    src: str  # path relative to the page
+    width: int
+    height: int
 
 
-def thumbnail(src: Path, dst: Path) -> bool:
-    """A JPEG copy of a picture, longest side at most THUMB pixels."""
-    image = cv2.imread(str(src), cv2.IMREAD_COLOR)
-    if image is None:
-        return False
-    h, w = image.shape[:2]
+def thumbnail(rgb: np.ndarray, dst: Path) -> _Thumb | None:
+    """A JPEG of an RGB picture, longest side at most THUMB pixels."""
+    h, w = rgb.shape[:2]
     scale = THUMB / max(h, w)
     if scale < 1:
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA)
-    return bool(cv2.imwrite(str(dst), image, [cv2.IMWRITE_JPEG_QUALITY, 92]))
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        return None
+    dst.write_bytes(jpeg.tobytes())
+    return _Thumb(f"{dst.parent.name}/{dst.name}", w, h)
+
+
+def _view_key(key: str, k: int | None) -> str:
+    return key if k is None else f"{key}#{k}"
 
 
 class RunPage:
@@ -76,64 +76,68 @@ class RunPage:
         self.out = out
         self.cfg = cfg
         self.max_images = int(getattr(getattr(cfg, "report", None), "max_images", 24) or 0)
+        render = getattr(cfg, "render", None)
+        weight = getattr(render, "image_weight", None)
+        channels = getattr(render, "grid_channels", None)
+        self.image_weight = 0.5 if weight is None else float(weight)  # 0 is a valid weight
+        self.grid_channels = 64 if channels is None else int(channels)
 
     def build(self) -> str:
         path = self.run_dir / "results.h5"
         with load_run(path) as run, read_metrics(self.run_dir, run.file) as metrics:
             f = run.file
-            self.views = [_View(m.group, m.layer, m.key, k)
-                          for m, k in pictures_of(f, stored_maps(f))]
             self.categories = run.categories
             status = run.status
             done = np.flatnonzero(status == 1)
-            rows = done[: self.max_images]
             summaries = summarize(metrics) if metrics is not None else []
+            missing = missing_datasets(metrics) if metrics is not None else {}
+            sections = self._choose(run, done, metric_ranking(metrics))
+            explore = f"python run.py stage=explore run_dir={self.run_dir}"
             context = {
                 "title": f"camsweep · {run.model} · {run.method}",
                 "run_dir": str(self.run_dir), "layers": ", ".join(run.layers) or "input",
                 "created": str(f.attrs.get("created", "?"))[:19],
                 "overview": self._overview(run, status),
-                "metrics": self._metrics(metrics, summaries) if summaries else None,
-                "gallery": {"entries": self._gallery(run, rows, self._pictures(run, rows),
-                                                   metrics),
-                            "done": len(done)},
+                "metrics": (self._metrics(metrics, summaries, missing) if summaries
+                            else None),
+                "gallery": {"sections": self._gallery(run, sections, metrics),
+                            "shown": sum(len(s.rows) for s in sections), "done": len(done)},
+                "explore": explore,
                 "failed": self._failed(run, status),
                 "config": str(f.attrs.get("config", "")),
             }
         return render_page("run.html", **context)
 
-    def _pictures(self, run: Run, rows: np.ndarray) -> dict[tuple[int, str], str]:
-        """(row, view key) -> gallery thumbnail path relative to the page, from render's
-        pictures (drawn now for the gallery's rows if one is missing or stale)."""
-        if not len(rows) or not self.views:
-            return {}
-        paths = run.paths
-        digits = len(str(max(len(paths) - 1, 0)))
-        names = {(int(r), self._key(v)): picture_name(paths[r], int(r), digits, v.shown, v.group)
-                 for r in rows for v in self.views}
-        source = self.run_dir / PICTURES
-        made = run.path.stat().st_mtime
-        stale = [n for n in names.values()
-                 if not (source / n).is_file() or (source / n).stat().st_mtime < made]
-        if stale:
-            log.info("report: drawing %d gallery pictures with render_run (missing or older "
-                     "than results.h5) into %s", len(stale), source)
-            render = getattr(self.cfg, "render", None)
-            # render_run's max_images counts done rows, and the gallery shows the first ones.
-            render_run(self.run_dir, SimpleNamespace(
-                image_weight=getattr(render, "image_weight", 0.5),
-                title=getattr(render, "title", True), max_images=len(rows),
-                grid_channels=getattr(render, "grid_channels", 64)))
-        out: dict[tuple[int, str], str] = {}
-        for key, name in names.items():
-            dst = self.out / "img" / (Path(name).stem + ".jpg")
-            if (source / name).is_file() and thumbnail(source / name, dst):
-                out[key] = f"img/{dst.name}"
-        return out
+    def _choose(self, run: Run, done: np.ndarray, ranking: Ranking | None) -> list[Section]:
+        self.ranking = ranking
+        cls, prob = run.predictions
+        if ranking is None:  # no metrics: the model's confidence
+            ranking = Ranking("top-1 probability", prob[:, 0].astype(np.float64), "up")
+        labels = run.labels
+        by_label = bool((labels[done] >= 0).any())
+        classes = labels if by_label else cls[:, 0]
+        return choose(done, ranking, classes, lambda c: class_name(self.categories, c),
+                      self.max_images, "label" if by_label else "predicted")
 
-    @staticmethod
-    def _key(view: _View) -> str:
-        return view.key if view.k is None else f"{view.key}#{view.k}"
+    def _thumbnails(self, run: Run, rows: list[int]) -> dict[tuple[int, str], _Thumb]:
+        """(row, view key) -> thumbnail, drawn from the stored arrays without a title."""
+        out: dict[tuple[int, str], _Thumb] = {}
+        if not rows:
+            return out
+        painter = Painter(run.file, run.path, self.image_weight, self.grid_channels,
+                          max_side=THUMB)
+        digits = len(str(max(len(painter.paths) - 1, 0)))
+        with Progress(len(rows), "report thumbnails", unit="img") as progress:
+            for r in rows:
+                for m, k, picture, _ in painter.row(r):
+                    shown = m.layer if k is None else f"{m.layer}-top{k + 1}"
+                    name = picture_name(painter.paths[r], r, digits, shown, m.group)
+                    thumb = thumbnail(picture, self.out / "img" / (Path(name).stem + ".jpg"))
+                    if thumb is not None:
+                        out[(r, _view_key(m.key, k))] = thumb
+                progress.update()
+        self.views = painter.views
+        return out
 
     @staticmethod
     def _overview(run: Run, status: np.ndarray) -> list[dict[str, Any]]:
@@ -155,8 +159,11 @@ class RunPage:
                                   f"{100 * acc:.1f}%"))
         return items
 
-    def _metrics(self, metrics: h5py.Group, summaries: list[MapSummary]) -> dict[str, Any]:
-        keys = [k for k in FIGURES if any(k in s.figures for s in summaries)]
+    def _metrics(self, metrics: h5py.Group, summaries: list[MapSummary],
+                 missing: dict[str, list[str]]) -> dict[str, Any]:
+        gone = missing_figures(missing)
+        keys = [k for k in FIGURES
+                if any(k in s.figures or (s.key, k) in gone for s in summaries)]
         rows = [{"map": s.key, "images": s.n, **s.figures} for s in summaries]
         settings = json.loads(metrics.attrs.get("settings", "{}"))
         confidence = settings.get("confidence_score")
@@ -169,24 +176,34 @@ class RunPage:
         check = metrics.attrs.get("score_check_max_abs_diff")
         if check is not None:
             note += f" · reproduction check: max |Δ score| {float(check):.2g}"
-        return {"table": figure_table(rows, keys, ["map", "images"], FIGURES), "note": note,
+        where = Path(metrics.file.filename).name + (
+            f":/{metrics.name.strip('/')}" if metrics.name != "/" else "")
+        return {"table": figure_table(rows, keys, ["map", "images"], FIGURES, gone),
+                "note": note,
+                "missing": missing_note(missing, where, self.run_dir) if missing else None,
                 "plots": run_plots(metrics, [s.key for s in summaries], self.out)}
 
-    def _gallery(self, run: Run, rows: np.ndarray, pictures: dict[tuple[int, str], str],
+    def _gallery(self, run: Run, sections: list[Section],
                  metrics: h5py.Group | None) -> list[dict[str, Any]]:
+        rows = [r for s in sections for r in s.rows]
+        pictures = self._thumbnails(run, rows)
+        if not rows:
+            return []
         paths, labels = run.paths, run.labels
         cls, prob = run.predictions
         target, score = run.targets
         per_image: dict[str, dict[str, np.ndarray]] = {}
         if metrics is not None:
-            for v in self.views:
-                if v.key in metrics:
-                    g = metrics[v.key]
-                    per_image[v.key] = {k: g[k][:] for k, _, _ in CHIPS if k in g}
+            for key in dict.fromkeys(m.key for m, _ in self.views):
+                if key in metrics:
+                    g = metrics[key]
+                    per_image[key] = {k: g[k][:] for k, _, _ in CHIPS if k in g}
                     if "pointing_hit" in g:
-                        per_image[v.key]["pointing_hit"] = g["pointing_hit"][:]
-        items = []
-        for r in (int(r) for r in rows):
+                        per_image[key]["pointing_hit"] = g["pointing_hit"][:]
+
+        rank = self.ranking.source if self.ranking else None
+
+        def entry(r: int) -> dict[str, Any]:
             label, top = int(labels[r]), int(cls[r, 0])
             item: dict[str, Any] = {
                 "name": Path(paths[r]).name, "row": r,
@@ -197,22 +214,32 @@ class RunPage:
             if target.ndim == 1:  # target=topk: the class is named under each picture
                 item["explained"] = class_name(self.categories, int(target[r]))
                 item["score"] = float(score[r])
-            for v in self.views:
-                index = (r,) if v.k is None else (r, v.k)
+            for m, k in self.views:
+                index = (r,) if k is None else (r, k)
+                thumb = pictures.get((r, _view_key(m.key, k)))
                 item["maps"].append({
-                    "src": pictures.get((r, self._key(v))), "alt": f"{self._key(v)} of {paths[r]}",
-                    "group": v.group, "layer": v.layer, "k": v.k,
-                    "explained": (class_name(self.categories, int(target[r, v.k]))
-                                  if v.k is not None else None),
-                    "chips": self._chips(per_image.get(v.key), index)})
-            items.append(item)
-        return items
+                    "src": thumb.src if thumb else None,
+                    "width": thumb.width if thumb else 0,
+                    "height": thumb.height if thumb else 0,
+                    "alt": f"{_view_key(m.key, k)} of {paths[r]}",
+                    "group": m.group, "layer": m.layer, "k": k,
+                    "explained": (class_name(self.categories, int(target[r, k]))
+                                  if k is not None else None),
+                    "chips": self._chips(per_image.get(m.key), index,
+                                         rank if rank and rank[0] == m.key else None)})
+            return item
+
+        return [{"title": s.title, "note": s.note, "entries": [entry(r) for r in s.rows]}
+                for s in sections]
 
     @staticmethod
-    def _chips(values: dict[str, np.ndarray] | None, r: tuple[int, ...]) -> list[dict[str, str]]:
+    def _chips(values: dict[str, np.ndarray] | None, r: tuple[int, ...],
+               rank: tuple[str, str] | None = None) -> list[dict[str, str]]:
+        """The per-image metric values of one map; the one the gallery ranks by marked."""
         if not values:
             return []
-        chips = [{"kind": "", "text": f"{label} {pattern.format(float(values[key][r]))}"}
+        chips = [{"kind": "rank" if rank and rank[1] == key else "",
+                  "text": f"{label} {pattern.format(float(values[key][r]))}"}
                  for key, label, pattern in CHIPS
                  if key in values and np.isfinite(values[key][r])]
         if "pointing_hit" in values and np.isfinite(values["pointing_hit"][r]):
