@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -36,55 +37,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the configured stage(s) in ``run_dir``; returns plain data (submitit pickles it)."""
-    from .extract import extract
-    from .merge import merge_if_complete, merge_shards
-
+    """Run the configured stage in ``run_dir``; returns plain data (submitit pickles it)."""
     stage = cfg.stage
     if stage not in _config.STAGES:  # before anything runs: a typo must not exit 0
         raise ConfigError(unknown("stage", stage, _config.STAGES))
-    result: dict[str, Any] = {"run_dir": str(run_dir), "stage": stage}
-    results = run_dir / "results.h5"
-    if stage in ("all", "extract"):
-        summary = extract(cfg, run_dir)
-        for line in summary.lines():
-            log.info(line)
-        result.update(done=summary.done, failed=summary.failed, n=summary.n,
-                      results=str(summary.path))
-        if summary.done == 0 and summary.n > 0:
-            raise CamsweepError(f"no image could be processed ({summary.failed} failed); "
-                                f"first reason: {summary.errors[0][1] if summary.errors else '?'}")
-        if summary.path != results:  # a shard: the last one to finish merges them all
-            merged = merge_if_complete(run_dir)
-            if merged is None:
-                log.info("shard done; the last shard to finish merges into %s", results)
-                stage = "extract"  # nothing whole to render yet
-            else:  # merge_if_complete logged whether this shard merged
-                result["results"] = str(merged)
-    if stage == "merge":
-        merged = merge_shards(run_dir, copy=cfg.merge_copy)
-        log.info("merged -> %s", merged)
-        result["results"] = str(merged)
-    if stage in ("all", "render"):
-        from .render import render_run
-
-        written = render_run(run_dir, cfg.render)
-        log.info("%d pictures -> %s", len(written), run_dir / "pictures")
-        result["pictures"] = len(written)
-    if stage == "evaluate":
-        from .evaluate import evaluate
-
-        scored = evaluate(cfg, run_dir)
-        for line in scored.lines():
-            log.info(line)
-        result.update(evaluated=scored.evaluated, metrics=str(scored.path))
-    if stage == "report":
-        from .report import report
-
-        page = report(run_dir, cfg)
-        log.info("report -> %s", page)
-        result["report"] = str(page)
-    return result
+    module, _, function = _config.STAGES[stage].partition(":")
+    stage_fn = getattr(importlib.import_module(module), function)
+    return {"run_dir": str(run_dir), "stage": stage, **stage_fn(cfg, run_dir)}
 
 
 def status_file(run_dir: Path, cfg: DictConfig) -> Path:

@@ -34,6 +34,7 @@ from pipeline.methods import (
     build_method,
     option,
     register,
+    unregister,
 )
 
 # -- the toy method: what a new method's module holds -----------------------------------------
@@ -79,7 +80,7 @@ def toy_conf(tmp_path: Path) -> Iterator[Path]:
         (conf / "method" / "toy_scaled_input.yaml").write_text(YAML)
         yield conf
     finally:
-        METHODS.pop(ScaledInput.name, None)
+        unregister(ScaledInput.name)
 
 
 def compose_in(conf: Path, *overrides: str) -> DictConfig:
@@ -129,7 +130,7 @@ def test_a_registered_method_gets_its_options_checked(toy_conf):
 
 
 def test_unregistered_method_is_a_one_line_error(toy_conf):
-    METHODS.pop(ScaledInput.name)
+    unregister(ScaledInput.name)
     cfg = compose_in(toy_conf, *TINY, "method=toy_scaled_input")  # its YAML alone
     with pytest.raises(ConfigError, match="^unknown method 'toy_scaled_input'"):
         validate(cfg)
@@ -173,4 +174,4 @@ def test_composed_method_configs_pickle(toy_conf):
         assert schema.__module__ == "pipeline.config"
         assert getattr(pipeline.config, schema.__qualname__) is schema
         assert pickle.loads(pickle.dumps(cfg)) == cfg
-    assert pipeline.config.ScaledInputConfig().scale == 2.0  # the dataclass's default
+    assert pipeline.config.ToyScaledInputConfig().scale == 2.0  # the dataclass's default
