@@ -13,7 +13,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # registers the schemas and resolvers Hydra needs
 from .errors import CamsweepError, ConfigError, RunRefused, printable, unknown
@@ -27,6 +27,27 @@ EXTRACTING = ("all", "extract")
 # one line like a user error, not a traceback.
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
                       errno.EPERM)
+
+
+def group_options(group: str) -> list[str]:
+    """What a user may choose in config group ``group``: its YAML files (not the schemas
+    they extend, which the ConfigStore lists beside them), plus Hydra's own launchers."""
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if group == "hydra/launcher":
+        options += ["basic", "submitit_local", "submitit_slurm"]
+    return options
+
+
+def choices_help() -> str:
+    """The ``--help`` list of choices (conf/config.yaml's ``hydra.help.template``): each
+    group's options and the stages, where Hydra's own list would add every schema."""
+    lines = [f"{group}: {', '.join(group_options(group))}" for group in GROUPS]
+    lines.append(f"stage: {', '.join(_config.STAGES)}")
+    return "\n".join(lines)
+
+
+if not OmegaConf.has_resolver("camsweep_choices"):
+    OmegaConf.register_new_resolver("camsweep_choices", choices_help)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -183,9 +204,7 @@ def check_overrides(argv: list[str]) -> None:
         key = o.key_or_group
         options = None
         if key in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            if key == "hydra/launcher":
-                options += ["basic", "submitit_local", "submitit_slurm"]
+            options = group_options(key)
         values = _override_values(o, options)
         if options is not None:
             if not values and not o.is_delete():
