@@ -95,7 +95,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", help="git revision to compare with (e.g. 0f649ee)")
     p.add_argument("--repeat", type=int, default=5, help="runs of each command per checkout")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=OUT, help="folder for JSON + Markdown")
+    p.add_argument("--name", default="startup-cpu", help="file stem (default startup-cpu)")
+    p.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                   help="start-up runs on the CPU whatever the machine has")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +133,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "startup-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "startup-cpu.md").write_text(
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(
         f"# Start-up of read-only stages (CPU)\n\nBefore: {args.before or '-'}; after: this "
         f"checkout; {args.repeat} runs each, alternating; {os.cpu_count()} CPUs, load "
         f"{result['machine']['load_avg_1m_at_end']} at the end. Time to exit of the "
