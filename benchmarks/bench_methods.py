@@ -396,14 +396,18 @@ def prepare_call(spec: CellSpec, device: torch.device, x: torch.Tensor, classes:
 def prepare_family_ours(spec: CellSpec, device: torch.device, ours: Callable[[Any], Any],
                         stack: contextlib.ExitStack) -> tuple[Callable[[], Any], MapFn]:
     """One of our other methods, as ``pipeline.methods.build_method`` makes it."""
+    from pipeline.layouts import layer_reshape
     from pipeline.methods import METHODS as OUR_METHODS
-    from pipeline.models import reshape_transform, resolve_layers
+    from pipeline.models import resolve_layers
 
-    layer, reshape_kind = MODELS[spec.model]
+    layer, _ = MODELS[spec.model]
     cls = OUR_METHODS[spec.method]
     model = build(spec.model, frozen=True, channels_last=spec.channels_last).to(device)
     layers = resolve_layers(model, [layer]) if cls.uses_layers else {}
-    m = stack.enter_context(cls(model, layers, reshape=reshape_transform(reshape_kind),
+    # As extract: the layout detected in a probe pass (vit_b_16: tokens, 1 prefix).
+    reshape = layer_reshape(model, layers, (spec.image_size, spec.image_size),
+                            device=device)[0]
+    m = stack.enter_context(cls(model, layers, reshape=reshape,
                                 autocast_dtype=PRECISIONS[spec.precision],
                                 **FAMILY_OPTIONS[spec.method]))
     key = f"{spec.method}/{layer if cls.uses_layers else 'input'}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # registers the schemas and resolvers Hydra needs
 from .errors import CamsweepError, ConfigError, RunRefused, printable, unknown
@@ -28,6 +29,27 @@ ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errn
                       errno.EPERM)
 
 
+def group_options(group: str) -> list[str]:
+    """What a user may choose in config group ``group``: its YAML files (not the schemas
+    they extend, which the ConfigStore lists beside them), plus Hydra's own launchers."""
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if group == "hydra/launcher":
+        options += ["basic", "submitit_local", "submitit_slurm"]
+    return options
+
+
+def choices_help() -> str:
+    """The ``--help`` list of choices (conf/config.yaml's ``hydra.help.template``): each
+    group's options and the stages, where Hydra's own list would add every schema."""
+    lines = [f"{group}: {', '.join(group_options(group))}" for group in GROUPS]
+    lines.append(f"stage: {', '.join(_config.STAGES)}")
+    return "\n".join(lines)
+
+
+if not OmegaConf.has_resolver("camsweep_choices"):
+    OmegaConf.register_new_resolver("camsweep_choices", choices_help)
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run's directory: ``run_dir`` if given, else the one Hydra made for this job."""
     if cfg.get("run_dir"):
@@ -36,55 +58,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the configured stage(s) in ``run_dir``; returns plain data (submitit pickles it)."""
-    from .extract import extract
-    from .merge import merge_if_complete, merge_shards
-
+    """Run the configured stage in ``run_dir``; returns plain data (submitit pickles it)."""
     stage = cfg.stage
     if stage not in _config.STAGES:  # before anything runs: a typo must not exit 0
         raise ConfigError(unknown("stage", stage, _config.STAGES))
-    result: dict[str, Any] = {"run_dir": str(run_dir), "stage": stage}
-    results = run_dir / "results.h5"
-    if stage in ("all", "extract"):
-        summary = extract(cfg, run_dir)
-        for line in summary.lines():
-            log.info(line)
-        result.update(done=summary.done, failed=summary.failed, n=summary.n,
-                      results=str(summary.path))
-        if summary.done == 0 and summary.n > 0:
-            raise CamsweepError(f"no image could be processed ({summary.failed} failed); "
-                                f"first reason: {summary.errors[0][1] if summary.errors else '?'}")
-        if summary.path != results:  # a shard: the last one to finish merges them all
-            merged = merge_if_complete(run_dir)
-            if merged is None:
-                log.info("shard done; the last shard to finish merges into %s", results)
-                stage = "extract"  # nothing whole to render yet
-            else:  # merge_if_complete logged whether this shard merged
-                result["results"] = str(merged)
-    if stage == "merge":
-        merged = merge_shards(run_dir, copy=cfg.merge_copy)
-        log.info("merged -> %s", merged)
-        result["results"] = str(merged)
-    if stage in ("all", "render"):
-        from .render import render_run
-
-        written = render_run(run_dir, cfg.render)
-        log.info("%d pictures -> %s", len(written), run_dir / "pictures")
-        result["pictures"] = len(written)
-    if stage == "evaluate":
-        from .evaluate import evaluate
-
-        scored = evaluate(cfg, run_dir)
-        for line in scored.lines():
-            log.info(line)
-        result.update(evaluated=scored.evaluated, metrics=str(scored.path))
-    if stage == "report":
-        from .report import report
-
-        page = report(run_dir, cfg)
-        log.info("report -> %s", page)
-        result["report"] = str(page)
-    return result
+    module, _, function = _config.STAGES[stage].partition(":")
+    stage_fn = getattr(importlib.import_module(module), function)
+    return {"run_dir": str(run_dir), "stage": stage, **stage_fn(cfg, run_dir)}
 
 
 def status_file(run_dir: Path, cfg: DictConfig) -> Path:
@@ -224,9 +204,7 @@ def check_overrides(argv: list[str]) -> None:
         key = o.key_or_group
         options = None
         if key in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            if key == "hydra/launcher":
-                options += ["basic", "submitit_local", "submitit_slurm"]
+            options = group_options(key)
         values = _override_values(o, options)
         if options is not None:
             if not values and not o.is_delete():

@@ -7,6 +7,7 @@ so a misspelled key fails when the config is composed, naming the key.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
@@ -19,7 +20,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from . import methods as _methods
 from .errors import ConfigError, unknown
 
-STAGES = ("all", "extract", "render", "merge", "evaluate", "report")
+# stage=<name> -> the function that runs it, "module:function" (see pipeline/stages.py),
+# imported only when that stage runs. A new stage is one line here.
+STAGES = {
+    "all": "pipeline.stages:extract_and_render",
+    "extract": "pipeline.stages:extract",
+    "render": "pipeline.stages:render",
+    "merge": "pipeline.stages:merge",
+    "evaluate": "pipeline.stages:evaluate",
+    "report": "pipeline.stages:report",
+}
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
 RESIZES = ("square", "center_crop")
@@ -73,34 +83,34 @@ class MethodConfig:
 _SCHEMAS: dict[str, type] = {}
 
 
-def method_schema(cls: type[_methods.Method]) -> type:
-    """The Hydra schema of method ``cls`` (``<name>_schema``, which its YAML extends):
-    ``name`` plus the fields of ``cls.Options`` with their types and defaults, as a
-    dataclass ``pipeline.config.<Class>Config`` (``GradCAMConfig``, ``SmoothGradConfig``)."""
-    hints = get_type_hints(cls.Options)
-    specs: list[tuple[str, Any, Any]] = [("name", str, field(default=cls.name))]
-    for f in fields(cls.Options):
+def method_schema(spec: _methods.MethodSpec) -> type:
+    """The Hydra schema of method ``spec.name`` (``<name>_schema``, which its YAML extends):
+    ``name`` plus the fields of ``spec.Options`` with their types and defaults, as a
+    dataclass ``pipeline.config.<Name>Config`` (``GradcamConfig``, ``SmoothgradConfig``)."""
+    hints = get_type_hints(spec.Options)
+    specs: list[tuple[str, Any, Any]] = [("name", str, field(default=spec.name))]
+    for f in fields(spec.Options):
         default = (field(default=f.default) if f.default is not NO_DEFAULT
                    else field(default_factory=f.default_factory))
         specs.append((f.name, hints[f.name], default))
-    qualname = f"{cls.__name__}Config"
+    qualname = f"{spec.name.title().replace('_', '')}Config"
     taken = _SCHEMAS.get(qualname)
-    if taken is not None and taken().name != cls.name:  # two methods, one class name
-        qualname = f"{cls.__name__}_{cls.name}_Config"
+    if taken is not None and taken().name != spec.name:  # a__b and a_b: one class name
+        qualname = f"{spec.name}_Config"
     schema = make_dataclass(qualname, specs, bases=(MethodConfig,))
     schema.__module__ = __name__
     return schema
 
 
-def _store_method_schema(cls: type[_methods.Method]) -> None:
-    schema = method_schema(cls)
+def _store_method_schema(spec: _methods.MethodSpec) -> None:
+    schema = method_schema(spec)
     _SCHEMAS[schema.__qualname__] = schema
-    ConfigStore.instance().store(group="method", name=f"{cls.name}_schema", node=schema)
+    ConfigStore.instance().store(group="method", name=f"{spec.name}_schema", node=schema)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "METHODS":  # the registry's names now, so methods registered later count
-        return tuple(_methods.METHODS)
+    if name == "METHODS":  # the declared names now, so methods registered later count
+        return tuple(_methods.SPECS)
     if name in _SCHEMAS:
         return _SCHEMAS[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -197,8 +207,8 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="target", name="target_schema", node=TargetConfig)
-    # Every registered method's schema, and that of any method registered later.
-    _methods.on_register(_store_method_schema)
+    # Every declared method's schema, and that of any method declared later.
+    _methods.on_declare(_store_method_schema)
 
 
 _CLAIMED: dict[str, str] = {}  # default run dir -> the folder this process claimed for it
@@ -238,7 +248,7 @@ for _name, _fn in (("camsweep_run_dir", _run_dir), ("camsweep_output_subdir", _o
         OmegaConf.register_new_resolver(_name, _fn)
 
 
-def _choice(kind: str, value: object, valid: tuple[str, ...]) -> None:
+def _choice(kind: str, value: object, valid: Collection[str]) -> None:
     if value not in valid:
         raise ConfigError(unknown(kind, value, valid))
 
@@ -246,7 +256,7 @@ def _choice(kind: str, value: object, valid: tuple[str, ...]) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check enumerated values once, before any work, with one-line errors."""
     _choice("stage", cfg.stage, STAGES)
-    _methods.method_class(cfg.method.name)  # one line for an unknown method
+    method = _methods.method_spec(cfg.method.name)  # one line for an unknown method
     _choice("data", cfg.data.name, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
     _choice("data.decode", cfg.data.decode, ("cpu", "device"))
@@ -258,7 +268,7 @@ def validate(cfg: DictConfig) -> None:
         _choice("model.reshape", cfg.model.reshape, RESHAPES)
     _validate_method(cfg.method)
     target_spec(cfg.target)
-    if cfg.target.name == "topk" and _methods.METHODS[cfg.method.name].kind == "activations":
+    if cfg.target.name == "topk" and method.kind == "activations":
         raise ConfigError(f"target=topk has no effect on method={cfg.method.name} (they do not "
                           f"depend on a class); use target=pred")
     if cfg.num_workers is not None and cfg.num_workers < 0:
@@ -349,8 +359,8 @@ def expand_target_shorthand(overrides: list[str]) -> list[str]:
 
 def _validate_method(method: DictConfig) -> None:
     """The method's options, by the rules its own declaration states (``Options.check``)."""
-    cls = _methods.method_class(method.name)
-    cls.Options(**{k: v for k, v in method.items() if k != "name"}).check()
+    options = _methods.method_spec(method.name).Options
+    options(**{k: v for k, v in method.items() if k != "name"}).check()
 
 
 def to_yaml(cfg: DictConfig) -> str:

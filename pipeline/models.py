@@ -432,23 +432,3 @@ def resolve_layers(model: nn.Module, names: list[str] | tuple[str, ...]) -> dict
     if len({id(m) for m in found.values()}) < len(found):
         raise ConfigError(f"target layers {list(found)} name the same module twice")
     return found
-
-
-def reshape_transform(kind: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A function from a layer's output to (N, C, h, w), for token models."""
-    if kind is None:
-        return None
-    if kind == "vit":
-        return _vit_tokens_to_map
-    if kind in ("nhwc", "swin"):
-        return lambda t: t.permute(0, 3, 1, 2)
-    raise ConfigError(unknown("model.reshape", kind, ("vit", "nhwc", "swin")))
-
-
-def _vit_tokens_to_map(t: torch.Tensor) -> torch.Tensor:
-    """(N, 1 + h*w, C) tokens -> (N, C, h, w), dropping the class token."""
-    n, tokens, c = t.shape
-    side = int(round((tokens - 1) ** 0.5))
-    if side * side != tokens - 1:
-        raise ConfigError(f"cannot reshape {tokens} tokens (1 class + square grid expected)")
-    return t[:, 1:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)

@@ -22,6 +22,8 @@ SCRIPTS = {
                            "--batches", "1", "--layouts", "nchw", "--methods", "forward",
                            "gradcam", "pgc-gradcam", "--warmup", "0", "--repeats", "1",
                            "--min-time", "0", "--in-process"],
+    # Start-up of --help, render and report (this checkout only: no --before).
+    "bench_startup": ["--repeat", "1"],
     "bench_e2e:timm": ["--model", "timm/convnext_atto", "--n", "4", "--batch-size", "4",
                        "--methods", "gradcam", "--workers", "0"],
 }
@@ -47,6 +49,10 @@ def test_benchmark_script_runs(tmp_path, script):
         assert [r["layout"] for r in rows] == ["nchw", "nhwc"]
         assert all(r["rounds"] >= 1 and r["gradcam_vs_forward"] > 0 and r["gradcam_vs_pgc"] > 0
                    for r in rows)
+    if script == "bench_startup":
+        assert [(r["command"], r["imports_torch"]) for r in payload["rows"]] == [
+            ("python run.py --help", False), ("python run.py stage=report", False),
+            ("python run.py stage=render", False)]
     if script == "bench_methods:timm":
         cells = payload["cells"]
         assert not [c for c in cells if c["error"]]

@@ -1,4 +1,4 @@
-"""The golden examples of DESIGN.md ("Golden examples"), asserted with their exact numbers.
+"""The golden examples of docs/SEMANTICS.md, asserted with their exact numbers.
 
 Each example comes from one of the reference articles. The article's own computation (bare
 autograd) is kept as the statement of the number; beside it, the article's setting is

@@ -14,8 +14,9 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.hooks import LayerRecorder
+from pipeline.layouts import Layout, LayoutReshape, detect_layouts
 from pipeline.methods import Activations, GradCAM, Saliency, target_fn
-from pipeline.models import reshape_transform, resolve_layers
+from pipeline.models import resolve_layers
 
 
 def assert_clean(model: nn.Module) -> None:
@@ -130,20 +131,18 @@ def test_recorded_activation_is_cloned_before_inplace_relu():
     torch.testing.assert_close(out["gradcam/conv"], expected)
 
 
-def test_vit_reshape_transform():
-    rt = reshape_transform("vit")
+def test_token_layouts_become_maps():
+    """Tokens (N, 1 + h*w, C) and channels-last (N, h, w, C) outputs as (N, C, h, w) maps."""
+    tokens = Layout("tokens", (197, 5), 5, (14, 14), prefix=1)
     t = torch.arange(2 * 197 * 5, dtype=torch.float32).reshape(2, 197, 5)
-    m = rt(t)
+    m = tokens.to_map(t)
     assert m.shape == (2, 5, 14, 14)
     # [n, c, i, j] is token 1 + 14 i + j (the class token 0 dropped).
     n, c, i, j = np.meshgrid(range(2), range(5), range(14), range(14), indexing="ij")
     torch.testing.assert_close(m, t[n, 1 + 14 * i + j, c])
-    with pytest.raises(ConfigError, match="cannot reshape 196 tokens"):
-        rt(t[:, 1:])
-    assert reshape_transform(None) is None
     nhwc = torch.randn(2, 4, 3, 6)
-    assert torch.equal(reshape_transform("nhwc")(nhwc), nhwc.permute(0, 3, 1, 2))
-    assert torch.equal(reshape_transform("swin")(nhwc), nhwc.permute(0, 3, 1, 2))
+    assert torch.equal(Layout("nhwc", (4, 3, 6), 6, (4, 3)).to_map(nhwc),
+                       nhwc.permute(0, 3, 1, 2))
 
 
 def minmax(cam: np.ndarray) -> np.ndarray:
@@ -158,8 +157,9 @@ def token_model_vs_pgc(model: nn.Module, name: str, kind: str, x: torch.Tensor, 
     targets = require("pytorch_grad_cam.utils.model_targets")
     peer = copy.deepcopy(model).requires_grad_(True)
     model.requires_grad_(False)
-    rt = reshape_transform(kind)
-    with GradCAM(model, resolve_layers(model, [name]), reshape=rt) as m:
+    layers, size = resolve_layers(model, [name]), tuple(x.shape[-2:])
+    rt = LayoutReshape(detect_layouts(model, layers, size, kind), size)
+    with GradCAM(model, layers, reshape=rt) as m:
         out = m(x, lambda logits: torch.tensor(classes))
     assert_clean(model)
     cam = out[f"gradcam/{name}"].numpy()

@@ -27,13 +27,17 @@ from pipeline.errors import ConfigError
 from pipeline.extract import extract
 from pipeline.methods import (
     METHODS,
+    SPECS,
     Batch,
     InputGradient,
     MethodOptions,
     TargetFn,
     build_method,
+    declare,
+    method_class,
     option,
     register,
+    unregister,
 )
 
 # -- the toy method: what a new method's module holds -----------------------------------------
@@ -79,7 +83,7 @@ def toy_conf(tmp_path: Path) -> Iterator[Path]:
         (conf / "method" / "toy_scaled_input.yaml").write_text(YAML)
         yield conf
     finally:
-        METHODS.pop(ScaledInput.name, None)
+        unregister(ScaledInput.name)
 
 
 def compose_in(conf: Path, *overrides: str) -> DictConfig:
@@ -129,7 +133,7 @@ def test_a_registered_method_gets_its_options_checked(toy_conf):
 
 
 def test_unregistered_method_is_a_one_line_error(toy_conf):
-    METHODS.pop(ScaledInput.name)
+    unregister(ScaledInput.name)
     cfg = compose_in(toy_conf, *TINY, "method=toy_scaled_input")  # its YAML alone
     with pytest.raises(ConfigError, match="^unknown method 'toy_scaled_input'"):
         validate(cfg)
@@ -155,12 +159,45 @@ def test_registration_checks_the_declaration():
         name = "toy_name_option"
         Options = NamedOptions
 
-    before = dict(METHODS)
+    before, declared = dict(METHODS), dict(SPECS)
     for cls, message in ((Nameless, "lower-case identifier"), (Twice, "registered already"),
                          (Kindless, "kind must be one of"), (NameOption, "may not declare")):
         with pytest.raises(TypeError, match=message):
             register(cls)
-    assert dict(METHODS) == before  # nothing half-registered
+    assert dict(METHODS) == before and dict(SPECS) == declared  # nothing half-registered
+
+
+def test_shipped_methods_take_their_torch_free_declaration():
+    """catalog.py declares each shipped method (what the config needs, without torch);
+    the class in pipeline/methods/<name>.py gets its options, kind and use of layers from
+    there, and a class that states them otherwise is refused."""
+    assert list(METHODS) == list(SPECS) == list(pipeline.config.METHODS)
+    for name, spec in SPECS.items():
+        cls = method_class(name)
+        assert cls.__module__ == spec.module == f"pipeline.methods.{name}"
+        assert (cls.Options, cls.kind, cls.uses_layers) == (spec.Options, spec.kind,
+                                                            spec.uses_layers)
+    assert (SPECS["smoothgrad"].kind, SPECS["smoothgrad"].uses_layers) == ("input", False)
+    assert SPECS["guided_gradcam"].kind == "input" and SPECS["guided_gradcam"].uses_layers
+
+    declare("toy_declared", ScaledInputOptions, kind="input", uses_layers=False,
+            module=__name__)
+    try:
+        class Contradicts(ScaledInput):
+            name = "toy_declared"
+            kind = "cam"
+
+        with pytest.raises(TypeError, match="Contradicts.kind differs from the declaration"):
+            register(Contradicts)
+
+        class Agrees(ScaledInput):
+            name = "toy_declared"
+
+        assert register(Agrees).Options is ScaledInputOptions
+        assert method_class("toy_declared") is Agrees
+    finally:
+        unregister("toy_declared")
+    assert "toy_declared" not in SPECS and "toy_declared" not in METHODS
 
 
 def test_composed_method_configs_pickle(toy_conf):
@@ -173,4 +210,4 @@ def test_composed_method_configs_pickle(toy_conf):
         assert schema.__module__ == "pipeline.config"
         assert getattr(pipeline.config, schema.__qualname__) is schema
         assert pickle.loads(pickle.dumps(cfg)) == cfg
-    assert pipeline.config.ScaledInputConfig().scale == 2.0  # the dataclass's default
+    assert pipeline.config.ToyScaledInputConfig().scale == 2.0  # the dataclass's default

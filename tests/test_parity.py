@@ -22,7 +22,7 @@ from torchvision.models.vgg import make_layers
 from pipeline.methods import Activations, GradCAM, Saliency, target_fn
 from pipeline.models import resolve_layers
 
-TOL = 1e-5  # DESIGN.md: agreement with the peers after the same normalization
+TOL = 1e-5  # docs/SEMANTICS.md: agreement with the peers after the same normalization
 
 
 def minmax(cam: np.ndarray) -> np.ndarray:

@@ -1,60 +1,76 @@
-"""Methods by config name: one module per method, base.py the shared mechanics and registry.
+"""Methods by config name: ``declare.py`` and ``catalog.py`` say what each method is (torch-free),
+``<name>.py`` implements it, ``base.py`` holds the shared mechanics and the registry.
 
-Every module of this package is imported here, so a method is registered (``@register``)
-by its module alone; ``METHODS`` maps config names to classes, in the order of registration.
+Importing this package declares every shipped method and imports no torch, so the config
+(and every read-only stage) can list and check methods without loading it. The names that
+need torch (``METHODS``, the classes, ``build_method``, ...) are imported on first use: then
+every module of the package is imported, and each ``@register`` binds its class.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from ..errors import ConfigError, unknown
-from .activations import Activations
-from .base import (
-    METHODS,
+from . import catalog as _catalog  # noqa: F401 (declares the shipped methods)
+from .declare import (
     SCORES,
+    SPECS,
     AttributionOptions,
-    Batch,
     CAMWeightOptions,
-    Method,
     MethodOptions,
-    TargetFn,
-    explain_topk,
-    on_register,
+    MethodSpec,
+    declare,
+    method_spec,
+    on_declare,
     option,
-    reduce_channels,
-    register,
-    target_fn,
-    target_score,
 )
-from .eigencam import EigenCAM
-from .gradcam import GradCAM, GradientCAM, cam_from_gradients, weighted_cam
-from .gradcampp import GradCAMPlusPlus
-from .guided_backprop import GuidedBackprop
-from .guided_gradcam import GuidedGradCAM
-from .hirescam import HiResCAM
-from .input_gradient import InputGradient
-from .integrated_gradients import IntegratedGradients
-from .layercam import LayerCAM
-from .saliency import Saliency
-from .scorecam import ScoreCAM
-from .smoothgrad import SmoothGrad
-from .xgradcam import XGradCAM
 
-# The classes above are imported by name for callers; a new method's module needs no line
-# here: this loop imports every module of the package, and its @register does the rest.
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .base import Method
+
+# The names that need torch, by the module that defines them.
+_LAZY = {
+    **dict.fromkeys(("METHODS", "Method", "Batch", "TargetFn", "target_score", "target_fn",
+                     "explain_topk", "reduce_channels", "register", "unregister"), "base"),
+    **dict.fromkeys(("GradientCAM", "GradCAM", "cam_from_gradients", "weighted_cam"), "gradcam"),
+    "Activations": "activations", "EigenCAM": "eigencam", "GradCAMPlusPlus": "gradcampp",
+    "GuidedBackprop": "guided_backprop", "GuidedGradCAM": "guided_gradcam",
+    "HiResCAM": "hirescam", "InputGradient": "input_gradient",
+    "IntegratedGradients": "integrated_gradients", "LayerCAM": "layercam",
+    "Saliency": "saliency", "ScoreCAM": "scorecam", "SmoothGrad": "smoothgrad",
+    "XGradCAM": "xgradcam",
+}
+
+
+def load_all() -> None:
+    """Import every module of the package (torch): each ``@register`` binds its class."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    load_all()  # METHODS must hold every shipped method, whichever name came first
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 def method_class(name: str) -> type[Method]:
-    """The registered method called ``name``, or a one-line :class:`ConfigError`."""
+    """The class that implements method ``name`` (imported now), or a one-line
+    :class:`ConfigError` for a name nobody declared."""
+    spec = method_spec(name)
+    from .base import METHODS
+
     if name not in METHODS:
-        raise ConfigError(unknown("method", name, METHODS))
+        importlib.import_module(spec.module)
+    if name not in METHODS:
+        raise TypeError(f"{spec.module} has no @register class named {name!r}")
     return METHODS[name]
 
 
@@ -65,11 +81,7 @@ def build_method(cfg: Any, model: nn.Module, layers: Any, **kwargs: Any) -> Meth
 
 
 __all__ = [
-    "METHODS", "Method", "MethodOptions", "CAMWeightOptions", "AttributionOptions", "Batch",
-    "TargetFn", "SCORES", "target_score", "InputGradient", "GradientCAM", "option", "register",
-    "on_register",
-    "method_class", "build_method", "explain_topk", "target_fn", "reduce_channels",
-    "cam_from_gradients", "weighted_cam", "GradCAM", "Saliency", "Activations",
-    "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM", "ScoreCAM", "EigenCAM", "SmoothGrad",
-    "IntegratedGradients", "GuidedBackprop", "GuidedGradCAM",
+    "SCORES", "SPECS", "MethodSpec", "MethodOptions", "CAMWeightOptions", "AttributionOptions",
+    "declare", "method_spec", "on_declare", "option", "load_all", "method_class",
+    "build_method", *_LAZY,
 ]

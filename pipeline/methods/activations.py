@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..hooks import LayerRecorder
-from .base import Batch, Method, MethodOptions, TargetFn, option, register
+from .base import Batch, Method, TargetFn, register
+from .catalog import ActivationsOptions
 
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class ActivationsOptions(MethodOptions):
-    dtype: str = option("float16", choices=tuple(DTYPES))  # float16 | float32
-    pool: str = option("none", choices=("none", "avg"))  # avg: global average over h, w -> (N, C)
-    max_channels: int | None = None  # keep only the first k channels
+DTYPES = {"float16": torch.float16, "float32": torch.float32}  # catalog.ACTIVATION_DTYPES
 
 
 @register
@@ -25,8 +17,6 @@ class Activations(Method):
 
     name = "activations"
     needs_grad = False
-    kind = "activations"
-    Options = ActivationsOptions
     options: ActivationsOptions
 
     def _transform(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,18 @@
-"""The shape every method shares (forward, pick targets, compute maps, return arrays), the
-options a method declares, and the registry of methods by config name.
+"""The shape every method shares (forward, pick targets, compute maps, return arrays) and
+the registry of method implementations by config name.
 
-A method is one module in this package: a :class:`Method` subclass decorated with
-:func:`register` and, when it has options, a :class:`MethodOptions` dataclass beside it.
-Its config schema, its name in the config's choices and the checks of its option values
-all come from that declaration (see ``pipeline/config.py``); the package imports every
-module in it, so nothing else lists the methods.
+A method is declared torch-free (``declare.py``: name, options, kind; the shipped ones in
+``catalog.py``) and implemented by a :class:`Method` subclass decorated with
+:func:`register` in ``pipeline/methods/<name>.py``. A method defined elsewhere (a plugin, a
+test) is declared by its class alone: :func:`register` declares it from the class's
+attributes, so it is complete once its module is imported.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -23,15 +21,11 @@ from torch import nn
 from ..errors import ConfigError, unknown
 from ..hooks import HookSet, LayerRecorder
 from ..runtime import loss_scale_of, scaled_grad
+from .declare import SCORES, SPECS, MethodOptions, declare
 
 # Picks the class to explain per image from the logits, e.g. argmax or the dataset label.
 TargetFn = Callable[[torch.Tensor], torch.Tensor]
 Batch = dict[str, torch.Tensor]  # keys are HDF5 paths: "gradcam/layer4", "targets/class", ...
-
-# What is explained of the target class t (``target.score``): every method backpropagates
-# (or, gradient-free, compares) this one function of the logits z, and stores its value.
-SCORES = ("logit", "prob", "logprob", "sigmoid")
-
 
 def target_score(logits: torch.Tensor, target: torch.Tensor, kind: str = "logit") -> torch.Tensor:
     """The explained score of class ``target[i]`` for each row of (N, K) ``logits``.
@@ -102,74 +96,6 @@ def explain_topk(method: Method, x: torch.Tensor, k: int) -> Batch:
             for key, v in out.items()}
 
 
-# -- options ----------------------------------------------------------------------------------
-
-
-def option(
-    default: Any,
-    *,
-    choices: tuple[Any, ...] | None = None,
-    at_least: float | None = None,
-    above: float | None = None,
-) -> Any:
-    """A field of a :class:`MethodOptions` dataclass with the values it accepts.
-
-    Args:
-        default: The value when the config (or the caller) gives none.
-        choices: The only values allowed (an enumerated option).
-        at_least: The smallest value allowed (``>=``).
-        above: A bound the value must exceed (``>``).
-
-    Returns:
-        A ``dataclasses.field``; :meth:`MethodOptions.check` enforces the bounds.
-    """
-    return field(default=default,
-                 metadata={"choices": choices, "at_least": at_least, "above": above})
-
-
-@dataclass
-class MethodOptions:
-    """A method's options: every key of its ``method`` config group except ``name``.
-
-    Subclasses are dataclasses whose fields (with types, defaults and, through
-    :func:`option`, the values allowed) are the single declaration of a method's options:
-    the Hydra schema is built from them, ``validate`` checks configs with :meth:`check`,
-    and the method receives them as ``self.options``. Options that constrain each other
-    add their rule by overriding :meth:`check`.
-    """
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` (one line, naming ``method.<option>``) for the first
-        value the declaration does not allow."""
-        for f in fields(self):
-            value, key = getattr(self, f.name), f"method.{f.name}"
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ConfigError(unknown(key, value, choices))
-            if value is None or isinstance(value, str):
-                continue
-            low = f.metadata.get("at_least")
-            if low is not None and value < low:
-                raise ConfigError(f"{key} must be >= {low}, got {value}")
-            bound = f.metadata.get("above")
-            if bound is not None and value <= bound:
-                raise ConfigError(f"{key} must be > {bound}, got {value}")
-
-
-@dataclass
-class CAMWeightOptions(MethodOptions):
-    """The option of the CAMs that have per-channel weights."""
-
-    save_weights: bool = True  # also store the channel weights under /<method>_weights
-
-
-@dataclass
-class AttributionOptions(MethodOptions):
-    """The option of the methods with a signed (N, C, H, W) attribution to the input."""
-
-    save_attribution: bool = False  # also store it under /<method>_attribution
-
-
 class Method(ABC):
     """A context manager around a model whose call maps an input batch to stored arrays.
 
@@ -181,10 +107,7 @@ class Method(ABC):
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = True
     uses_layers: ClassVar[bool] = True  # False: works on the input, target_layers unused
-    # What the stored maps are, for readers and pictures: "cam" (N, h, w) per layer at the
-    # layer's resolution, "input" (N, H, W) at the input's, or "activations". The results
-    # file keys each dataset's dimension names and ``kind`` attribute by it.
-    kind: ClassVar[str] = "cam"
+    kind: ClassVar[str] = "cam"  # one of declare.KINDS: what the stored maps are
     # The method's options (its config keys besides ``name``); none by default.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     options: MethodOptions
@@ -310,43 +233,40 @@ class Method(ABC):
 # -- the registry ---------------------------------------------------------------------------
 
 METHODS: dict[str, type[Method]] = {}  # config name -> class, filled by @register
-KINDS = ("cam", "input", "activations")
-_NAME = re.compile(r"[a-z][a-z0-9_]*")  # an HDF5 group, a Hydra schema and a config value
-_listeners: list[Callable[[type[Method]], None]] = []
+_DECLARED = ("Options", "kind", "uses_layers")  # what a declaration states about a class
 _M = TypeVar("_M", bound="type[Method]")
 
 
 def register(cls: _M) -> _M:
-    """Class decorator: make ``cls`` the method of config name ``cls.name``.
+    """Class decorator: make ``cls`` the implementation of method ``cls.name``.
 
-    Checks the declaration (a lower-case name not taken yet, a known :attr:`Method.kind`,
-    options as a :class:`MethodOptions` dataclass without a ``name`` field), then tells
-    every listener (``pipeline.config`` stores the method's Hydra schema), so a method
-    defined outside this package (a plugin, a test) is complete once its module is imported.
+    A method declared already (the shipped ones, ``catalog.py``) gives the class its
+    :attr:`Method.Options`, :attr:`Method.kind` and :attr:`Method.uses_layers`; the class
+    must be in the declared module and may not state them otherwise. An undeclared one (a
+    plugin, a test) is declared from the class's own attributes (``declare`` checks them:
+    a lower-case name not taken yet, a known kind, options as a :class:`MethodOptions`
+    dataclass without a ``name`` field). Nothing is recorded when a check fails.
     """
     name = cls.__dict__.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise TypeError(f"{cls.__name__}.name must be a lower-case identifier, got {name!r}")
     if name in METHODS:
         raise TypeError(f"method {name!r} is registered already ({METHODS[name].__name__})")
-    if cls.kind not in KINDS:
-        raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
-    opts = cls.Options
-    if not (is_dataclass(opts) and issubclass(opts, MethodOptions)):
-        raise TypeError(f"{cls.__name__}.Options must be a MethodOptions dataclass")
-    if any(f.name == "name" for f in fields(opts)):
-        raise TypeError(f"{opts.__name__} may not declare 'name' (the config's method name)")
+    spec = SPECS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        declare(name, cls.Options, kind=cls.kind, uses_layers=cls.uses_layers,
+                module=cls.__module__)
+    else:
+        if spec.module != cls.__module__:
+            raise TypeError(f"method {name!r} is registered already ({spec.module})")
+        for attr in _DECLARED:
+            if attr in cls.__dict__ and cls.__dict__[attr] != getattr(spec, attr):
+                raise TypeError(f"{cls.__name__}.{attr} differs from the declaration of "
+                                f"{name!r} in catalog.py; state it there only")
+            setattr(cls, attr, getattr(spec, attr))
     METHODS[name] = cls
-    for listener in _listeners:
-        listener(cls)
     return cls
 
 
-def on_register(listener: Callable[[type[Method]], None]) -> None:
-    """Call ``listener`` with every registered method class, now and when one registers."""
-    if listener in _listeners:
-        return
-    _listeners.append(listener)
-    for cls in list(METHODS.values()):
-        listener(cls)
-
+def unregister(name: str) -> None:
+    """Forget method ``name``: its class and its declaration (tests register toy methods)."""
+    METHODS.pop(name, None)
+    SPECS.pop(name, None)

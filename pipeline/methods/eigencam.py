@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from .activation_cam import ActivationCAM
-from .base import CAMWeightOptions, option, register
-
-
-@dataclass
-class EigenCAMOptions(CAMWeightOptions):
-    """Where the SVD runs, which decides the sign of the principal direction.
-
-    ``host``: numpy's LAPACK on the CPU, the signs pytorch-grad-cam gets (its maps, exactly).
-    ``device``: ``torch.linalg.svd`` on the activations' device, no host round trip; the
-    sign is then fixed by a rule (the direction points along the mean activation), because
-    torch's SVD (MKL, cuSOLVER) returns either sign, and no rule gives numpy's.
-    """
-
-    svd: str = option("host", choices=("host", "device"))
+from .base import register
+from .catalog import EigenCAMOptions
 
 
 @register
@@ -43,7 +29,6 @@ class EigenCAM(ActivationCAM):
     """
 
     name = "eigencam"
-    Options = EigenCAMOptions  # the weights: the first principal direction, (N, C)
     options: EigenCAMOptions
 
     def combine(

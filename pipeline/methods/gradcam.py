@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import Batch, CAMWeightOptions, Method, TargetFn, register
+from .base import Batch, Method, TargetFn, register
 
 
 def weighted_cam(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,6 @@ class GradCAM(GradientCAM):
     """Grad-CAM: alpha_c = spatial mean of dY/dA_c (:func:`cam_from_gradients`)."""
 
     name = "gradcam"
-    Options = CAMWeightOptions
 
     def combine(
         self, activation: torch.Tensor, gradient: torch.Tensor

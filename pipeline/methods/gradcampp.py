@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .base import CAMWeightOptions, option, register
+from .base import register
+from .catalog import GradCAMPlusPlusOptions
 from .gradcam import GradientCAM
-
-
-@dataclass
-class GradCAMPlusPlusOptions(CAMWeightOptions):
-    # 0: eq. 19 as written, a_ij = 0 only where its denominator is 0. 1e-6 is
-    # pytorch-grad-cam's convention (added to every denominator): at gradients of ~1e-3 it is
-    # as large as 2 g^2 and reorders the channels (tests/test_definitions.py).
-    eps: float = option(0.0, at_least=0)
 
 
 def gradcampp_weights(activation: torch.Tensor, gradient: torch.Tensor,
@@ -51,7 +42,6 @@ class GradCAMPlusPlus(GradientCAM):
     """
 
     name = "gradcampp"
-    Options = GradCAMPlusPlusOptions
     options: GradCAMPlusPlusOptions
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:

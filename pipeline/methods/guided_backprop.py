@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..hooks import HookSet
-from .base import AttributionOptions, Batch, Method, TargetFn, register
+from .base import Batch, Method, TargetFn, register
+from .declare import AttributionOptions
 from .input_gradient import InputGradient
 
 
@@ -86,7 +87,6 @@ class GuidedBackprop(GuidedHooksMixin, InputGradient):
     """dY_t/dx with every ReLU passing only positive gradients, reduced as ``/saliency``."""
 
     name = "guided_backprop"
-    Options = AttributionOptions  # save_attribution: the signed guided gradient
     options: AttributionOptions
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, MethodOptions, TargetFn, option, register
+from .base import Batch, TargetFn, register
+from .catalog import GuidedGradCAMOptions
 from .gradcam import GradCAM
 from .guided_backprop import GuidedHooksMixin, GuidedReLUs
-
-INTERPOLATE_MODES = ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
-
-
-@dataclass
-class GuidedGradCAMOptions(MethodOptions):
-    # How the CAM is upsampled to the input (F.interpolate's modes; Captum's default).
-    interpolate_mode: str = option("nearest", choices=INTERPOLATE_MODES)
-    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution per layer
 
 
 @register
@@ -39,8 +30,6 @@ class GuidedGradCAM(GuidedHooksMixin, GradCAM):
     """
 
     name = "guided_gradcam"
-    kind = "input"
-    Options = GuidedGradCAMOptions
     options: GuidedGradCAMOptions
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:

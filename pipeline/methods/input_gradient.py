@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .base import AttributionOptions, Method
+from .base import Method
+from .declare import AttributionOptions
 
 # (flat indices of (image, point) pairs, image-major) -> the model inputs at those points
 Points = Callable[[torch.Tensor], torch.Tensor]

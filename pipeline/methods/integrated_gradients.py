@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from ..errors import ConfigError
-from .base import Batch, MethodOptions, TargetFn, option, register
+from .base import Batch, TargetFn, register
+from .catalog import BASELINES, INTEGRATIONS, IntegratedGradientsOptions
 from .input_gradient import InputGradient
-
-INTEGRATIONS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-                "riemann_trapezoid")
-BASELINES = ("zero", "mean", "blur")
 
 
 def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
@@ -69,23 +64,6 @@ def baseline_of(x: torch.Tensor, kind: str, blur_sigma: float) -> torch.Tensor:
     raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(BASELINES)}")
 
 
-@dataclass
-class IntegratedGradientsOptions(MethodOptions):
-    steps: int = 50  # path points (>= 1 for gausslegendre, >= 2 for the Riemann rules)
-    integration: str = option("gausslegendre", choices=INTEGRATIONS)
-    baseline: str = option("zero", choices=BASELINES)  # see baseline_of
-    blur_sigma: float = option(10.0, above=0)  # baseline=blur: Gaussian sigma in pixels
-    batch_steps: int = option(32, at_least=1)  # path points per forward pass (bounds memory)
-    save_attribution: bool = False  # also store the signed (N, C, H, W) attribution
-
-    def check(self) -> None:
-        super().check()
-        low = 1 if self.integration == "gausslegendre" else 2
-        if self.steps < low:
-            raise ConfigError(f"method.steps must be >= {low} for {self.integration}, "
-                              f"got {self.steps}")
-
-
 @register
 class IntegratedGradients(InputGradient):
     """(x - x') * sum_k s_k dY_t/dx at x' + a_k (x - x'), with Captum's step sizes s_k and
@@ -97,7 +75,6 @@ class IntegratedGradients(InputGradient):
     """
 
     name = "integrated_gradients"
-    Options = IntegratedGradientsOptions
     options: IntegratedGradientsOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

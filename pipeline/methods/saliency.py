@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, MethodOptions, TargetFn, register
+from .base import Batch, TargetFn, register
 from .input_gradient import InputGradient
 
 
@@ -13,7 +13,6 @@ class Saliency(InputGradient):
     """max over channels of |dY_t/dx| for the normalized input; one backward per batch."""
 
     name = "saliency"
-    Options = MethodOptions  # none: the signed gradient is SmoothGrad's with sigma=0
 
     def compute(self, x: torch.Tensor, choose: TargetFn) -> Batch:
         x = x.detach().requires_grad_()

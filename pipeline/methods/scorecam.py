@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .activation_cam import ActivationCAM
-from .base import MethodOptions, option, register
+from .base import register
+from .catalog import ScoreCAMOptions
 from .gradcam import weighted_cam
 
 EPS = 1e-8  # pytorch-grad-cam's, for channels that are constant (max == min)
-
-
-@dataclass
-class ScoreCAMOptions(MethodOptions):
-    batch_masks: int = option(64, at_least=1)  # masked inputs per forward pass (bounds memory)
-    save_weights: bool = True  # also store the softmaxed scores under /scorecam_weights
-    # Upsampling of the activation maps to the input: false (half-pixel centres) as the
-    # official Score-CAM code's F.interpolate(mode="bilinear", align_corners=False); true is
-    # pytorch-grad-cam's nn.UpsamplingBilinear2d.
-    align_corners: bool = False
 
 
 def channel_masks(maps: torch.Tensor, size: tuple[int, int],
@@ -58,7 +47,6 @@ class ScoreCAM(ActivationCAM):
     """
 
     name = "scorecam"
-    Options = ScoreCAMOptions
     options: ScoreCAMOptions
 
     def combine(

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import Batch, MethodOptions, TargetFn, option, register
+from .base import Batch, TargetFn, register
+from .catalog import SmoothGradOptions
 from .input_gradient import InputGradient
-
-
-@dataclass
-class SmoothGradOptions(MethodOptions):
-    samples: int = option(50, at_least=1)  # noisy copies per image
-    sigma: float = option(0.15, at_least=0)  # noise std as a fraction of each image's range
-    batch_samples: int = option(32, at_least=1)  # noisy inputs per forward pass (bounds memory)
-    seed: int = 0  # the noise is drawn once from this seed: reproducible, batch-independent
-    save_attribution: bool = False  # also store the signed (N, C, H, W) mean gradient
 
 
 @register
@@ -39,7 +30,6 @@ class SmoothGrad(InputGradient):
     """
 
     name = "smoothgrad"
-    Options = SmoothGradOptions
     options: SmoothGradOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CAMWeightOptions, register
+from .base import register
 from .gradcam import GradientCAM
 
 EPS = 1e-7  # pytorch-grad-cam's, against channels that are zero everywhere
@@ -15,7 +15,6 @@ class XGradCAM(GradientCAM):
     """w_c = sum_ij g_ij A_ij / (sum_ij A_ij + eps), as pytorch-grad-cam computes it."""
 
     name = "xgradcam"
-    Options = CAMWeightOptions
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         sum_a = activation.sum(dim=(2, 3), keepdim=True)
