@@ -23,6 +23,7 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 from pipeline import evaluate as E
 from pipeline.cli import run
 from pipeline.errors import StoreError
+from pipeline.evaluate_setup import read_setup
 from pipeline.locks import lock_is_held
 from pipeline.metrics import registry
 from pipeline.store import metrics as SM
@@ -198,7 +199,7 @@ def test_a_damaged_partial_file_is_rebuilt_not_reused(runs, tmp_path, damage, ca
     os.replace(run_dir / METRICS_FILE, tmp_path / "old.h5")
     # The partial file a first batch leaves: made by the stage itself, then damaged.
     cfg = compose_cfg(*runs[1], *EVAL, f"run_dir={run_dir}", *extra)
-    setup = E._setup(cfg, run_dir / "results.h5", E.torch.device("cpu"))
+    setup = read_setup(cfg, run_dir / "results.h5", E.torch.device("cpu"))
     settings = E._settings(cfg, setup, {})
     spec = registry.layout(settings, setup.maps, ["deletion"])
     side = SM.Partial(run_dir / PARTIAL, setup.n, settings, setup.results, spec)
