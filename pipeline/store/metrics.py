@@ -209,7 +209,9 @@ def install(partial: Path, target: Path, results: dict[str, str], attrs: dict[st
     """Build the metrics file from a finished partial file under a temporary name, label
     its axes (:func:`label`), flush it to disk and rename it over ``target``; then drop the
     partial file. A failure (a full disk) is one line and keeps the partial file."""
-    _room(target, partial.stat().st_size + len(paths) * 256 * 8)
+    # The copy, plus the image paths once per labelled group (the root and each map).
+    text = sum(len(str(p).encode()) + 16 for p in paths) * (len(attrs.get("maps", [])) + 1)
+    _room(target, partial.stat().st_size + text + 256 * 1024)
     try:
         with atomic_output(target) as tmp, h5py.File(partial, "r", locking=False) as src, \
                     h5py.File(tmp, "w", locking=False) as dst:
