@@ -88,6 +88,36 @@ def test_the_registry_declares_each_metric_once_and_everything_else_follows():
         registry.register(registry.METRICS["deletion"])
 
 
+def map_max(ctx, batch):
+    """A metric added by a test: the largest value of each stored map."""
+    return {f"{key}/map_max": raw.flatten(1).amax(1) for key, raw in batch.maps.items()}
+
+
+@pytest.fixture
+def added_metric():
+    spec = registry.register(registry.MetricSpec(
+        name="map_max", compute=f"{__name__}:map_max", description="the map's maximum",
+        outputs=(registry.OutputSpec("map_max", "largest value of the stored map"),),
+        figures=(registry.Figure("map_max", "map_max", "Max", "higher", "{:.4f}"),)))
+    yield spec
+    del registry.METRICS["map_max"]
+
+
+def test_adding_a_metric_is_its_function_and_its_registration(runs, tmp_path, added_metric):
+    """Nothing else changes: evaluate computes it, the file holds it (described, labelled),
+    the summary and the table columns show it."""
+    run_dir = _copy(runs, tmp_path / "run")
+    _evaluate(runs, run_dir, "evaluate.metrics=[deletion,map_max]")
+    with h5py.File(run_dir / "results.h5") as f, h5py.File(run_dir / METRICS_FILE) as m:
+        np.testing.assert_array_equal(m["gradcam/layer4/map_max"][:],
+                                      f["gradcam/layer4"][:].max((1, 2)))
+        assert m["gradcam/layer4/map_max"].attrs["description"] == (
+            "largest value of the stored map")
+    summary = SM.summarize_run(run_dir)[0]
+    assert "map_max" in summary.figures and "Max " in summary.line()
+    assert "map_max" in [o.name for o in registry.per_map_columns()]
+
+
 def test_the_declarations_import_without_torch():
     code = ("import sys\nimport pipeline.metrics.registry, pipeline.store.metrics\n"
             "from pipeline.metrics.registry import per_map_columns\nper_map_columns()\n"
