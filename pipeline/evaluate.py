@@ -171,11 +171,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Any:
         raise StoreError(f"no results file at {path}")
     target = run_dir / METRICS_FILE
     with ExitStack() as locks:
-        try:  # a full disk fails the lock file's write: one line
-            locks.enter_context(writer_lock(path, "evaluating"))
-            locks.enter_context(writer_lock(target, "evaluating"))
-        except OSError as e:
-            raise write_error(path.with_name(f".{path.name}.lock"), e) from e
+        for locked in (path, target):
+            try:  # a full disk fails the lock file's write: one line
+                locks.enter_context(writer_lock(locked, "evaluating"))
+            except OSError as e:
+                raise write_error(locked.with_name(f".{locked.name}.lock"), e) from e
         return _evaluate_locked(cfg, run_dir, path, target)
 
 
