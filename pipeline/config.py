@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import methods as _methods
 from .errors import ConfigError, unknown
+from .metrics.registry import evaluate_schema
 
 # stage=<name> -> the function that runs it, "module:function" (see pipeline/stages.py),
 # imported only when that stage runs. A new stage is one line here.
@@ -140,35 +141,9 @@ class RenderConfig:
     grid_channels: int = 64
 
 
-@dataclass
-class EvaluateConfig:
-    """stage=evaluate: metrics of the stored maps (see pipeline/evaluate.py for definitions)."""
-
-    # deletion, insertion, confidence (Average Drop / Increase), road, pointing, sanity
-    metrics: list[str] = field(default_factory=lambda: [
-        "deletion", "insertion", "confidence", "road", "pointing", "sanity"])
-    maps: list[str] | None = None  # stored maps to score, e.g. [gradcam/layer4]; null: all
-    # null: the run's target.score (what its maps explain) | logit | prob | logprob | sigmoid
-    score: str | None = None
-    steps: int = 50  # deletion/insertion curve points: k/steps of the pixels (RISE: 224)
-    deletion_baseline: str = "zero"  # zero (normalization mean) | mean (image colour) | blur
-    insertion_baseline: str = "blur"  # RISE's substrates: zero for deletion, blur for insertion
-    blur_sigma: float = 5.0  # RISE's gkern(11, 5)
-    blur_size: int = 11
-    road_percentiles: list[float] = field(default_factory=lambda: [
-        10, 20, 30, 40, 50, 60, 70, 80, 90])  # percent of pixels removed
-    road_noise: float = 0.01  # std of the noise added to imputed pixels (normalized units)
-    # count: exactly p % of the pixels, ties in raster order | percentile: pytorch-grad-cam's
-    road_rule: str = "count"
-    boxes: str | None = None  # CSV file,xmin,ymin,xmax,ymax; imagenet_val: LOC_val_solution.csv
-    tolerance: float = 15.0  # pointing game tolerance, original-image pixels
-    sanity_layers: list[str] | None = None  # layers to randomize, top first; null: automatic
-    sanity_depth: int = 2  # automatic units: modules with parameters down to this depth
-    sanity_max_steps: int | None = None  # randomize only the top k units
-    batch_points: int = 64  # perturbed inputs per forward pass (bounds memory)
-    limit: int | None = None  # evaluate only the first k done images
-    seed: int = 0  # randomized weights and ROAD noise
-    overwrite: bool = False  # replace an existing metrics.h5 without asking
+# stage=evaluate: the general keys and every registered metric's options, from the metric
+# registry (pipeline/metrics/registry.py; the metrics in pipeline/metrics/declared.py).
+EvaluateConfig = evaluate_schema()
 
 
 @dataclass

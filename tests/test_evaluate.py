@@ -27,10 +27,12 @@ from torch import nn
 from pipeline import evaluate as E
 from pipeline.cli import run
 from pipeline.errors import ConfigError, DataError, StoreError
+from pipeline.evaluate_setup import model_config, read_setup
 from pipeline.images import input_box
 from pipeline.metrics import common, confidence, perturbation, pointing, road, sanity
-from pipeline.metrics.file import METRICS_FILE, PARTIAL, Partial, layout, summarize_run
+from pipeline.metrics.registry import layout
 from pipeline.store import identity, open_results
+from pipeline.store.metrics import METRICS_FILE, PARTIAL, Partial, summarize_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -429,7 +431,7 @@ def test_evaluate_writes_metrics_to_their_own_file(tiny_run, tmp_path):
         status = f["images/status"][:]
         results = identity(f)
     with h5py.File(run_dir / METRICS_FILE) as m:
-        assert m.attrs["format"] == "camsweep-metrics" and m.attrs["format_version"] == 1
+        assert m.attrs["format"] == "camsweep-metrics" and m.attrs["format_version"] == 2
         assert (m.attrs["results_run_id"], m.attrs["results_created"]) == (
             results["run_id"], results["created"]) and len(results["run_id"]) == 32
         assert float(m.attrs["score_check_max_abs_diff"]) < 1e-3  # images and model reproduced
@@ -464,16 +466,17 @@ def test_evaluate_writes_metrics_to_their_own_file(tiny_run, tmp_path):
     result = run(compose_cfg(*base, "stage=evaluate", f"run_dir={run_dir}", "evaluate.steps=2",
                              "evaluate.metrics=[deletion]", "evaluate.overwrite=true"), run_dir)
     with h5py.File(run_dir / METRICS_FILE) as m:
-        assert sorted(m["gradcam/layer4"]) == ["deletion", "deletion_auc"]
+        # The outputs, beside the group's axes (dimension scales: image paths, steps).
+        assert sorted(m["gradcam/layer4"]) == ["deletion", "deletion_auc", "image", "step"]
         assert m["gradcam/layer4/deletion"].shape == (6, 3)
     assert _sha256(path) == digest
 
 
 def _partial_of(cfg, run_dir: Path, metrics: list[str], rows: np.ndarray, value: float) -> None:
     """A partial file as a killed evaluation leaves it: ``rows`` done, holding ``value``."""
-    setup = E._setup(cfg, run_dir / "results.h5", torch.device("cpu"), [])
-    settings = E._settings(cfg, setup, [])
-    spec = layout(settings, setup.maps, metrics, 0)
+    setup = read_setup(cfg, run_dir / "results.h5", torch.device("cpu"))
+    settings = E._settings(cfg, setup, {})
+    spec = layout(settings, setup.maps, metrics)
     side = Partial(run_dir / PARTIAL, setup.n, settings, setup.results, spec)
     side.write(rows, {"gradcam/layer3/deletion": np.full((len(rows), 4), value, np.float32)})
     side.close()
@@ -621,14 +624,14 @@ def test_a_stored_target_is_allowed_by_the_same_one_on_the_command_line(tmp_path
                                          "_target_": "torchvision.models.resnet18",
                                          "kwargs": {"num_classes": 3}}})
     path = tmp_path / "results.h5"
-    allowed = E._model_config(stored, compose_cfg("model=custom"), path)
+    allowed = model_config(stored, compose_cfg("model=custom"), path)
     assert allowed._target_ == "torchvision.models.resnet18" and allowed.kwargs.num_classes == 3
     for other in (compose_cfg(*TINY), compose_cfg("model=custom",
                                                   "model._target_=torchvision.models.vgg16")):
         with pytest.raises(ConfigError, match="model._target_='torchvision.models.resnet18'"):
-            E._model_config(stored, other, path)
+            model_config(stored, other, path)
     plain = OmegaConf.create({"model": {"name": "resnet18", "weights": None}})
-    assert E._model_config(plain, compose_cfg(*TINY), path).name == "resnet18"
+    assert model_config(plain, compose_cfg(*TINY), path).name == "resnet18"
 
 
 def test_stored_interpolations_are_text_not_resolvers(tiny_run, tmp_path):

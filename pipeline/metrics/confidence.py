@@ -4,9 +4,14 @@ times the min-max normalized, bilinearly upsampled map."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .common import Scorer, normalize_maps, upsample
+
+if TYPE_CHECKING:
+    from .batch import Evaluation, MetricBatch
 
 
 def explanation_confidence(
@@ -29,3 +34,15 @@ def explanation_confidence(
     drop = (original - explained).clamp_min(0) / (original + 1e-7)
     return {"drop": drop, "increase": (original < explained).float(),
             "explanation_score": explained}
+
+
+def confidence(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``confidence`` metric: drop, increase and explanation_score per map, and the
+    original confidence Y per item (``confidence`` at the file's root)."""
+    original = ctx.confidence.from_logits(b.logits, b.target)
+    out = {"confidence": original}
+    for key, raw in b.maps.items():
+        for name, value in explanation_confidence(ctx.confidence, b.x, raw, b.target,
+                                                  original).items():
+            out[f"{key}/{name}"] = value
+    return out

@@ -5,6 +5,7 @@ curves (N, steps + 1) and their areas (N,)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,8 +13,10 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, unknown
 from .common import Scorer
+from .declared import BASELINES
 
-BASELINES = ("zero", "mean", "blur")
+if TYPE_CHECKING:
+    from .batch import Evaluation, MetricBatch
 
 
 def rise_kernel(size: int = 11, sigma: float = 5.0) -> torch.Tensor:
@@ -130,3 +133,23 @@ def curve_auc(curves: torch.Tensor) -> torch.Tensor:
     """Area under (N, steps + 1) curves over [0, 1] by the trapezoid rule (RISE's ``auc``)."""
     steps = curves.shape[1] - 1
     return torch.trapezoid(curves, dx=1.0 / steps, dim=1)
+
+
+def _curves(ctx: Evaluation, b: MetricBatch, mode: str) -> dict[str, torch.Tensor]:
+    out = {}
+    baseline = b.baseline(ctx.ev[f"{mode}_baseline"])
+    for key in b.maps:
+        curves = perturbation_curves(ctx.scorer, b.x, b.saliency(key), b.target, baseline,
+                                     int(ctx.ev.steps), mode, b.original)
+        out[f"{key}/{mode}"], out[f"{key}/{mode}_auc"] = curves, curve_auc(curves)
+    return out
+
+
+def deletion(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``deletion`` metric (pipeline.metrics.declared): curves and AUC per map."""
+    return _curves(ctx, b, "deletion")
+
+
+def insertion(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``insertion`` metric: curves and AUC per map."""
+    return _curves(ctx, b, "insertion")

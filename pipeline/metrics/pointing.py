@@ -9,11 +9,14 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from .batch import Evaluation, MetricBatch
 
 
 def pointing_game(
@@ -161,3 +164,30 @@ def find_boxes(boxes_file: str | None, data: Any, paths: list[str]) -> tuple[
         if c.is_file():
             return match_boxes(paths, read_imagenet_boxes(c), by_stem=True), str(c)
     return None, "no LOC_val_solution.csv beside data.root (or evaluate.boxes=FILE)"
+
+
+def prepare(ctx: Evaluation) -> str | None:
+    """Find the boxes (or say why the pointing game is skipped); they go into the metrics
+    file as ``boxes`` (N, B, 4), in original-image pixels."""
+    boxes, source = find_boxes(ctx.ev.boxes, ctx.stored.data, ctx.paths)
+    if boxes is None:
+        return f"pointing game skipped: {source}"
+    have = sum(1 for r in ctx.rows if boxes[r])
+    ctx.notes.append(f"boxes from {source}: {have} of {len(ctx.rows)} images have boxes")
+    padded = pad_boxes(boxes)
+    ctx.state["pointing"] = padded
+    ctx.settings["max_boxes"] = int(padded.shape[1])
+    ctx.initial["boxes"] = padded.numpy()
+    return None
+
+
+def pointing(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``pointing`` metric: hit and energy per map."""
+    rows = torch.from_numpy(b.item_rows.astype("int64"))
+    boxes = ctx.state["pointing"][rows].to(ctx.device)
+    seen = torch.from_numpy(ctx.seen[b.item_rows]).to(ctx.device)
+    out = {}
+    for key in b.maps:
+        hit, energy = pointing_game(b.normalized(key), seen, boxes, float(ctx.ev.tolerance))
+        out[f"{key}/pointing_hit"], out[f"{key}/pointing_energy"] = hit, energy
+    return out

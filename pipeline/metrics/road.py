@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .common import Scorer
+from .declared import ROAD_RULES as RULES
+
+if TYPE_CHECKING:
+    from .batch import Evaluation, MetricBatch
 
 # The 8-neighbour weights of the noisy linear imputation (ROAD paper; pytorch-grad-cam):
 # (dy, dx, weight).
@@ -94,7 +99,6 @@ def linear_impute(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).float().to(x.device)
 
 
-RULES = ("count", "percentile")
 
 
 def removed_count(removed: float, pixels: int) -> int:
@@ -194,3 +198,15 @@ def road_noise(shape: Sequence[int], seeds: torch.Tensor | None, salt: int,
         gen.manual_seed(int(seed) * 1009 + salt)
         out[i] = torch.randn(shape[1:], generator=gen)
     return out.to(device)
+
+
+def road(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``road`` metric: MoRF and LeRF curves over the percentages, and their combination."""
+    ev, out = ctx.ev, {}
+    removed = [float(q) for q in ev.road_percentiles]
+    for key in b.maps:
+        morf, lerf = road_scores(ctx.scorer, b.x, b.normalized(key), b.target, removed,
+                                 float(ev.road_noise), b.seeds(), str(ev.road_rule))
+        out[f"{key}/road_morf"], out[f"{key}/road_lerf"] = morf, lerf
+        out[f"{key}/road"] = ((lerf - morf) / 2).mean(1)
+    return out

@@ -7,11 +7,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .batch import Evaluation, MetricBatch
 
 
 def rankdata(values: torch.Tensor) -> torch.Tensor:
@@ -135,3 +139,33 @@ class CascadingRandomization:
     def restore(self) -> None:
         for name, module in self.units.items():
             self._load(module, self.original[name])
+
+
+def prepare(ctx: Evaluation) -> str | None:
+    """Choose the units to randomize (top first) and rebuild the stored method."""
+    ev = ctx.ev
+    units = randomization_units(ctx.model, ctx.example, ev.sanity_layers, ev.sanity_depth)
+    if ev.sanity_max_steps is not None:
+        units = dict(list(units.items())[: max(0, int(ev.sanity_max_steps))])
+    ctx.settings["sanity_units"] = list(units)
+    if not units:
+        return "sanity check skipped: no layer with parameters to randomize"
+    ctx.state["sanity"] = (units, CascadingRandomization(units, int(ev.seed)), ctx.build_method())
+    return None
+
+
+def sanity(ctx: Evaluation, b: MetricBatch) -> dict[str, torch.Tensor]:
+    """The ``sanity`` metric: Spearman rho of each stored map with the map recomputed after
+    each cascading randomization step."""
+    units, randomizer, method = ctx.state["sanity"]
+    rho = {key: torch.empty(len(b.x), len(units), device=b.x.device) for key in b.maps}
+    try:
+        with method:
+            for j, name in enumerate(units):
+                randomizer.randomize(name)  # cascading: earlier units stay random
+                maps = method(b.x, lambda _logits: b.target)
+                for key, original in b.maps.items():
+                    rho[key][:, j] = spearman(original, maps[key])
+    finally:
+        randomizer.restore()
+    return {f"{key}/sanity_spearman": value for key, value in rho.items()}

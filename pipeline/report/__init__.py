@@ -12,7 +12,7 @@ Where things are: :mod:`.page` (jinja2 environment, figures, table data), :mod:`
 (matplotlib SVGs), :mod:`.gallery` (which images a run's page shows), :mod:`.metrics_view`
 (missing metric datasets, the per-image values ranked by), ``templates/`` (HTML, CSS and
 the page's few lines of JavaScript; HTML autoescaped). Files are read through
-:func:`pipeline.store.open_results` and :func:`pipeline.metrics.file.read_metrics`: a
+:func:`pipeline.store.open_results` and :func:`pipeline.store.metrics.read_metrics`: a
 damaged results file, or metrics of an earlier results file, stop the report with one line.
 
 The page is rebuilt from scratch in a private temporary folder and swapped in at the end

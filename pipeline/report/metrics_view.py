@@ -11,11 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..metrics.file import MapSummary, layout, read_metrics, summarize
+from ..metrics.registry import layout
 from ..store import attr_list, open_results
+from ..store.metrics import MapSummary, read_metrics, summarize
 from .gallery import RANKABLE, Ranking
 
-# Per-image dataset -> the summary figure (pipeline.metrics.file.summarize) made from it.
+# Per-image dataset -> the summary figure (pipeline.store.metrics.summarize) made from it.
 FIGURE_OF = {"deletion_auc": "deletion_auc", "insertion_auc": "insertion_auc",
              "drop": "avg_drop", "increase": "increase", "road": "road",
              "pointing_hit": "pointing", "pointing_energy": "energy",
@@ -26,7 +27,7 @@ def missing_datasets(g: h5py.Group) -> dict[str, list[str]]:
     """Map key -> names of the datasets its metrics should have but do not.
 
     What "should" is comes from the file's own settings and metric list through
-    :func:`pipeline.metrics.file.layout`, the layout evaluate wrote; a file without them
+    :func:`pipeline.store.metrics.layout`, the layout evaluate wrote; a file without them
     (written by an older camsweep) is held to what any of its maps has.
     """
     maps = [str(k) for k in attr_list(g.attrs.get("maps"))]
@@ -34,10 +35,9 @@ def missing_datasets(g: h5py.Group) -> dict[str, list[str]]:
     try:
         settings = json.loads(g.attrs["settings"])
         metrics = [str(m) for m in attr_list(g.attrs["metrics"])]
-        n_sanity = len(attr_list(g.attrs.get("sanity_layers")))
         score = g["score"]
         classes = int(score.shape[1]) if score.ndim == 2 else 0
-        spec = layout(settings, maps, metrics, n_sanity, classes)
+        spec = layout(settings, maps, metrics, classes)
         expected = {key: {k[len(key) + 1:] for k in spec if k.startswith(key + "/")}
                     for key in maps}
     except (KeyError, ValueError, TypeError):
@@ -65,7 +65,7 @@ def run_metrics(run_dir: str | os.PathLike) -> tuple[list[MapSummary], dict[str,
     """A run's per-map means and missing datasets (empty without metrics), read and checked
     through :func:`pipeline.store.open_results` and :func:`read_metrics`."""
     with open_results(Path(run_dir) / "results.h5") as results, \
-            read_metrics(run_dir, results) as g:
+            read_metrics(run_dir, results, missing_ok=True) as g:
         if g is None:
             return [], {}
         return summarize(g), missing_datasets(g)

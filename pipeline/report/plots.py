@@ -72,7 +72,7 @@ def _finite_rows(values: np.ndarray) -> np.ndarray:
 def run_plots(metrics: h5py.Group, keys: list[str], out: Path) -> list[dict[str, str]]:
     """Mean deletion / insertion / ROAD curves of each map, and the sanity check's rank
     correlation per randomized layer, from a run's metrics (see
-    :func:`pipeline.metrics.file.read_metrics`)."""
+    :func:`pipeline.store.metrics.read_metrics`)."""
     color = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
     panels: list[tuple[str, Draw]] = []
     for mode in ("deletion", "insertion"):

@@ -21,11 +21,11 @@ import cv2
 import h5py
 import numpy as np
 
-from ..metrics.file import MapSummary, read_metrics, summarize
 from ..pictures import picture_name
 from ..progress import Progress
 from ..render import Painter
 from ..results import Run, load_run
+from ..store.metrics import MapSummary, read_metrics, summarize
 from .gallery import Ranking, Section, choose
 from .metrics_view import metric_ranking, missing_datasets, missing_figures, missing_note
 from .page import FIGURES, card, class_name, figure_table, render_page
@@ -84,7 +84,8 @@ class RunPage:
 
     def build(self) -> str:
         path = self.run_dir / "results.h5"
-        with load_run(path) as run, read_metrics(self.run_dir, run.file) as metrics:
+        with load_run(path) as run, \
+                read_metrics(self.run_dir, run.file, missing_ok=True) as metrics:
             f = run.file
             self.categories = run.categories
             status = run.status

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..metrics.file import METRICS_FILE
 from ..progress import Progress
 from ..results import load_sweep
+from ..store.metrics import METRICS_FILE
 from .metrics_view import missing_figures, missing_note, run_metrics
 from .page import FIGURES, card, figure_table, render_page
 from .plots import sweep_plots
