@@ -1,0 +1,113 @@
+"""Statistics of stored maps, vectorised over a batch of equal-shape maps (pure numpy).
+
+A map is read as a distribution of mass over the photo: non-finite values and negative
+values count as zero (CAMs are ReLU'd and saliency is absolute, so these leave them as they
+are), and each cell of an (h, w) map covers a rectangle of the region of the photo the
+model saw (``/images/box``, y0, x0, y1, x1 in original pixels): cell (i, j) spans
+``y0 + i (y1 - y0) / h`` to ``y0 + (i + 1) (y1 - y0) / h`` (and so in x). With a center
+crop that region is not the photo, which is why a box must be compared in these
+coordinates: laid over the whole photo, the same map scores another IoU.
+
+- ``entropy``: Shannon entropy of the mass, divided by log(h w): 0 for all mass in one
+  cell, 1 for a uniform map (0 for a one-cell map).
+- ``peak_y``, ``peak_x``: the centre of the cell of the maximum (first in raster order),
+  in original-image pixels, as the pointing game places it.
+- ``top10_mass``: the share of the mass in the ceil(10 %) of the cells that hold most.
+- ``box_iou`` (with a box): IoU, in photo pixels, of the cells at or above half the map's
+  range after min-max scaling (the bright half of the picture render draws; a constant
+  map has none) with the box clipped to the region the model saw (the map cannot cover
+  what the model did not see). Cells count whole: no interpolation.
+- ``box_mass`` (with a box): the share of the mass inside the box, each cell's mass
+  weighted by the fraction of its area inside the box.
+
+A map without positive mass (all zeros) gets NaN for every statistic, as does an image
+without a box (a NaN row) for the box statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TOP_SHARE = 0.10  # top10_mass: the share of cells counted as the "top"
+IOU_LEVEL = 0.5  # box_iou: cells at or above this level of the min-max scaled map
+STATS = ("entropy", "peak_y", "peak_x", "top10_mass")
+BOX_STATS = ("box_iou", "box_mass")
+
+
+def map_stats(maps: np.ndarray, seen: np.ndarray,
+              boxes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Statistics of ``n`` maps of one shape.
+
+    Args:
+        maps: (n, h, w) maps as stored (any float dtype, not normalized).
+        seen: (n, 4) region of the photo each map covers (y0, x0, y1, x1), original pixels.
+        boxes: (n, 4) boxes (y0, x0, y1, x1) in original pixels, NaN rows for none; None
+            leaves out ``box_iou`` and ``box_mass``.
+
+    Returns:
+        Name -> (n,) float64 array: :data:`STATS`, and :data:`BOX_STATS` with ``boxes``.
+    """
+    maps = np.asarray(maps)
+    n, h, w = maps.shape
+    cells = h * w
+    flat = np.nan_to_num(maps.reshape(n, cells).astype(np.float64), nan=0.0, posinf=0.0,
+                         neginf=0.0)
+    np.maximum(flat, 0.0, out=flat)
+    total = flat.sum(1)
+    empty = ~(total > 0)
+    p = flat / np.where(empty, 1.0, total)[:, None]
+    plogp = p * np.log(np.where(p > 0, p, 1.0))
+    entropy = -plogp.sum(1) / math.log(cells) if cells > 1 else np.zeros(n)
+    top = max(1, math.ceil(TOP_SHARE * cells - 1e-9))
+    top_mass = np.partition(p, cells - top, axis=1)[:, cells - top:].sum(1)
+    seen = np.asarray(seen, np.float64).reshape(n, 4)
+    cell_h = (seen[:, 2] - seen[:, 0]) / h
+    cell_w = (seen[:, 3] - seen[:, 1]) / w
+    peak = flat.argmax(1)
+    out = {"entropy": entropy,
+           "peak_y": seen[:, 0] + (peak // w + 0.5) * cell_h,
+           "peak_x": seen[:, 1] + (peak % w + 0.5) * cell_w,
+           "top10_mass": top_mass}
+    if boxes is not None:
+        out.update(_box_stats(flat, p, seen, h, w, np.asarray(boxes, np.float64).reshape(n, 4)))
+    for values in out.values():
+        values[empty] = np.nan
+    return out
+
+
+def _overlap(lo: np.ndarray, step: np.ndarray, count: int, b0: np.ndarray,
+             b1: np.ndarray) -> np.ndarray:
+    """(n, count) length of each cell's span [lo + i step, lo + (i + 1) step] inside
+    [b0, b1]."""
+    i = np.arange(count)
+    start = lo[:, None] + i * step[:, None]
+    end = start + step[:, None]
+    return np.clip(np.minimum(end, b1[:, None]) - np.maximum(start, b0[:, None]), 0.0, None)
+
+
+def _box_stats(flat: np.ndarray, p: np.ndarray, seen: np.ndarray, h: int, w: int,
+               boxes: np.ndarray) -> dict[str, np.ndarray]:
+    n = flat.shape[0]
+    cell_h = (seen[:, 2] - seen[:, 0]) / h
+    cell_w = (seen[:, 3] - seen[:, 1]) / w
+    has_box = np.isfinite(boxes).all(1)
+    b = np.where(has_box[:, None], boxes, 0.0)
+    oy = _overlap(seen[:, 0], cell_h, h, b[:, 0], b[:, 2])  # (n, h) photo pixels
+    ox = _overlap(seen[:, 1], cell_w, w, b[:, 1], b[:, 3])  # (n, w)
+    inside = (oy[:, :, None] * ox[:, None, :]).reshape(n, h * w)  # cell area in the box
+    cell_area = cell_h * cell_w
+    frac = inside / np.where(cell_area > 0, cell_area, 1.0)[:, None]
+    mass = (p * frac).sum(1)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    span = hi - lo
+    scaled = np.divide(flat - lo, span, out=np.zeros_like(flat), where=span > 0)
+    bright = scaled >= IOU_LEVEL
+    inter = (inside * bright).sum(1)
+    box_area = oy.sum(1) * ox.sum(1)  # the box clipped to the region the model saw
+    union = bright.sum(1) * cell_area + box_area - inter
+    iou = np.divide(inter, union, out=np.zeros(n), where=union > 0)
+    iou[~has_box] = np.nan
+    mass[~has_box] = np.nan
+    return {"box_iou": iou, "box_mass": mass}
