@@ -84,6 +84,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         page = report(run_dir, cfg)
         log.info("report -> %s", page)
         result["report"] = str(page)
+    if stage == "table":
+        from .table import table_stage
+
+        result.update(table_stage(cfg, run_dir))
     return result
 
 

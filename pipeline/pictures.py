@@ -169,7 +169,7 @@ def colormap_code(name: str) -> int:
     ones otherwise."""
     code = COLORMAPS.get(str(name).lower())
     if code is None:
-        raise ConfigError(unknown("colormap", name, COLORMAPS))
+        raise ConfigError(unknown("colormap", name, COLORMAPS, show=len(COLORMAPS)))
     return code
 
 
