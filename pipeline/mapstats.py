@@ -52,9 +52,8 @@ def map_stats(maps: np.ndarray, seen: np.ndarray,
     maps = np.asarray(maps)
     n, h, w = maps.shape
     cells = h * w
-    flat = np.nan_to_num(maps.reshape(n, cells).astype(np.float64), nan=0.0, posinf=0.0,
-                         neginf=0.0)
-    np.maximum(flat, 0.0, out=flat)
+    flat = maps.reshape(n, cells).astype(np.float64)
+    flat[~(flat > 0) | ~np.isfinite(flat)] = 0.0  # NaN, inf and negatives hold no mass
     total = flat.sum(1)
     empty = ~(total > 0)
     p = flat / np.where(empty, 1.0, total)[:, None]
@@ -96,17 +95,16 @@ def _box_stats(flat: np.ndarray, p: np.ndarray, seen: np.ndarray, h: int, w: int
     b = np.where(has_box[:, None], boxes, 0.0)
     oy = _overlap(seen[:, 0], cell_h, h, b[:, 0], b[:, 2])  # (n, h) photo pixels
     ox = _overlap(seen[:, 1], cell_w, w, b[:, 1], b[:, 3])  # (n, w)
-    inside = (oy[:, :, None] * ox[:, None, :]).reshape(n, h * w)  # cell area in the box
-    cell_area = cell_h * cell_w
-    frac = inside / np.where(cell_area > 0, cell_area, 1.0)[:, None]
-    mass = (p * frac).sum(1)
+    # A cell's area inside the box is oy[i] * ox[j]: sums over cells factor into rows.
+    fy = oy / np.where(cell_h > 0, cell_h, 1.0)[:, None]
+    fx = ox / np.where(cell_w > 0, cell_w, 1.0)[:, None]
+    mass = np.einsum("nij,ni,nj->n", p.reshape(n, h, w), fy, fx)
     lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
     span = hi - lo
-    scaled = np.divide(flat - lo, span, out=np.zeros_like(flat), where=span > 0)
-    bright = scaled >= IOU_LEVEL
-    inter = (inside * bright).sum(1)
+    bright = (flat - lo >= IOU_LEVEL * span) & (span > 0)  # min-max scaled >= 0.5
+    inter = np.einsum("nij,ni,nj->n", bright.reshape(n, h, w).astype(np.float64), oy, ox)
     box_area = oy.sum(1) * ox.sum(1)  # the box clipped to the region the model saw
-    union = bright.sum(1) * cell_area + box_area - inter
+    union = bright.sum(1) * cell_h * cell_w + box_area - inter
     iou = np.divide(inter, union, out=np.zeros(n), where=union > 0)
     iou[~has_box] = np.nan
     mass[~has_box] = np.nan
