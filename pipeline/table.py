@@ -300,7 +300,8 @@ def sweep_table(sweep: Any, **kw: Any) -> Any:
             t = run_table(run, **kw)
         except StoreError as e:
             raise StoreError(f"job {row['job']}: {e}") from e
-        front = {"job": row["job"], **{k: row[k] for k in swept}}
+        # A swept `method` is the table's own column already (the map's method).
+        front = {"job": row["job"], **{k: row[k] for k in swept if k not in t.columns}}
         t = pd.concat([pd.DataFrame(front, index=t.index), t], axis=1)
         frames.append(t)
     if not frames:

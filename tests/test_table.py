@@ -247,28 +247,32 @@ def test_ragged_run_at_native_resolution(tmp_path):
 
 # -- sweeps and the stage -----------------------------------------------------------------
 
-def _job(sweep: Path, job: int, images: Path, layers: str) -> None:
+def _job(sweep: Path, job: int, images: Path, method: str, layers: str) -> None:
     folder = sweep / str(job)
     (folder / ".hydra").mkdir(parents=True)
-    overrides = ["model=resnet18", f"model.target_layers={layers}"]
+    overrides = ["model=resnet18", f"method={method}", f"model.target_layers={layers}"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={images}/*.jpg",
-                    f"model.target_layers={layers}"), folder)
+                    *overrides[1:]), folder)
 
 
 def test_sweep_table_and_stage_table_write_parquet(tmp_path):
     images = tmp_path / "images"
     write_images(images, 3)
     sweep = tmp_path / "sweep"
-    _job(sweep, 0, images, "[layer3]")
-    _job(sweep, 1, images, "[layer3,layer4]")
+    _job(sweep, 0, images, "gradcam", "[layer3]")
+    _job(sweep, 1, images, "xgradcam", "[layer3,layer4]")
     s = load_sweep(sweep)
+    assert s.swept == ["method", "model.target_layers"]
     t = s.images(stats=False)
+    # The swept method is the table's own column: one column, not two.
     assert list(t.columns[:2]) == ["job", "model.target_layers"]
     assert list(t.columns[2:]) == IMAGE_COLUMNS
     assert list(t["job"]) == [0] * 3 + [1] * 6
     assert list(t["model.target_layers"]) == ["[layer3]"] * 3 + ["[layer3,layer4]"] * 6
-    assert list(t["map"]) == ["gradcam/layer3"] * 6 + ["gradcam/layer4"] * 3
+    assert list(t["method"]) == ["gradcam"] * 3 + ["xgradcam"] * 6
+    assert list(t["map"]) == ["gradcam/layer3"] * 3 + ["xgradcam/layer3"] * 3 + [
+        "xgradcam/layer4"] * 3
     with s.run(1) as r:
         pd.testing.assert_frame_equal(t[t["job"] == 1].iloc[:, 2:].reset_index(drop=True),
                                       r.table(stats=False))
