@@ -325,11 +325,13 @@ def table_stage(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
         with load_run(run_dir) as run:
             frame = run_table(run)
         what = "run"
-    elif run_dir.is_dir():
+    elif (run_dir / "multirun.yaml").is_file() or any(
+            (d / ".hydra").is_dir() for d in (run_dir.iterdir() if run_dir.is_dir() else [])):
         frame = sweep_table(load_sweep(run_dir, slurm=False))
         what = f"sweep of {frame['job'].nunique()} jobs"
     else:
-        raise StoreError(f"no run or sweep folder at {run_dir}")
+        raise StoreError(f"no results.h5 and no sweep (multirun.yaml, job folders) in "
+                         f"{run_dir}; give run_dir=<a run or sweep folder>")
     out = run_dir / TABLE_FILE
     with atomic_output(out) as tmp:
         frame.to_parquet(tmp, engine="pyarrow", index=False)

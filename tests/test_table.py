@@ -374,3 +374,39 @@ def test_topk_and_saliency_overlays_equal_render(tmp_path):
             assert len(r.table()) == maps
     with load_run(tmp_path / "k") as r, pytest.raises(ConfigError, match=r"k = 0\.\.1"):
         r.overlay(0, k=2)
+
+
+def test_stage_table_from_the_command_line(crop_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(crop_run, run_dir)
+    cmd = [sys.executable, str(ROOT / "run.py"), "stage=table"]
+    done = subprocess.run([*cmd, f"run_dir={run_dir}"], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "table: " in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"table: 8 rows (run, 4 images, 2 maps: gradcam/layer2, gradcam/layer4), 25 columns "
+        f"-> {run_dir / TABLE_FILE}")
+    assert len(pd.read_parquet(run_dir / TABLE_FILE)) == 8
+    gone = subprocess.run([*cmd, f"run_dir={tmp_path / 'nothing'}"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert gone.returncode == 2
+    assert gone.stderr.strip().splitlines()[-1] == (
+        f"error: no results.h5 and no sweep (multirun.yaml, job folders) in "
+        f"{tmp_path / 'nothing'}; give run_dir=<a run or sweep folder>")
+
+
+def test_table_reports_progress(crop_run, monkeypatch, caplog):
+    """Off a terminal (a job log) the bar is a line per update when due; here every one."""
+    import functools
+
+    import pipeline.table as table
+    from pipeline.progress import Progress
+
+    monkeypatch.setattr(table, "Progress", functools.partial(Progress, every=0.0))
+    with caplog.at_level("INFO", logger="camsweep"), load_run(crop_run) as r:
+        r.table()
+    lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("table")]
+    counts = [line.split(" img")[0] for line in lines]  # a map at a time, then the last again
+    assert counts in (["table run: 4/8", "table run: 8/8"],
+                      ["table run: 4/8", "table run: 8/8", "table run: 8/8"])
