@@ -198,13 +198,21 @@ def test_topk_rows_failed_rows_and_no_metrics(tmp_path):
     images = tmp_path / "images"
     write_images(images, 3)
     (images / "broken.jpg").write_text("not an image")
-    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={images}/*.jpg",
-                    "target=topk", "target.k=2"), tmp_path / "run")
+    base = (*TINY, "data=glob", f"data.pattern={images}/*.jpg", "target=topk", "target.k=2")
+    run(compose_cfg(*base, "stage=extract"), tmp_path / "run")
     with load_run(tmp_path / "run") as r:
-        t = r.table()  # metrics=True without metrics.h5: no metric columns
+        assert list(r.table().columns) == IMAGE_COLUMNS + STAT_COLUMNS  # no metrics.h5
+    run(compose_cfg(*base, "stage=evaluate", f"run_dir={tmp_path / 'run'}",
+                    "evaluate.metrics=[deletion]", "evaluate.steps=2"), tmp_path / "run")
+    with load_run(tmp_path / "run") as r:
+        t = r.table()
         cams, (tcls, tscore), seen = r.cams("layer4"), r.targets, r.boxes
         status = r.status
-    assert list(t.columns) == IMAGE_COLUMNS + STAT_COLUMNS
+    assert list(t.columns) == [*IMAGE_COLUMNS, "deletion_auc", *STAT_COLUMNS]
+    with h5py.File(tmp_path / "run" / "metrics.h5") as m:
+        auc = m["gradcam/layer4/deletion_auc"][:]  # (image, class)
+    assert auc.shape == (4, 2)
+    np.testing.assert_array_equal(t["deletion_auc"], auc.ravel())  # per explained class
     assert len(t) == 8  # 4 images x 2 explained classes
     assert list(t["file"]) == ["broken.jpg"] * 2 + [f"img00{i}.jpg" for i in (0, 0, 1, 1, 2, 2)]
     assert list(t["rank"]) == [0, 1] * 4
@@ -243,6 +251,10 @@ def test_ragged_run_at_native_resolution(tmp_path):
     # Peak: the centre of its cell in photo pixels (16 photo pixels per cell here).
     top = np.unravel_index(np.argmax(cams[2]), cams[2].shape)
     assert (t["peak_y"][2], t["peak_x"][2]) == (16 * top[0] + 8, 16 * top[1] + 8)
+    written = render_run(tmp_path / "run", RenderConfig(title=False))
+    with load_run(tmp_path / "run") as r:
+        for row, path in enumerate(written):
+            np.testing.assert_array_equal(r.overlay(row), read_png(path), err_msg=path.name)
 
 
 # -- sweeps and the stage -----------------------------------------------------------------
