@@ -238,7 +238,9 @@ def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = N
 
     f = run.file
     n = int(f["images/status"].shape[0])
-    box_arr = _boxes(boxes, n) if stats else None
+    if boxes is not None and not stats:
+        raise ConfigError("boxes give the box statistics: pass stats=True with them")
+    box_arr = _boxes(boxes, n)
     facts = _image_facts(f)
     done = facts["status"] == DONE
     tcls, tscore = f["targets/class"][:], f["targets/score"][:]

@@ -177,6 +177,8 @@ def test_every_column_of_a_run(crop_run, tmp_path):
         plain = run_table(r, metrics=False, stats=False)  # what Run.table delegates to
         with pytest.raises(ConfigError, match=r"boxes must be an \(N, 4\) array"):
             r.table(boxes=np.zeros((3, 4)))
+        with pytest.raises(ConfigError, match="pass stats=True"):
+            r.table(stats=False, boxes=boxes)
     assert list(plain.columns) == IMAGE_COLUMNS
     pd.testing.assert_frame_equal(plain, t[IMAGE_COLUMNS])
 
