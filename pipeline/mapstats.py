@@ -52,15 +52,19 @@ def map_stats(maps: np.ndarray, seen: np.ndarray,
     maps = np.asarray(maps)
     n, h, w = maps.shape
     cells = h * w
-    flat = maps.reshape(n, cells).astype(np.float64)
-    flat[~(flat > 0) | ~np.isfinite(flat)] = 0.0  # NaN, inf and negatives hold no mass
-    total = flat.sum(1)
+    # float32 halves the memory traffic of 224 x 224 maps; sums run in float64.
+    flat = maps.reshape(n, cells).astype(np.float32)
+    flat[~((flat > 0) & (flat < np.inf))] = 0.0  # NaN, inf and negatives hold no mass
+    total = flat.sum(1, dtype=np.float64)
     empty = ~(total > 0)
-    p = flat / np.where(empty, 1.0, total)[:, None]
-    plogp = p * np.log(np.where(p > 0, p, 1.0))
-    entropy = -plogp.sum(1) / math.log(cells) if cells > 1 else np.zeros(n)
+    p = flat / np.where(empty, 1.0, total).astype(np.float32)[:, None]
+    logs = np.log(np.where(p > 0, p, np.float32(1.0)))
+    logs *= p
+    entropy = (-logs.sum(1, dtype=np.float64) / math.log(cells) if cells > 1
+               else np.zeros(n))
+    del logs
     top = max(1, math.ceil(TOP_SHARE * cells - 1e-9))
-    top_mass = np.partition(p, cells - top, axis=1)[:, cells - top:].sum(1)
+    top_mass = np.partition(p, cells - top, axis=1)[:, cells - top:].sum(1, dtype=np.float64)
     seen = np.asarray(seen, np.float64).reshape(n, 4)
     cell_h = (seen[:, 2] - seen[:, 0]) / h
     cell_w = (seen[:, 3] - seen[:, 1]) / w
@@ -86,6 +90,12 @@ def _overlap(lo: np.ndarray, step: np.ndarray, count: int, b0: np.ndarray,
     return np.clip(np.minimum(end, b1[:, None]) - np.maximum(start, b0[:, None]), 0.0, None)
 
 
+def _weighted(values: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """sum over (i, j) of values[n, i, j] wy[n, i] wx[n, j], as batched matrix products."""
+    rows = np.matmul(values, wx.astype(values.dtype)[:, :, None])[:, :, 0]  # (n, h)
+    return (rows.astype(np.float64) * wy).sum(1)
+
+
 def _box_stats(flat: np.ndarray, p: np.ndarray, seen: np.ndarray, h: int, w: int,
                boxes: np.ndarray) -> dict[str, np.ndarray]:
     n = flat.shape[0]
@@ -98,11 +108,11 @@ def _box_stats(flat: np.ndarray, p: np.ndarray, seen: np.ndarray, h: int, w: int
     # A cell's area inside the box is oy[i] * ox[j]: sums over cells factor into rows.
     fy = oy / np.where(cell_h > 0, cell_h, 1.0)[:, None]
     fx = ox / np.where(cell_w > 0, cell_w, 1.0)[:, None]
-    mass = np.einsum("nij,ni,nj->n", p.reshape(n, h, w), fy, fx)
+    mass = _weighted(p.reshape(n, h, w), fy, fx)
     lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
     span = hi - lo
     bright = (flat - lo >= IOU_LEVEL * span) & (span > 0)  # min-max scaled >= 0.5
-    inter = np.einsum("nij,ni,nj->n", bright.reshape(n, h, w).astype(np.float64), oy, ox)
+    inter = _weighted(bright.reshape(n, h, w).astype(np.float32), oy, ox)
     box_area = oy.sum(1) * ox.sum(1)  # the box clipped to the region the model saw
     union = bright.sum(1) * cell_h * cell_w + box_area - inter
     iou = np.divide(inter, union, out=np.zeros(n), where=union > 0)
