@@ -232,6 +232,20 @@ def test_topk_rows_failed_rows_and_no_metrics(tmp_path):
         np.testing.assert_allclose(good[name], want[name], err_msg=name)
 
 
+def test_activations_are_no_maps(tmp_path, image_dir):
+    """Activations (and Grad-CAM's channel weights) are not maps of the image: a run of
+    activations alone has a row per image, with its facts and no map."""
+    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
+                    "method=activations"), tmp_path / "run")
+    with load_run(tmp_path / "run") as r:
+        t = r.table()
+        pred = r.predictions[0][:, 0]
+        with pytest.raises(ConfigError, match="stores no maps to draw"):
+            r.overlay(0)
+    assert list(t.columns) == IMAGE_COLUMNS and len(t) == 6
+    assert set(t["map"]) == {""} and list(t["pred"]) == list(pred)
+
+
 def test_ragged_run_at_native_resolution(tmp_path):
     images = tmp_path / "images"
     write_images(images, 2, size=(64, 96))
