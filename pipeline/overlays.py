@@ -54,16 +54,14 @@ def run_overlay(run: Any, row: int, map: str | None = None, alpha: float = 0.5,
     if status != DONE:
         raise DataError(f"row {row} of {run.path} is {STATUS_NAMES[status]}: it has no map "
                         "to draw")
-    classes = 0
-    if map_ndim(f, m.key) == 4:
-        classes = int(np.asarray(read_map_rows(f, m.key, run.path, row)).shape[0])
+    cam = np.asarray(read_map_rows(f, m.key, run.path, row))
+    classes = int(cam.shape[0]) if map_ndim(f, m.key) == 4 else 0  # target=topk: (k, h, w)
     if k not in (None, 0) and not (classes and isinstance(k, (int, np.integer))
                                    and 0 <= k < classes):
         raise ConfigError(f"k={k!r}: {m.key} has " + (f"{classes} explained classes (k = 0.."
                                                       f"{classes - 1})" if classes else
                                                       "one map per image (k = None or 0)"))
     colormap = colormap_code(cmap or DEFAULT_CMAP[m.kind])
-    cam = np.asarray(read_map_rows(f, m.key, run.path, row))
     if classes:
         cam = cam[k or 0]
     path = f["images/path"].asstr()[row]
