@@ -13,12 +13,13 @@ coordinates: laid over the whole photo, the same map scores another IoU.
 - ``peak_y``, ``peak_x``: the centre of the cell of the maximum (first in raster order),
   in original-image pixels, as the pointing game places it.
 - ``top10_mass``: the share of the mass in the ceil(10 %) of the cells that hold most.
-- ``box_iou`` (with a box): IoU, in photo pixels, of the cells at or above half the map's
+- ``box_iou`` (with boxes): IoU, in photo pixels, of the cells at or above half the map's
   range after min-max scaling (the bright half of the picture render draws; a constant
   map has none) with the box clipped to the region the model saw (the map cannot cover
-  what the model did not see). Cells count whole: no interpolation.
-- ``box_mass`` (with a box): the share of the mass inside the box, each cell's mass
-  weighted by the fraction of its area inside the box.
+  what the model did not see). Cells count whole: no interpolation. Several boxes of an
+  image count as their union.
+- ``box_mass`` (with boxes): the share of the mass inside the box(es), each cell's mass
+  weighted by the fraction of its area inside.
 
 A map without positive mass (all zeros) gets NaN for every statistic, as does an image
 without a box (a NaN row) for the box statistics.
@@ -43,8 +44,9 @@ def map_stats(maps: np.ndarray, seen: np.ndarray,
     Args:
         maps: (n, h, w) maps as stored (any float dtype, not normalized).
         seen: (n, 4) region of the photo each map covers (y0, x0, y1, x1), original pixels.
-        boxes: (n, 4) boxes (y0, x0, y1, x1) in original pixels, NaN rows for none; None
-            leaves out ``box_iou`` and ``box_mass``.
+        boxes: (n, 4) boxes (y0, x0, y1, x1) in original pixels, or (n, B, 4) several per
+            image (their union counts), NaN rows for none; None leaves out ``box_iou`` and
+            ``box_mass``.
 
     Returns:
         Name -> (n,) float64 array: :data:`STATS`, and :data:`BOX_STATS` with ``boxes``.
@@ -74,48 +76,61 @@ def map_stats(maps: np.ndarray, seen: np.ndarray,
            "peak_x": seen[:, 1] + (peak % w + 0.5) * cell_w,
            "top10_mass": top_mass}
     if boxes is not None:
-        out.update(_box_stats(flat, p, seen, h, w, np.asarray(boxes, np.float64).reshape(n, 4)))
+        out.update(_box_stats(flat, p, seen, h, w, np.asarray(boxes, np.float64).reshape(n, -1, 4)))
     for values in out.values():
         values[empty] = np.nan
     return out
 
 
-def _overlap(lo: np.ndarray, step: np.ndarray, count: int, b0: np.ndarray,
-             b1: np.ndarray) -> np.ndarray:
-    """(n, count) length of each cell's span [lo + i step, lo + (i + 1) step] inside
-    [b0, b1]."""
-    i = np.arange(count)
-    start = lo[:, None] + i * step[:, None]
+def _pieces(lo: np.ndarray, step: np.ndarray, count: int, a0: np.ndarray,
+            a1: np.ndarray) -> np.ndarray:
+    """(n, E, count): the length of each interval [a0[e], a1[e]] inside each cell's span
+    [lo + i step, lo + (i + 1) step]."""
+    start = lo[:, None] + np.arange(count) * step[:, None]  # (n, count)
     end = start + step[:, None]
-    return np.clip(np.minimum(end, b1[:, None]) - np.maximum(start, b0[:, None]), 0.0, None)
-
-
-def _weighted(values: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
-    """sum over (i, j) of values[n, i, j] wy[n, i] wx[n, j], as batched matrix products."""
-    rows = np.matmul(values, wx.astype(values.dtype)[:, :, None])[:, :, 0]  # (n, h)
-    return (rows.astype(np.float64) * wy).sum(1)
+    return np.clip(np.minimum(end[:, None, :], a1[:, :, None])
+                   - np.maximum(start[:, None, :], a0[:, :, None]), 0.0, None)
 
 
 def _box_stats(flat: np.ndarray, p: np.ndarray, seen: np.ndarray, h: int, w: int,
                boxes: np.ndarray) -> dict[str, np.ndarray]:
+    """``box_iou`` and ``box_mass`` against the union of each image's boxes (n, B, 4).
+
+    The boxes' edges cut the region the model saw into pieces, each wholly inside the
+    union or wholly outside; a cell's area inside the union is the sum of its overlaps
+    with the inside pieces, which factor into rows and columns: sums over the cells are
+    matrix products (pieces x h) (h x w) (w x pieces), exact for overlapping boxes too.
+    """
     n = flat.shape[0]
     cell_h = (seen[:, 2] - seen[:, 0]) / h
     cell_w = (seen[:, 3] - seen[:, 1]) / w
-    has_box = np.isfinite(boxes).all(1)
-    b = np.where(has_box[:, None], boxes, 0.0)
-    oy = _overlap(seen[:, 0], cell_h, h, b[:, 0], b[:, 2])  # (n, h) photo pixels
-    ox = _overlap(seen[:, 1], cell_w, w, b[:, 1], b[:, 3])  # (n, w)
-    # A cell's area inside the box is oy[i] * ox[j]: sums over cells factor into rows.
-    fy = oy / np.where(cell_h > 0, cell_h, 1.0)[:, None]
-    fx = ox / np.where(cell_w > 0, cell_w, 1.0)[:, None]
-    mass = _weighted(p.reshape(n, h, w), fy, fx)
+    valid = np.isfinite(boxes).all(2)  # (n, B)
+    b = np.where(valid[..., None], boxes, 0.0)
+    y0, y1 = (np.clip(b[..., i], seen[:, :1], seen[:, 2:3]) for i in (0, 2))  # clipped to
+    x0, x1 = (np.clip(b[..., i], seen[:, 1:2], seen[:, 3:4]) for i in (1, 3))  # what it saw
+    ys = np.sort(np.concatenate([y0, y1], 1), 1)
+    xs = np.sort(np.concatenate([x0, x1], 1), 1)
+    cy, cx = (ys[:, :-1] + ys[:, 1:]) / 2, (xs[:, :-1] + xs[:, 1:]) / 2
+    in_y = (cy[:, None, :] > y0[..., None]) & (cy[:, None, :] < y1[..., None]) & valid[..., None]
+    in_x = (cx[:, None, :] > x0[..., None]) & (cx[:, None, :] < x1[..., None]) & valid[..., None]
+    union = (in_y[:, :, :, None] & in_x[:, :, None, :]).any(1)  # (n, pieces y, pieces x)
+    oy = _pieces(seen[:, 0], cell_h, h, ys[:, :-1], ys[:, 1:]).astype(np.float32)
+    ox = _pieces(seen[:, 1], cell_w, w, xs[:, :-1], xs[:, 1:]).astype(np.float32)
+
+    def covered(values: np.ndarray) -> np.ndarray:  # sum of values x cell area in the union
+        pieces = oy @ values.reshape(n, h, w) @ ox.transpose(0, 2, 1)
+        return (pieces.astype(np.float64) * union).sum((1, 2))
+
+    cell_area = cell_h * cell_w
+    mass = covered(p) / np.where(cell_area > 0, cell_area, 1.0)
     lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
     span = hi - lo
     bright = (flat - lo >= IOU_LEVEL * span) & (span > 0)  # min-max scaled >= 0.5
-    inter = _weighted(bright.reshape(n, h, w).astype(np.float32), oy, ox)
-    box_area = oy.sum(1) * ox.sum(1)  # the box clipped to the region the model saw
-    union = bright.sum(1) * cell_h * cell_w + box_area - inter
-    iou = np.divide(inter, union, out=np.zeros(n), where=union > 0)
+    inter = covered(bright.astype(np.float32))
+    area = (np.diff(ys, axis=1)[:, :, None] * np.diff(xs, axis=1)[:, None, :] * union).sum((1, 2))
+    total = bright.sum(1) * cell_area + area - inter
+    iou = np.divide(inter, total, out=np.zeros(n), where=total > 0)
+    has_box = valid.any(1)
     iou[~has_box] = np.nan
     mass[~has_box] = np.nan
     return {"box_iou": iou, "box_mass": mass}
