@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, DataError, StoreError
 from .mapstats import BOX_STATS, STATS, map_stats
 from .progress import Progress
 from .store import (
@@ -207,15 +207,66 @@ def _stats_of_map(f: h5py.File, m: MapInfo, classes: int, seen: np.ndarray,
     return out
 
 
-def _boxes(boxes: Any, n: int) -> np.ndarray | None:
+def boxes_from_csv(path: str | os.PathLike, paths: np.ndarray) -> np.ndarray:
+    """Boxes per image from a CSV, as ``evaluate.boxes`` takes it: ``file,xmin,ymin,xmax,
+    ymax`` (a file entry matches an image path equal to it or ending in it: ``a.jpg``,
+    ``sub/a.jpg``), or ImageNet's ``LOC_val_solution.csv`` (by file stem). Returns (N, B,
+    4) (y0, x0, y1, x1), NaN-padded: an image may have several boxes, or none."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"boxes file {str(path)!r} does not exist")
+    try:
+        table = pd.read_csv(path, skipinitialspace=True, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a CSV file ({str(e).splitlines()[0][:120]})") from e
+    found: dict[str, list[tuple[str, list[float]]]] = {}
+    if {"ImageId", "PredictionString"} <= set(table.columns):  # ImageNet: wnid x0 y0 x1 y1 ...
+        for image, text in zip(table["ImageId"], table["PredictionString"], strict=True):
+            v = text.split()
+            found[image] = [(image, [float(v[i + 2]), float(v[i + 1]), float(v[i + 4]),
+                                     float(v[i + 3])]) for i in range(0, len(v) - 4, 5)]
+        keys = [Path(p.replace("\\", "/")).stem for p in paths]
+        per_image = [[box for _, box in found.get(k, [])] for k in keys]
+    else:
+        need = ["file", "xmin", "ymin", "xmax", "ymax"]
+        missing = [k for k in need if k not in table.columns]
+        if missing:
+            raise DataError(f"{path}: the header must name {','.join(need)} (or be ImageNet's "
+                            f"ImageId,PredictionString); missing {missing}")
+        coords = table[need[1:]].apply(pd.to_numeric, errors="coerce")
+        bad = coords.isna().any(axis=1).to_numpy()
+        if bad.any():
+            line = int(np.flatnonzero(bad)[0]) + 2
+            raise DataError(f"{path}:{line}: not a box: {table.iloc[line - 2].to_dict()}")
+        for name, (x0, y0, x1, y1) in zip(table["file"], coords.to_numpy(), strict=True):
+            key = name.strip().replace("\\", "/")
+            found.setdefault(key.rsplit("/", 1)[-1], []).append((key, [y0, x0, y1, x1]))
+        per_image = []
+        for p in paths:
+            norm = p.replace("\\", "/")
+            per_image.append([box for key, box in found.get(norm.rsplit("/", 1)[-1], [])
+                              if norm == key or norm.endswith("/" + key.lstrip("./"))])
+    out = np.full((len(paths), max([1, *map(len, per_image)]), 4), np.nan)
+    for i, boxes in enumerate(per_image):
+        if boxes:
+            out[i, :len(boxes)] = boxes
+    return out
+
+
+def _boxes(boxes: Any, paths: np.ndarray) -> np.ndarray | None:
     if boxes is None:
         return None
+    if isinstance(boxes, (str, os.PathLike)):
+        return boxes_from_csv(boxes, paths)
+    n = len(paths)
     arr = np.asarray(boxes, dtype=np.float64)
-    if arr.shape != (n, 4):
+    if arr.ndim not in (2, 3) or arr.shape[0] != n or arr.shape[-1] != 4:
         raise ConfigError(f"boxes must be an (N, 4) array of (y0, x0, y1, x1) in original "
-                          f"pixels, one row per image (N={n}, NaN rows for none); got shape "
-                          f"{arr.shape}")
-    return arr
+                          f"pixels, one row per image (N={n}, NaN rows for none), (N, B, 4) "
+                          f"for several, or a CSV file; got shape {arr.shape}")
+    return arr.reshape(n, -1, 4)
 
 
 def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = None) -> Any:
@@ -228,8 +279,9 @@ def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = N
         stats: Add the map statistics of :mod:`pipeline.mapstats` (read from every stored
             map, in chunks, with a progress bar).
         boxes: (N, 4) boxes per image, (y0, x0, y1, x1) in original-image pixels as
-            ``Run.boxes``, NaN rows for none: adds ``box_iou`` and ``box_mass`` (ImageNet's
-            xmin, ymin, xmax, ymax boxes are ``b[:, [1, 0, 3, 2]]``).
+            ``Run.boxes``, NaN rows for none, or (N, B, 4) several per image (their union
+            counts), or a CSV file (:func:`boxes_from_csv`): adds ``box_iou`` and
+            ``box_mass`` (xmin, ymin, xmax, ymax arrays are ``b[..., [1, 0, 3, 2]]``).
 
     Raises:
         StoreError: metrics.h5 is stale or damaged (one line); ConfigError: bad ``boxes``.
@@ -240,8 +292,8 @@ def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = N
     n = int(f["images/status"].shape[0])
     if boxes is not None and not stats:
         raise ConfigError("boxes give the box statistics: pass stats=True with them")
-    box_arr = _boxes(boxes, n)
     facts = _image_facts(f)
+    box_arr = _boxes(boxes, facts["path"])
     done = facts["status"] == DONE
     tcls, tscore = f["targets/class"][:], f["targets/score"][:]
     found = metric_arrays(run.path.parent, f) if metrics else {}
@@ -291,8 +343,8 @@ def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = N
 def sweep_table(sweep: Any, **kw: Any) -> Any:
     """:func:`run_table` of every job of a sweep (``pipeline.results.load_sweep``) with
     results, one under the other, with ``job`` and the swept keys (``Sweep.swept``) first.
-    ``kw`` go to :func:`run_table` (``boxes`` is per image, so fits only sweeps whose jobs
-    share one image list)."""
+    ``kw`` go to :func:`run_table` (``boxes`` as an array fits only sweeps whose jobs
+    share one image list; a CSV file fits any)."""
     import pandas as pd
 
     swept = [k for k in sweep.swept if k in sweep.table.columns and k != "job"]
@@ -315,7 +367,8 @@ def sweep_table(sweep: Any, **kw: Any) -> Any:
 
 def table_stage(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     """``stage=table run_dir=<run or sweep>``: the table as ``images.parquet`` in that
-    folder (written under a temporary name and renamed into place)."""
+    folder (written under a temporary name and renamed into place); with
+    ``evaluate.boxes=FILE`` (the pointing game's box file), the box statistics too."""
     from .results import load_run, load_sweep
     from .store.atomic import atomic_output
 
@@ -323,13 +376,14 @@ def table_stage(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError("stage=table needs run_dir=<a run folder (results.h5) or a sweep "
                           "folder>")
     run_dir = Path(run_dir)
+    boxes = (cfg.get("evaluate") or {}).get("boxes")  # the pointing game's box file
     if (run_dir / "results.h5").is_file():
         with load_run(run_dir) as run:
-            frame = run_table(run)
+            frame = run_table(run, boxes=boxes)
         what = "run"
     elif (run_dir / "multirun.yaml").is_file() or any(
             (d / ".hydra").is_dir() for d in (run_dir.iterdir() if run_dir.is_dir() else [])):
-        frame = sweep_table(load_sweep(run_dir, slurm=False))
+        frame = sweep_table(load_sweep(run_dir, slurm=False), boxes=boxes)
         what = f"sweep of {frame['job'].nunique()} jobs"
     else:
         raise StoreError(f"no results.h5 and no sweep (multirun.yaml, job folders) in "

@@ -99,6 +99,15 @@ def test_statistics_of_edge_cases():
         TOP10)
     assert np.isnan(s["box_iou"][3]) and np.isnan(s["box_mass"][3])  # no box
     assert s["box_iou"][4] == 0.0 and s["box_mass"][4] == 0.0
+    # Several boxes: their union. A (the worked example's box) and B overlap in 15 x 15 px.
+    a, b = [15.0, 15.0, 55.0, 55.0], [0.0, 0.0, 30.0, 30.0]
+    two = map_stats(np.stack([BLOCK] * 3), seen[:3], np.array([[a, b], [a, a], [a, [np.nan] * 4]]))
+    # Mask y 10..40 x 20..50; inside A 25 x 30, inside B 20 x 10, inside both 15 x 10 -> 800
+    # of its 900 px; the union is 1600 + 900 - 225 = 2275 px.
+    assert two["box_iou"][0] == pytest.approx(800 / (900 + 2275 - 800))
+    assert two["box_mass"][0] == pytest.approx(800 / 900)
+    assert two["box_iou"][1:].tolist() == pytest.approx([IOU, IOU])  # a box twice: once
+    assert two["box_mass"][1:].tolist() == pytest.approx([MASS, MASS])
     one = map_stats(np.ones((2, 1, 1)), seen[:2], None)
     assert one["entropy"].tolist() == [0.0, 0.0] and "box_iou" not in one
 
@@ -172,6 +181,24 @@ def test_every_column_of_a_run(crop_run, tmp_path):
         one = map_stats(cams[row["layer"]][row["row"]][None], seen[row["row"]][None])
         for name in STAT_COLUMNS:
             assert row[name] == pytest.approx(one[name][0]), (j, name)
+    # The same boxes from a CSV file (x before y, as evaluate.boxes takes them), and
+    # stage=table with evaluate.boxes: the rows of the image with a box hold the same.
+    y0, x0, y1, x1 = boxes[1]
+    csv = tmp_path / "boxes.csv"
+    csv.write_text(f"file,xmin,ymin,xmax,ymax\nsamples/coffee.jpg,{x0},{y0},{x1},{y1}\n"
+                   f"nothere.jpg,1,2,3,4\n")
+    with load_run(run_dir) as r:
+        from_csv = r.table(boxes=csv)
+    pd.testing.assert_frame_equal(from_csv, t)
+    run(compose_cfg("stage=table", f"run_dir={run_dir}", f"evaluate.boxes={csv}"), run_dir)
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / TABLE_FILE), t)
+    loc = tmp_path / "LOC_val_solution.csv"  # ImageNet's: by file stem, wnid x0 y0 x1 y1
+    loc.write_text(f"ImageId,PredictionString\ncoffee,n07920052 {x0} {y0} {x1} {y1} \n")
+    with load_run(run_dir) as r:
+        pd.testing.assert_frame_equal(r.table(boxes=loc), t)
+    csv.write_text("file,xmin,ymin,xmax,ymax\ncoffee.jpg,1,2,3\n")
+    with load_run(run_dir) as r, pytest.raises(DataError, match=r"boxes.csv:2: not a box"):
+        r.table(boxes=csv)
     # Without metrics or statistics: the image columns alone.
     with load_run(run_dir) as r:
         plain = run_table(r, metrics=False, stats=False)  # what Run.table delegates to
