@@ -30,6 +30,7 @@ STAGES = {
     "merge": "pipeline.stages:merge",
     "evaluate": "pipeline.stages:evaluate",
     "report": "pipeline.stages:report",
+    "table": "pipeline.table:table_stage",
 }
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 import cv2
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, unknown
 
 MIN_TILE = 48  # activation tiles are upscaled (nearest) to at least this many pixels
 SEPARATOR = 2  # pixels between activation tiles and between saliency panels
@@ -89,8 +89,10 @@ def pixel_box(box: Sequence[float] | np.ndarray | None, height: int, width: int)
 
 # -- pictures ------------------------------------------------------------------------------
 
-def blend_cam(image_rgb: np.ndarray, mask: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
-    """JET heatmap of ``mask`` (values in [0, 1], same h, w) blended onto a uint8 RGB image.
+def blend_cam(image_rgb: np.ndarray, mask: np.ndarray, image_weight: float = 0.5,
+              colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
+    """JET (or ``colormap``) heatmap of ``mask`` (values in [0, 1], same h, w) blended onto
+    a uint8 RGB image.
 
     The arithmetic of pytorch-grad-cam's ``show_cam_on_image(img / 255, mask, use_rgb=True,
     image_weight=...)``, step for step in float32, so pictures match the reference. The
@@ -99,7 +101,7 @@ def blend_cam(image_rgb: np.ndarray, mask: np.ndarray, image_weight: float = 0.5
     """
     if not 0.0 <= image_weight <= 1.0:
         raise ConfigError(f"render.image_weight must be in [0, 1], got {image_weight}")
-    cam = colorize(mask, cv2.COLORMAP_JET).astype(np.float32)
+    cam = colorize(mask, colormap).astype(np.float32)
     cam /= 255
     cam *= 1 - image_weight
     img = np.asarray(image_rgb).astype(np.float32)
@@ -120,6 +122,7 @@ def overlay_cam(
     box: Sequence[float] | np.ndarray | None = None,
     image_weight: float = 0.5,
     outline: bool = False,
+    colormap: int = cv2.COLORMAP_JET,
 ) -> np.ndarray:
     """Draw a raw Grad-CAM map onto the photo region the model saw.
 
@@ -132,6 +135,7 @@ def overlay_cam(
         box: (y0, x0, y1, x1) in photo pixels (``/images/box``); None for the whole photo.
         image_weight: Weight of the photo in the blend, 0..1.
         outline: Draw a thin frame just outside the box (only when it is not the whole photo).
+        colormap: The OpenCV colormap (``cv2.COLORMAP_*``; :func:`colormap_code` by name).
 
     Returns:
         A new uint8 (H, W, 3) RGB picture.
@@ -140,7 +144,7 @@ def overlay_cam(
     y0, x0, y1, x1 = pixel_box(box, height, width)
     mask = cv2.resize(normalize_cam(cam), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
     out = np.array(image_rgb, dtype=np.uint8, copy=True)
-    out[y0:y1, x0:x1] = blend_cam(out[y0:y1, x0:x1], mask, image_weight)
+    out[y0:y1, x0:x1] = blend_cam(out[y0:y1, x0:x1], mask, image_weight, colormap)
     if outline and (y0, x0, y1, x1) != (0, 0, height, width):
         thickness = max(1, round(min(height, width) / 250))
         for t in range(1, thickness + 1):  # grow outwards so the blended box stays intact
@@ -148,10 +152,42 @@ def overlay_cam(
     return out
 
 
-def cam_alone(cam: np.ndarray, height: int, width: int) -> np.ndarray:
+def cam_alone(cam: np.ndarray, height: int, width: int,
+              colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
     """The normalized map as a JET picture of the given size, for a photo that is gone."""
     mask = cv2.resize(normalize_cam(cam), (width, height), interpolation=cv2.INTER_LINEAR)
-    return colorize(mask, cv2.COLORMAP_JET)
+    return colorize(mask, colormap)
+
+
+# The OpenCV colormaps by their lower-case names ("jet", "viridis", "inferno", "turbo", ...).
+COLORMAPS = {name[len("COLORMAP_"):].lower(): int(getattr(cv2, name))
+             for name in dir(cv2) if name.startswith("COLORMAP_")}
+
+
+def colormap_code(name: str) -> int:
+    """The OpenCV colormap called ``name`` (case-insensitive); ConfigError naming the valid
+    ones otherwise."""
+    code = COLORMAPS.get(str(name).lower())
+    if code is None:
+        raise ConfigError(unknown("colormap", name, COLORMAPS, show=len(COLORMAPS)))
+    return code
+
+
+def overlay(
+    image_rgb: np.ndarray,
+    cam: np.ndarray,
+    box: Sequence[float] | np.ndarray | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    outline: bool = False,
+) -> np.ndarray:
+    """The public, stable form of :func:`overlay_cam`: a raw map drawn onto the region
+    ``box`` (y0, x0, y1, x1) of a uint8 RGB photo, with ``alpha`` the map's opacity (0..1)
+    and ``cmap`` an OpenCV colormap name. ``alpha=0.5, cmap="jet"`` is what render draws.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha (the map's opacity) must be in [0, 1], got {alpha}")
+    return overlay_cam(image_rgb, cam, box, 1.0 - alpha, outline, colormap_code(cmap))
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -185,6 +221,7 @@ def saliency_picture(
     image_rgb: np.ndarray | None,
     box: Sequence[float] | np.ndarray | None = None,
     box_hw: tuple[int, int] | None = None,
+    colormap: int = cv2.COLORMAP_HOT,
 ) -> np.ndarray:
     """The region the model saw, next to its saliency map (99th-percentile scaled, HOT).
 
@@ -206,7 +243,7 @@ def saliency_picture(
     elif box_hw is None or min(box_hw) < 1:
         box_hw = saliency.shape[:2]
     height, width = panel_size(box_hw, max(saliency.shape[:2]))
-    heat = colorize(_resize(normalize_saliency(saliency), height, width), cv2.COLORMAP_HOT)
+    heat = colorize(_resize(normalize_saliency(saliency), height, width), colormap)
     if image_rgb is None:
         return heat
     view = _resize(np.ascontiguousarray(image_rgb[y0:y1, x0:x1]), height, width)

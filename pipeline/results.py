@@ -19,7 +19,6 @@ from .store import (
     DONE,
     FAILED,
     PENDING,
-    STATUS_NAMES,
     attr_list,
     is_scale,
     open_results,
@@ -29,6 +28,7 @@ from .store import (
     stored_config,
 )
 from .store import categories as stored_categories
+from .table import seen_boxes, sweep_table
 
 
 class Run:
@@ -133,22 +133,46 @@ class Run:
         """(class explained, its pre-softmax score), each (N,)."""
         return self.file["targets/class"][:], self.file["targets/score"][:]
 
-    def table(self) -> Any:
-        """A pandas DataFrame: one row per image with path, label, status, top-1, target."""
-        import pandas as pd
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) region of each original image the model saw (``/images/box``: y0, x0, y1,
+        x1 in original pixels); a center crop is not the whole photo, and maps cover this
+        region only. The whole image for files without ``/images/box``."""
+        return seen_boxes(self.file)
 
-        cls, prob = self.predictions
-        tcls, tscore = self.targets
-        if tcls.ndim == 2:  # target=topk: the table shows the first explained class
-            tcls, tscore = tcls[:, 0], tscore[:, 0]
-        cats = self.categories
-        return pd.DataFrame({
-            "path": self.paths, "label": self.labels,
-            "status": pd.Categorical.from_codes(self.status, list(STATUS_NAMES)),
-            "error": self.errors, "pred": cls[:, 0], "prob": prob[:, 0],
-            "pred_name": [cats[c] if 0 <= c < len(cats) else "" for c in cls[:, 0]],
-            "target": tcls, "score": tscore,
-        })
+    def table(self, metrics: bool = True, stats: bool = True, boxes: Any = None) -> Any:
+        """The long table (pandas): a row per image x stored map (x class with topk), with
+        the image's facts, the map's metrics and statistics; see :func:`pipeline.table.
+        run_table` for the columns and ``boxes``."""
+        from .table import run_table
+
+        return run_table(self, metrics=metrics, stats=stats, boxes=boxes)
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics ``stage=evaluate`` stored, per map key (``gradcam/layer4``): an
+        ``xarray.Dataset`` with an ``image`` coordinate (a dict of arrays without xarray);
+        {} when the run has none."""
+        from .table import metric_datasets
+
+        return metric_datasets(self)
+
+    def overlay(self, row: int, map: str | None = None, alpha: float = 0.5,
+                cmap: str | None = None, k: int | None = None) -> np.ndarray:
+        """Image ``row``'s picture for one map as uint8 RGB (H, W, 3): the very picture
+        ``stage=render`` draws, without its title banner.
+
+        Args:
+            row: The image's row (``table()["row"]``); it must be done.
+            map: ``"method/layer"`` (``table()["map"]``); None for the run's first map.
+            alpha: The map's opacity over the photo, 0..1 (render's 0.5 by default).
+            cmap: An OpenCV colormap name (jet, viridis, inferno, magma, turbo, hot, ...);
+                None for render's (jet; hot for input-resolution maps, drawn beside the
+                photo, where ``alpha`` does not apply).
+            k: Which explained class of a target=topk run (``table()["rank"]``), 0 if None.
+        """
+        from .overlays import run_overlay
+
+        return run_overlay(self, row, map, alpha, cmap, k)
 
     # -- arrays -------------------------------------------------------------------------
     @property
@@ -529,6 +553,9 @@ class Sweep:
                          f"{'them' if unfinished != 1 else 'it'} (done jobs are kept):")
             lines.append("  " + self.rerun_command())
         return lines
+
+    def images(self, **kw: Any) -> Any:
+        return sweep_table(self, **kw)
 
     def __len__(self) -> int:
         return len(self.table)

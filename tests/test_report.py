@@ -392,7 +392,7 @@ def test_report_refuses_a_folder_that_is_neither(tmp_path):
 def test_render_and_report_never_import_torch():
     """The reading stages run where torch is not installed (or too heavy to load)."""
     code = ("import sys\nimport pipeline.render, pipeline.report, pipeline.pictures, "
-            "pipeline.images, pipeline.metrics.file\n"
+            "pipeline.images, pipeline.store.metrics, pipeline.table\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
