@@ -75,7 +75,8 @@ def test_help_lists_the_choices_not_the_schemas(tmp_path):
     assert listed["method"].split(", ") == sorted(pipeline.config.METHODS)  # one per method
     assert listed["target"] == "class, label, pred, topk"
     assert listed["hydra/launcher"] == "slurm, slurm_cpu, basic, submitit_local, submitit_slurm"
-    assert listed["stage"] == "all, extract, render, merge, evaluate, report"
+    assert listed["stage"] == ", ".join(pipeline.config.STAGES)  # every registered stage
+    assert {"all", "extract", "render", "merge", "evaluate", "report"} <= set(pipeline.config.STAGES)
     assert "\nmethod:\n  name: gradcam\n  save_weights: true\n" in proc.stdout  # the config
 
 
