@@ -37,6 +37,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the configured stage(s) in ``run_dir``; returns plain data (submitit pickles it)."""
+    if cfg.stage == "explore":  # reads only: before the imports of the computing stages
+        from .explore import serve
+
+        if not cfg.get("run_dir"):
+            raise ConfigError("stage=explore needs run_dir=<a run folder or a multirun folder>")
+        serve(run_dir, cfg.explore)
+        return {"run_dir": str(run_dir), "stage": "explore"}
     from .extract import extract
     from .merge import merge_if_complete, merge_shards
 
