@@ -236,8 +236,7 @@ class Source:
         views = []
         curves = {name: self._curves(self.jobs[name], int(r))
                   for name, r in same[["job", "row"]].drop_duplicates().itertuples(index=False)}
-        for rec in same.itertuples(index=False):
-            rec = rec._asdict()
+        for rec in same.to_dict("records"):
             views.append({
                 "job": rec["job"], "row": int(rec["row"]), "map": rec["map"],
                 "method": rec["method"], "layer": rec["layer"], "status": rec["status"],

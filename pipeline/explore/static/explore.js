@@ -71,7 +71,7 @@ async function init() {
   META = await api("/api/meta");
   $("summary").textContent = `${META.images} images · ${META.maps.length} map` +
     (META.maps.length === 1 ? "" : "s") + (META.sweep ? ` · ${META.jobs.length} jobs` : "");
-  fillSelect($("map"), META.maps, null, ["", "all maps"]);
+  fillSelect($("map"), META.maps, null, ["all", "all maps"]);
   if (META.sweep) {
     $("job-box").hidden = false;
     fillSelect($("job"), META.jobs, META.jobs.map((j) => "job " + j), ["", "all jobs"]);
@@ -151,6 +151,7 @@ function query() {
   const s = state();
   const p = new URLSearchParams();
   for (const k of FILTERS) if (s.get(k)) p.set(k, s.get(k));
+  if (mapShown()) p.set("map", mapShown()); else p.delete("map");
   for (const [k, v] of s) if (/^(min|max)_/.test(k)) p.set(k, v);
   p.set("sort", s.get("sort") || "row");
   if (s.get("desc") === "1") p.set("desc", "1");
@@ -159,10 +160,16 @@ function query() {
   return p;
 }
 
+// One tile per image: the first map unless the view asks for another, or for all ("all").
+function mapShown() {
+  const m = state().get("map") || META.maps[0] || "";
+  return m === "all" ? "" : m;
+}
+
 function syncControls() {
   const s = state();
   $("q").value = s.get("q") || "";
-  $("map").value = s.get("map") || "";
+  $("map").value = mapShown() || "all";
   $("job").value = s.get("job") || "";
   $("cls").value = s.get("class") || "";
   $("correct").value = s.get("correct") || "";
@@ -223,7 +230,7 @@ function caption(r) {
   if (r.status === "done") bits.push((META.labeled ? "→ " : "") + (r.pred_name || r.pred));
   else bits.push(r.status);
   const line2 = [];
-  if (!state().get("map") && META.maps.length > 1) line2.push(r.map);
+  if (!mapShown() && META.maps.length > 1) line2.push(r.map);
   if (META.sweep) line2.push("job " + r.job);
   if (sort && META.numeric.includes(sort)) line2.push(`${sort} ${fmt(r[sort])}`);
   return [bits.join(" "), line2.join(" · ")];
