@@ -316,13 +316,15 @@ def test_damaged_stale_and_unfinished_runs_say_so(run_dir, tmp_path):
         f["gradcam/layer4"].attrs.update({k: v for k, v in attrs.items() if k in (
             "kind", "method", "layer")})
         chunk = f["gradcam/layer4"].id.get_chunk_info(0)
+    src, c = client(damaged)  # damaged while it is served
     with open(damaged / "results.h5", "r+b") as fh:
         fh.seek(chunk.byte_offset)
         fh.write(b"\xff" * chunk.size)
-    src, c = client(damaged)
     r = c.get("/api/overlay", params={"row": 1, "map": "gradcam/layer4"})
     assert r.status_code == 422 and "damaged" in r.json()["error"]
     src.close()
+    with pytest.raises(StoreError, match="damaged: cannot read /gradcam/layer4"):
+        Source(damaged)  # damaged before it starts: one line
 
 
 def test_a_sweep_shows_every_job(tmp_path):

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from ..errors import StoreError
 from ..metrics.file import read_metrics
 from ..results import load_run, load_sweep
 from ..store import ACTIVATIONS, attr_list, read_map, stored_maps
@@ -107,7 +108,11 @@ def _stats(f: h5py.File, key: str, done: np.ndarray, sizes: np.ndarray,
     out = {name: np.full(n, np.nan) for name in STATS}
     for lo in range(0, n, _BLOCK):
         hi = min(n, lo + _BLOCK)
-        maps = read_map(f, key, slice(lo, hi))
+        try:
+            maps = read_map(f, key, slice(lo, hi))
+        except (OSError, ValueError, KeyError) as e:  # a corrupted chunk
+            raise StoreError(f"{f.filename} is damaged: cannot read /{key} rows {lo}-{hi - 1}: "
+                             f"{str(e).splitlines()[0][:160]}") from e
         if isinstance(maps, np.ndarray):  # fixed size: a block at a time
             blocks = [(np.arange(lo, hi), maps)]
         else:  # ragged: one row at a time

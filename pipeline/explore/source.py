@@ -98,6 +98,8 @@ class Source:
         try:
             frame = image_table(self.root, self.sweep)
         except StoreError as e:  # stale or damaged metrics: browse the maps without them
+            if "metrics" not in str(e):
+                raise
             self.warnings.append(str(e))
             frame = image_table(self.root, self.sweep, metrics=False)
         if "job" not in frame.columns:
@@ -128,7 +130,9 @@ class Source:
         return jobs
 
     def _job(self, name: str, run_dir: Path) -> Job:
-        f = open_results(run_dir / "results.h5")
+        # No chunk cache: rows are read once each (pictures are cached), and damage to the
+        # file while it is served shows at the next read.
+        f = open_results(run_dir / "results.h5", rdcc_nbytes=0)
         status = f["images/status"][:]
         from ..locks import lock_is_held
 
