@@ -8,6 +8,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..errors import StoreError
 from . import draw
 from .query import MAX_LIMIT, PARAMS, flag, select
-from .source import RequestError, Source, parse_float, parse_int
+from .source import RequestError, Source, _plain, parse_float, parse_int
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -73,8 +74,11 @@ def create_app(src: Source, hosts: list[str] | None = None) -> Starlette:
 
     def images(request: Request) -> Response:
         total, rows = select(src, request.query_params)
-        body = rows.to_json(orient="records", double_precision=6)  # NaN -> null
-        return Response(f'{{"total": {total}, "rows": {body}}}', media_type="application/json")
+        # Python's float repr round-trips: a value sent back as a bound selects its own row.
+        records = rows.astype(object).where(rows.notna(), None).to_dict("records")
+        body = json.dumps({"total": total, "rows": records}, default=_plain,
+                          allow_nan=False)
+        return Response(body, media_type="application/json")
 
     def overlay(request: Request) -> Response:
         q, job, row = image_query(request)
