@@ -254,7 +254,9 @@ function grid(rows) {
 }
 
 function table(rows) {
-  const cols = [...SHOWN.filter((c) => META.columns.includes(c) && (c !== "job" || META.sweep)),
+  const unlabeled = ["label", "label_name", "correct"];
+  const cols = [...SHOWN.filter((c) => META.columns.includes(c) && (c !== "job" || META.sweep)
+                                && (META.labeled || !unlabeled.includes(c))),
                 ...META.swept, ...META.numeric];
   const s = state();
   const head = el("tr", {}, el("th", {text: ""}));
