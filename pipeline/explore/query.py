@@ -75,24 +75,24 @@ def select(src: Source, params: Mapping[str, str]) -> tuple[int, pd.DataFrame]:
         values = t[col].to_numpy()
         with np.errstate(invalid="ignore"):
             keep &= values >= bound if side == "min" else values <= bound
-    rows = t[keep]
-
     sort = params.get("sort") or "row"
     if sort not in src.columns:
         raise RequestError(unknown("sort column", sort, src.columns, keep_order=True, show=40))
     desc = flag("desc", params["desc"]) if params.get("desc") else False
-    order = [sort] + [c for c in ("job", "row", "map") if c != sort]
-    rows = rows.sort_values(order, ascending=[not desc] + [True] * (len(order) - 1),
-                            na_position="last", kind="stable")
+    picked = np.flatnonzero(keep)
+    key = src.sort_key(sort)[picked]
+    # Missing values last either way; ties in (job, row, map) order.
+    order = np.lexsort((src.tie[picked], -key if desc else key))
+    idx = picked[order]  # table positions, in order: the page is cut before any copy
     if (v := params.get("per_class")) not in (None, ""):
         n = parse_int("per_class", v, 1, 10_000)
-        by = "label" if (t["label"] >= 0).any() else "pred"
-        rows = rows.groupby(by, sort=False).head(n)
+        by = t["label" if (t["label"] >= 0).any() else "pred"].to_numpy()[idx]
+        idx = idx[pd.Series(by).groupby(by, sort=False).cumcount().to_numpy() < n]
     if (v := params.get("top")) not in (None, ""):
-        rows = rows.head(parse_int("top", v, 1, len(t) or 1))
+        idx = idx[:parse_int("top", v, 1, len(t) or 1)]
     limit = parse_int("limit", params.get("limit"), 1, MAX_LIMIT, 50)
     offset = parse_int("offset", params.get("offset"), 0, 1 << 40, 0)
-    return len(rows), rows.iloc[offset:offset + limit]
+    return len(idx), t.iloc[idx[offset:offset + limit]]
 
 
 def _is_class(t: pd.DataFrame, col: str, value: str) -> np.ndarray:

@@ -111,6 +111,12 @@ class Source:
                         and pd.api.types.is_float_dtype(self.frame[c])]
         self.texts = [c for c in self.columns if c not in self.numeric]
         self.map_names = list(dict.fromkeys(self.frame["map"].astype(str)))
+        # Ties of a sort fall in (job, row, map) order; each column's sort key is made once.
+        by = self.frame[["job", "row", "map"]].assign(n=np.arange(len(self.frame)))
+        self.tie = np.empty(len(by), np.int64)
+        self.tie[by.sort_values(["job", "row", "map"], kind="stable")["n"].to_numpy()] = \
+            np.arange(len(by))
+        self._keys: dict[str, np.ndarray] = {}
         self._photos = LRU(64)
         self.overlays = LRU(1024)
 
@@ -152,6 +158,19 @@ class Source:
                                  "rerun the same command to finish it")
         maps = {m.key: m for m in stored_maps(f) if m.kind != ACTIVATIONS}
         return Job(name, run_dir, f, maps, status, state)
+
+    def sort_key(self, column: str) -> np.ndarray:
+        """Float64 values of ``column`` that sort as it does (text: its rank), NaN for
+        missing, so that any sort is one ``np.lexsort``."""
+        if column not in self._keys:
+            values = self.frame[column]
+            if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+                key = values.to_numpy(dtype=np.float64, na_value=np.nan)
+            else:
+                codes, _ = pd.factorize(values.astype(str), sort=True)
+                key = codes.astype(np.float64)
+            self._keys[column] = key
+        return self._keys[column]
 
     def close(self) -> None:
         for job in self.jobs.values():
