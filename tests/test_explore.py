@@ -16,10 +16,11 @@ import h5py
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY, compose_cfg, write_images
 from explore_runs import HOSTILE, labelled_run, small_sweep
 from starlette.testclient import TestClient
 
+from pipeline.cli import run
 from pipeline.errors import StoreError
 from pipeline.explore import Source, create_app
 from pipeline.locks import writer_lock
@@ -268,6 +269,10 @@ def test_serving_never_writes(run_dir):
                 c.get("/api/overlay", params={"row": row, "map": m, "cmap": "magma"})
             c.get("/api/photo", params={"row": row})
         c.get("/api/images", params={"sort": "entropy", "desc": 1})
+        # Drawn once per (row, map, look), kept in a bounded cache: 5 done rows x 2 maps.
+        assert len(src.overlays.items) == 10
+        c.get("/api/overlay", params={"row": 1, "map": "gradcam/layer4", "cmap": "magma"})
+        assert len(src.overlays.items) == 10
     finally:
         src.close()
     assert snapshot(run_dir, photos) == before
@@ -278,8 +283,9 @@ def test_damaged_stale_and_unfinished_runs_say_so(run_dir, tmp_path):
     shutil.copytree(run_dir, broken)
     data = (broken / "results.h5").read_bytes()
     (broken / "results.h5").write_bytes(data[: len(data) // 3])
-    with pytest.raises(StoreError, match="results.h5"):
-        Source(broken)
+    with pytest.raises(StoreError, match="results.h5") as caught:
+        run(compose_cfg("stage=explore", f"run_dir={broken}"), broken)  # the stage itself
+    assert "\n" not in str(caught.value)
     with pytest.raises(StoreError, match="no run or sweep"):
         Source(tmp_path / "nothing")
     # Metrics of an earlier extraction: browse the maps, say why the metrics are missing.
@@ -379,3 +385,21 @@ def test_the_command_serves_on_a_free_port_without_torch(run_dir):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: stage=explore needs run_dir=<a run folder or a multirun folder>")
+
+
+def test_input_maps_are_overlaid_too(tmp_path):
+    """A saliency run: its input-resolution map is listed and drawn (HOT by default)."""
+    folder = tmp_path / "photos"
+    write_images(folder, 2)
+    run(compose_cfg(*TINY, "stage=extract", "method=saliency", "data=glob",
+                    f"data.pattern={folder}/*.jpg"), tmp_path / "run")
+    src, c = client(tmp_path / "run")
+    try:
+        assert c.get("/api/meta").json()["maps"] == ["saliency/input"]
+        r = c.get("/api/overlay", params={"row": 1, "map": "saliency/input", "fmt": "png"})
+        assert r.status_code == 200
+        pic = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+        assert pic.shape[:2] == (80, 96)
+        assert c.get("/api/images").json()["rows"][0]["entropy"] is not None
+    finally:
+        src.close()
