@@ -113,6 +113,11 @@ def create_app(src: Source, hosts: list[str] | None = None) -> Starlette:
     async def damaged(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=422)
 
+    async def unreadable(request: Request, e: Exception) -> JSONResponse:
+        # HDF5 or a photo failing at read time: the file changed or broke while served.
+        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return JSONResponse({"error": f"cannot read from {src.root}: {text}"}, status_code=422)
+
     async def http_error(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, HTTPException)
         return JSONResponse({"error": e.detail}, status_code=e.status_code)
@@ -123,7 +128,8 @@ def create_app(src: Source, hosts: list[str] | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={
-        RequestError: refused, StoreError: damaged, HTTPException: http_error},
+        RequestError: refused, StoreError: damaged, OSError: unreadable,
+        HTTPException: http_error},
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts or [
             "127.0.0.1", "localhost"])])
     app.add_middleware(_Headers)

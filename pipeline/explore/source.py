@@ -105,6 +105,10 @@ class Source:
         if "job" not in frame.columns:
             frame.insert(0, "job", "")
         frame["job"] = frame["job"].astype(str)
+        # What the queries compare: status as text, correct as 1.0 / 0.0 / NaN (whatever
+        # dtype the table gives: bool, nullable boolean, float).
+        frame["status"] = frame["status"].astype(str)
+        frame["correct"] = frame["correct"].to_numpy(dtype=np.float64, na_value=np.nan)
         self.frame = frame.reset_index(drop=True)
         self.columns = list(self.frame.columns)
         self.numeric = [c for c in self.columns if c not in FIXED
