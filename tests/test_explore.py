@@ -359,7 +359,7 @@ def test_a_sweep_shows_every_job(tmp_path):
         src.close()
 
 
-def test_the_command_serves_on_a_free_port_without_torch(run_dir):
+def test_the_command_serves_on_a_free_port_without_torch(run_dir, tmp_path):
     """``stage=explore explore.port=0`` prints the URL it serves; the explorer's modules
     never import torch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -370,7 +370,8 @@ def test_the_command_serves_on_a_free_port_without_torch(run_dir):
     assert proc.stdout.strip() == "[]", proc.stderr[-2000:]
     server = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "stage=explore",
                                f"run_dir={run_dir}", "explore.port=0"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     try:
         line = server.stdout.readline()  # blocks until the server says where it is
         assert line.startswith("explore -> http://127.0.0.1:"), (line, server.stderr.read())
@@ -382,7 +383,7 @@ def test_the_command_serves_on_a_free_port_without_torch(run_dir):
         server.terminate()
         server.wait(timeout=30)
     bad = subprocess.run([sys.executable, str(ROOT / "run.py"), "stage=explore"], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: stage=explore needs run_dir=<a run folder or a multirun folder>")
 

@@ -42,7 +42,8 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "stage=explore",
                              f"run_dir={run_dir}", "explore.port=0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=run_dir.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # the server prints its URL once it listens
         assert line.startswith("explore -> http://127.0.0.1:"), (line, proc.stderr.read())
