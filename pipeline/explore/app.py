@@ -67,7 +67,7 @@ def create_app(src: Source, hosts: list[str] | None = None) -> Starlette:
             "root": str(src.root), "sweep": src.sweep, "columns": src.columns,
             "numeric": src.numeric, "maps": src.map_names, "jobs": list(src.jobs),
             "swept": src.swept(), "classes": [c for c in classes if c],
-            "images": int(t[["job", "row"]].drop_duplicates().shape[0]),
+            "images": int(t["path"].nunique()),  # of a sweep: distinct photos
             "rows": len(t), "labeled": bool((t["label"] >= 0).any()),
             "warnings": src.warnings, "cmaps": list(draw.CMAPS), "max_limit": MAX_LIMIT,
             "params": list(PARAMS), "higher_is_better": [m for m in HIGHER_IS_BETTER

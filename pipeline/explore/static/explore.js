@@ -160,9 +160,10 @@ function query() {
   return p;
 }
 
-// One tile per image: the first map unless the view asks for another, or for all ("all").
+// One tile per image: the first map unless the view asks for another, or for all ("all");
+// a sweep shows every job's maps (a layer sweep has one map per job).
 function mapShown() {
-  const m = state().get("map") || META.maps[0] || "";
+  const m = state().get("map") || (META.sweep ? "all" : META.maps[0] || "");
   return m === "all" ? "" : m;
 }
 
@@ -351,7 +352,7 @@ async function detail(key) {
   } else {
     fact("status", d.status + (d.error ? ": " + d.error : ""));
   }
-  fact("size", `${d.size[0]} × ${d.size[1]}`);
+  if (d.size[0] > 0) fact("size", `${d.size[0]} × ${d.size[1]}`);
   const topk = el("table", {cls: "topk"}, el("thead", {}, el("tr", {},
     el("th", {text: "top-k"}), el("th", {text: "class"}), el("th", {text: "p"}))));
   d.topk.forEach((t, i) => topk.append(el("tr", {}, el("td", {text: String(i + 1)}),
@@ -360,13 +361,14 @@ async function detail(key) {
   pq.set("size", "512");
   const photoQ = new URLSearchParams(pq);
   photoQ.set("crop", "1");
+  const done = d.status === "done";  // other rows have no photo or box to show
   const head = el("div", {cls: "detail-head"}, facts, d.topk.length ? topk : null,
-    el("figure", {cls: "photo"}, el("img", {src: "/api/photo?" + pq.toString(),
-                                            alt: "the photo"}),
-      el("figcaption", {text: "photo"})),
-    el("figure", {cls: "photo"}, el("img", {src: "/api/photo?" + photoQ.toString(),
-                                            alt: "the region the model saw"}),
-      el("figcaption", {text: "as the model saw it"})));
+    done ? el("figure", {cls: "photo"}, el("img", {src: "/api/photo?" + pq.toString(),
+                                                   alt: "the photo"}),
+      el("figcaption", {text: "photo"})) : null,
+    done ? el("figure", {cls: "photo"}, el("img", {src: "/api/photo?" + photoQ.toString(),
+                                                   alt: "the region the model saw"}),
+      el("figcaption", {text: "as the model saw it"})) : null);
   const views = el("div", {cls: "views"});
   for (const v of d.views) {
     const title = (META.sweep ? `job ${v.job} · ` : "") + v.map;
