@@ -404,3 +404,20 @@ def test_input_maps_are_overlaid_too(tmp_path):
         assert c.get("/api/images").json()["rows"][0]["entropy"] is not None
     finally:
         src.close()
+
+
+def test_a_photo_moved_away_still_shows_its_map(tmp_path):
+    folder = tmp_path / "photos"
+    paths = write_images(folder, 2)
+    run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={folder}/*.jpg"),
+        tmp_path / "run")
+    paths[1].unlink()
+    src, c = client(tmp_path / "run")
+    try:
+        r = c.get("/api/overlay", params={"row": 1, "fmt": "png"})
+        assert r.status_code == 200  # the map alone, at the photo's stored size
+        assert cv2.imdecode(np.frombuffer(r.content, np.uint8), 1).shape[:2] == (80, 96)
+        r = c.get("/api/photo", params={"row": 1})
+        assert r.status_code == 404 and "cannot be read" in r.json()["error"]
+    finally:
+        src.close()

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import CamsweepError, StoreError, unknown
 from ..metrics.file import read_metrics
+from ..pictures import pixel_box
 from ..render import load_photo
 from ..store import (
     ACTIVATIONS,
@@ -214,10 +215,9 @@ class Source:
             path = str(f["images/path"].asstr()[row])
             size = f["images/size"][row]
             box = f["images/box"][row] if "images/box" in f else np.full(4, np.nan)
-            image, box = load_photo(path, size, box, max_side=PHOTO_SIDE)
-            from ..render import _box_hw
-
-            return image, box, _box_hw(size, box)
+            image, shown = load_photo(path, size, box, max_side=PHOTO_SIDE)
+            y0, x0, y1, x1 = pixel_box(box, *(int(v) for v in size))  # for a photo gone
+            return image, shown, (y1 - y0, x1 - x0)
         return self._photos.get((job.name, row), make)
 
     def overlay(self, job: Job, row: int, info: Any, alpha: float, cmap: str, size: int,
@@ -235,8 +235,6 @@ class Source:
         return self.overlays.get((job.name, row, info.key, alpha, cmap, size, fmt), make)
 
     def photo_bytes(self, job: Job, row: int, crop: bool, size: int) -> bytes:
-        from ..pictures import pixel_box
-
         photo, box, _ = self.photo(job, row)
         if photo is None:
             raise RequestError(f"the photo of row {row} cannot be read (moved or deleted?)",
