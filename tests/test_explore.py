@@ -5,6 +5,7 @@ requests, read-only serving, damaged and unfinished runs, a sweep, the command l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -421,3 +422,15 @@ def test_a_photo_moved_away_still_shows_its_map(tmp_path):
         assert r.status_code == 404 and "cannot be read" in r.json()["error"]
     finally:
         src.close()
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/bench_explore.py on a small synthetic run (the figures are not checked)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_explore.py"),
+                           "--n", "300", "--out", str(tmp_path), "--name", "smoke"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    assert payload["n_images"] == 300 and payload["figures"]["rss_mb"] > 0
+    assert set(payload["targets"]) <= set(payload["figures"])
