@@ -31,6 +31,7 @@ STAGES = {
     "evaluate": "pipeline.stages:evaluate",
     "report": "pipeline.stages:report",
     "table": "pipeline.table:table_stage",
+    "explore": "pipeline.explore:explore_stage",
 }
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
@@ -153,6 +154,15 @@ class ReportConfig:
 
 
 @dataclass
+class ExploreConfig:
+    """stage=explore: the local web app that browses a run or a sweep (pipeline/explore/)."""
+
+    host: str = "127.0.0.1"  # loopback: only this machine reaches it
+    port: int = 8765  # 0: any free port (the URL printed says which)
+    open: bool = False  # open the page in a browser
+
+
+@dataclass
 class CamsweepConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING
@@ -160,6 +170,7 @@ class CamsweepConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
     stage: str = "all"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: Any = "auto"  # auto (16 on CPU, from free GPU memory on CUDA) | N
