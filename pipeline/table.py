@@ -38,6 +38,7 @@ from .store import (
     categories,
     is_ragged,
     map_ndim,
+    read_rows,
     stored_maps,
 )
 
@@ -151,7 +152,8 @@ def _map_chunks(f: h5py.File, key: str, rows: int) -> Any:
     if not is_ragged(f, key):
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
-            yield lo, hi, {ds.shape[1:]: (np.arange(lo, hi), ds[lo:hi])}
+            yield lo, hi, {ds.shape[1:]: (np.arange(lo, hi),
+                                          read_rows(f, key, f.filename, slice(lo, hi)))}
         return
     offsets = f[f"{RAGGED}/{key}/offset"][:].astype(np.int64)
     shapes = f[f"{RAGGED}/{key}/shape"][:]
@@ -159,7 +161,8 @@ def _map_chunks(f: h5py.File, key: str, rows: int) -> Any:
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         start, stop = int(offsets[lo]), int(offsets[hi - 1] + sizes[hi - 1])
-        span = ds[start:stop]  # rows lie back to back (store.check_ragged)
+        # rows lie back to back (store.check_ragged)
+        span = read_rows(f, key, f.filename, slice(start, stop))
         groups: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         chunk = shapes[lo:hi]
         for shape in np.unique(chunk, axis=0):

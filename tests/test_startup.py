@@ -76,7 +76,8 @@ def test_help_lists_the_choices_not_the_schemas(tmp_path):
     assert listed["target"] == "class, label, pred, topk"
     assert listed["hydra/launcher"] == "slurm, slurm_cpu, basic, submitit_local, submitit_slurm"
     assert listed["stage"] == ", ".join(pipeline.config.STAGES)  # every registered stage
-    assert {"all", "extract", "render", "merge", "evaluate", "report"} <= set(pipeline.config.STAGES)
+    assert {"all", "extract", "render", "merge", "evaluate", "report"} <= set(
+        pipeline.config.STAGES)
     assert "\nmethod:\n  name: gradcam\n  save_weights: true\n" in proc.stdout  # the config
 
 
