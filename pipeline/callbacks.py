@@ -30,12 +30,23 @@ class SweepReport(Callback):
     each: a task that ends while its siblings still work leaves the table to the last one."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from omegaconf import OmegaConf
+
         from .identity import write_identity
+        from .sweep import expected_jobs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # The job list as Hydra's own sweeper expands it (globs over config groups with
+        # Hydra's config loader): the table lists jobs not started yet from it.
+        hydra = GlobalHydra.instance()
+        loader = hydra.config_loader() if hydra.is_initialized() else None
+        jobs, swept = expected_jobs(OmegaConf.to_container(config.hydra, resolve=False),
+                                    loader)
         write_identity(sweep_dir, kind="sweep", pid=os.getpid(), host=socket.gethostname(),
-                       started=time.time(), ended=False, finished=False)
+                       started=time.time(), ended=False, finished=False,
+                       **({"jobs": jobs, "swept": swept} if jobs else {}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .errors import StoreError

@@ -200,21 +200,21 @@ def register_configs() -> None:
     _methods.on_register(_store_method_schema)
 
 
-def _run_dir(run_dir: str | None, default: str) -> str:
+def _run_dir(run_dir: str | None, default: str, _root_: Any = None) -> str:
     """``run_dir`` if given; else the unfinished folder of the same command, or a new one
     named ``default`` (Hydra's ``outputs/<date>/<time>``): pipeline.identity."""
     if run_dir:
         return run_dir
     from .identity import claim
 
-    return claim(default, "run")
+    return claim(default, "run", _root_)
 
 
-def _sweep_dir(default: str) -> str:
+def _sweep_dir(default: str, _root_: Any = None) -> str:
     """The unfinished sweep of the same command, or a new ``multirun/<date>/<time>``."""
     from .identity import claim
 
-    return claim(default, "sweep")
+    return claim(default, "sweep", _root_)
 
 
 def _output_subdir(stage: str, run_dir: str | None) -> str | None:
@@ -231,8 +231,8 @@ register_configs()
 for _name, _fn in (("camsweep_run_dir", _run_dir), ("camsweep_output_subdir", _output_subdir)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
-if not OmegaConf.has_resolver("camsweep_sweep_dir"):  # cached: every job of a sweep agrees
-    OmegaConf.register_new_resolver("camsweep_sweep_dir", _sweep_dir, use_cache=True)
+if not OmegaConf.has_resolver("camsweep_sweep_dir"):
+    OmegaConf.register_new_resolver("camsweep_sweep_dir", _sweep_dir)
 
 
 def _choice(kind: str, value: object, valid: tuple[str, ...]) -> None:

@@ -31,6 +31,9 @@ from .errors import ConfigError
 
 log = logging.getLogger("camsweep")
 _CLAIMED: dict[tuple[str, str], str] = {}  # (kind, default folder) -> the folder claimed
+# The driver's choice, passed on to the sweep's jobs in other processes (submitit_local,
+# SLURM: sbatch exports the environment): each job resolves hydra.sweep.dir again.
+CLAIMED_ENV = "CAMSWEEP_CLAIMED"
 FORMAT = "camsweep-identity"
 
 
@@ -42,15 +45,17 @@ def command_identity(overrides: list[str], config_name: str, kind: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _hydra_identity(kind: str) -> tuple[str, list[str]] | None:
-    """The identity of the command Hydra is running now; None outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
+def _hydra_identity(kind: str, config: Any) -> tuple[str, list[str]] | None:
+    """The identity of the command that composed ``config`` (the root of the config being
+    resolved); None without Hydra's record of it."""
+    from omegaconf import OmegaConf
 
-    if not HydraConfig.initialized():
+    overrides = OmegaConf.select(config, "hydra.overrides.task") if config is not None else None
+    if overrides is None:
         return None
-    hc = HydraConfig.get()
-    overrides = [str(o) for o in hc.overrides.task]
-    return command_identity(overrides, str(hc.job.config_name), kind), overrides
+    overrides = [str(o) for o in overrides]
+    name = str(OmegaConf.select(config, "hydra.job.config_name") or "")
+    return command_identity(overrides, name, kind), overrides
 
 
 def srun_step() -> str | None:
@@ -156,21 +161,27 @@ def _mkdir_free(default: str) -> str:
     raise ConfigError(f"cannot find a free folder next to {default}")
 
 
-def claim(default: str, kind: str) -> str:
+def claim(default: str, kind: str, config: Any = None) -> str:
     """The folder of this run (``kind`` "run") or sweep ("sweep") when none was given:
-    see the module doc. One answer per process and default folder."""
+    see the module doc. ``config``: the composed config (its ``hydra.overrides.task`` say
+    which command this is). One answer per process and default folder."""
     key = (kind, default)
     if key in _CLAIMED:
         return _CLAIMED[key]
-    found = _hydra_identity(kind)
-    if found is None:  # not under Hydra (a test, a notebook): a new folder, as before
-        _CLAIMED[key] = _mkdir_free(default)
-        return _CLAIMED[key]
-    identity, overrides = found
-    root = Path(default).parent.parent
+    inherited = _inherited().get(f"{kind}:{default}")
+    if inherited:
+        _CLAIMED[key] = inherited
+        return inherited
     step = srun_step()
     step_dir = str(Path(default).parent / f"slurm-{step}") if step else None
-    folder = find_unfinished(root, identity, kind, step_dir, step)
+    found = _hydra_identity(kind, config)
+    if found is None:  # not under Hydra (a test, a notebook): a new folder, as before
+        if step_dir is not None:
+            Path(step_dir).mkdir(parents=True, exist_ok=True)
+        _CLAIMED[key] = step_dir or _mkdir_free(default)
+        return _CLAIMED[key]
+    identity, overrides = found
+    folder = find_unfinished(Path(default).parent.parent, identity, kind, step_dir, step)
     if folder is not None:
         log.info("continuing %s %s (the same command, interrupted earlier)", kind, folder)
         chosen = str(folder)
@@ -184,4 +195,14 @@ def claim(default: str, kind: str) -> str:
                    pid=os.getpid(), host=socket.gethostname(), created=created,
                    step=step, ended=False)
     _CLAIMED[key] = chosen
+    if kind == "sweep":
+        os.environ[CLAIMED_ENV] = json.dumps({**_inherited(), f"{kind}:{default}": chosen})
     return chosen
+
+
+def _inherited() -> dict[str, str]:
+    try:
+        found = json.loads(os.environ.get(CLAIMED_ENV) or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

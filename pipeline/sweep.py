@@ -88,6 +88,32 @@ def _tail_error(path: Path, size: int = 16384) -> str:
     return ""
 
 
+def expected_jobs(hydra: dict[str, Any], config_loader: Any = None
+                  ) -> tuple[list[list[str]], list[str] | None]:
+    """The jobs a sweep's ``hydra`` config node asks for (overrides, in job-number order)
+    and the keys it sweeps, expanded as Hydra's basic sweeper does (globs over config groups
+    with ``config_loader``, as the driver has it; without one, from ``conf/<group>/``);
+    ([], keys) for another sweeper, ([], None) for a sweep this cannot parse."""
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        sweeper = hydra.get("sweeper") or {}
+        args = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        args += list((hydra.get("overrides") or {}).get("task") or [])
+        overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(args)
+        if config_loader is None:
+            overrides = _expand_globs(overrides)
+        swept = [_override_key(o.get_key_element())[0] for o in overrides
+                 if o.is_sweep_override()]
+        if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return [], swept
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # an unusual sweep: its job folders say what ran
+        return [], None
+    return [list(job) for batch in batches for job in batch], swept
+
+
 class Sweep:
     """A Hydra multirun folder: one row per job in :attr:`table`, arrays on demand.
 
@@ -149,29 +175,18 @@ class Sweep:
 
     # -- what the sweep is --------------------------------------------------------------------
     def _expected_jobs(self) -> tuple[list[list[str]], list[str] | None]:
-        """The jobs ``multirun.yaml`` asks for (overrides, in job-number order) and the keys it
-        sweeps, expanded as Hydra's basic sweeper does (globs over config groups too); ([],
-        None) when there is no such file or another sweeper made the sweep."""
+        """The jobs the sweep asks for (overrides, in job-number order) and the keys it
+        sweeps: as its driver recorded them (globs expanded by Hydra itself), else from
+        ``multirun.yaml``; ([], None) when neither tells."""
+        from .identity import read_identity
+
+        record = read_identity(self.root)
+        if isinstance(record.get("jobs"), list):
+            return [list(map(str, j)) for j in record["jobs"]], record.get("swept")
         path = self.root / "multirun.yaml"
         if not path.is_file():
             return [], None
-        try:
-            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
-            hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
-            sweeper = hydra.get("sweeper") or {}
-            args = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-            args += list((hydra.get("overrides") or {}).get("task") or [])
-            overrides = _expand_globs(OverridesParser.create().parse_overrides(args))
-            swept = [_override_key(o.get_key_element())[0] for o in overrides
-                     if o.is_sweep_override()]
-            if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
-                return [], swept
-            batches = BasicSweeper.split_arguments(overrides, None)
-        except Exception:  # an unusual sweep: its job folders say what ran
-            return [], None
-        return [list(job) for batch in batches for job in batch], swept
+        return expected_jobs((yaml.safe_load(path.read_text()) or {}).get("hydra", {}))
 
     @property
     def swept(self) -> list[str]:

@@ -29,8 +29,8 @@ _REFUSALS: list[tuple[str, tuple[str, ...], str]] = [
     (r"time limit", ("timeout_min",), "ask for a shorter time: {fix_less}"),
     (r"feature", ("constraint",), "use a feature the nodes have: {fix_null} or another"),
 ]
-NO_SLURM = ("hydra/launcher=slurm needs a SLURM cluster, and {what} is not on this machine's "
-            "PATH: run it on a SLURM login node, or here with hydra/launcher=basic (the "
+NO_SLURM = ("hydra/launcher=slurm needs a SLURM cluster, and this machine has no {what} on "
+            "its PATH: run it on a SLURM login node, or here with hydra/launcher=basic (the "
             "default, one job after another) or hydra/launcher=submitit_local")
 
 
