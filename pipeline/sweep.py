@@ -270,7 +270,7 @@ class Sweep:
             row["error"] = ""
         elif status.get("status") == "failed" and not interrupted:
             row["state"] = "timeout" if OUT_OF_TIMEOUTS in error else "failed"
-        elif readable and row["pending"] == 0 and (len(sources) == 1 or status.get("status")):
+        elif readable and row["pending"] == 0 and results.exists():  # shards: once merged
             row["state"] = "done"
         elif folder is not None and record.get("outcome") in ("failed", "timeout", "cancelled"):
             row["state"] = record["outcome"]
