@@ -19,6 +19,7 @@ import yaml
 from .cluster.states import (
     JOB_STATES,
     OUT_OF_TIMEOUTS,
+    OUT_OF_TIMEOUTS_REASON,
     RUN_LOG,
     SLURM_ENDED,
     SLURM_RUNNING,
@@ -269,7 +270,9 @@ class Sweep:
             row["state"] = "pending"
             row["error"] = ""
         elif status.get("status") == "failed" and not interrupted:
-            row["state"] = "timeout" if OUT_OF_TIMEOUTS in error else "failed"
+            row["state"] = "failed"
+            if OUT_OF_TIMEOUTS in error:  # submitit's word for a job out of requeues
+                row.update(state="timeout", error=OUT_OF_TIMEOUTS_REASON)
         elif readable and row["pending"] == 0 and results.exists():  # shards: once merged
             row["state"] = "done"
         elif folder is not None and record.get("outcome") in ("failed", "timeout", "cancelled"):

@@ -216,3 +216,17 @@ def test_commands_that_cannot_run_are_one_line_exit_2(tmp_path, args, message):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_status_rate_and_eta_of_a_job_being_written(tmp_path):
+    """Rows done since the writer took the lock (the lock file's time), over the time since."""
+    from pipeline.status import progress
+
+    lock = tmp_path / ".results.h5.lock"
+    lock.write_text("pid 1 on here, writing")
+    os.utime(lock, (1000.0, 1000.0))
+    assert progress(tmp_path, 5, 10, now=1010.0) == "0.5 img/s, ETA 10s"
+    assert progress(tmp_path, 10, 10, now=1010.0) == "1 img/s"
+    assert progress(tmp_path, 0, 10, now=1010.0) == ""
+    lock.unlink()
+    assert progress(tmp_path, 5, 10, now=1010.0) == ""

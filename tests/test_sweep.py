@@ -456,8 +456,8 @@ def test_live_sweep_states_from_slurm_and_the_job_folders(tmp_path, image_dir, m
     t = s.table
     assert list(t["job"]) == [0, 1, 2, 3]
     assert list(t["state"]) == ["pending", "timeout", "pending", "evaluating"]
-    assert list(t["error"]) == ["", "UncompletedJobError: Job not requeued because: "
-                                "timed-out too many times.", "", ""]
+    assert list(t["error"]) == ["", "time limit reached after every requeue (max_num_timeout)"
+                                ": raise hydra.launcher.timeout_min or max_num_timeout", "", ""]
     assert list(t["requeued"]) == [0, 0, 1, 0]  # sacct -D: an earlier run ended REQUEUED
     assert t.iloc[2]["logs"] == [str(logs / "7_2_0_log.out"), str(logs / "7_2_0_log.err")]
     assert t.iloc[3]["logs"] == []  # run here, not by Hydra: no run.log

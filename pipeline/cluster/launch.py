@@ -29,7 +29,7 @@ from .job import JobFailed, JobRunner
 from .jobs_file import read_jobs, write_jobs
 from .refusals import explain_sbatch_error, first_line, missing_slurm, refused
 from .slurm import slurm_states
-from .states import LIVE_STATES, OUT_OF_TIMEOUTS
+from .states import LIVE_STATES, OUT_OF_TIMEOUTS, OUT_OF_TIMEOUTS_REASON
 
 log = logging.getLogger("camsweep")
 
@@ -155,8 +155,7 @@ def outcome(job: Any) -> tuple[str, Any, str, str]:
         text = str(e)
         state = job.state.split()[0] if job.state else ""
         if OUT_OF_TIMEOUTS in text:  # submitit: requeued max_num_timeout times already
-            return "timeout", None, f"time limit reached after every requeue ({OUT_OF_TIMEOUTS})" \
-                " : raise hydra.launcher.timeout_min or max_num_timeout", state
+            return "timeout", None, OUT_OF_TIMEOUTS_REASON, state
         found = re.findall(rf"{re.escape(JobFailed.__module__)}\.JobFailed: (.+)", text)
         trace = [ln for ln in text.splitlines() if re.match(r"^\w[\w.]*(Error|Exception)", ln)]
         reason = found[-1] if found else (trace[-1] if trace else first_line(text))

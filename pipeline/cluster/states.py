@@ -28,3 +28,6 @@ JOB_STATES = ("done", "running", "evaluating", "pending", "incomplete", "failed"
 
 # What submitit writes when a job has used up its requeues after time limits.
 OUT_OF_TIMEOUTS = "timed-out too many times"
+# What the sweep table says about it.
+OUT_OF_TIMEOUTS_REASON = ("time limit reached after every requeue (max_num_timeout): raise "
+                          "hydra.launcher.timeout_min or max_num_timeout")
