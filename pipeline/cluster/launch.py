@@ -188,7 +188,10 @@ def collect(p: Plan) -> None:
 
 def interrupted(p: Plan) -> None:
     """Ctrl-C in the driver: the jobs go on in SLURM; say what the same command does next."""
+    from ..identity import write_identity
+
     write_jobs(p.sweep_dir, p.jobs)
+    write_identity(p.sweep_dir, ended=True)  # the same command, from any login node, adopts it
     ids = sorted({h.job_id.split("_")[0] for _, _, h in p.waiting})
     print(f"\ninterrupted: the sweep's {len(p.waiting)} job(s) go on in SLURM (scancel "
           f"{' '.join(ids)} stops them). The same command run again finds this sweep "
