@@ -230,3 +230,15 @@ def test_status_rate_and_eta_of_a_job_being_written(tmp_path):
     assert progress(tmp_path, 0, 10, now=1010.0) == ""
     lock.unlink()
     assert progress(tmp_path, 5, 10, now=1010.0) == ""
+
+
+def test_jobs_in_other_processes_find_the_sweep_folder_the_driver_chose(tmp_path, image_dir):
+    """submitit_local runs each job in its own process, which resolves hydra.sweep.dir
+    again: every job lands in the driver's folder, not a folder of its own."""
+    proc = run_py("-m", "hydra/launcher=submitit_local", *TINY, "stage=extract", "data=glob",
+                  f"data.pattern={image_dir}/*.jpg", "model.target_layers=[layer3],[layer4]",
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    assert sorted(p.parent.name for p in sweep_dir.glob("*/results.h5")) == ["0", "1"]
+    assert f"{sweep_dir.relative_to(tmp_path)}: 2 jobs: 2 done" in proc.stdout
