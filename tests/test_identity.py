@@ -182,11 +182,12 @@ def test_custom_job_folders_and_glob_sweeps_are_listed_in_full(tmp_path, image_d
     assert table[2].split() == ["0", "gradcam", "done", "6/6"]
     assert table[3].split() == ["1", "gradcampp", "done", "6/6"]
     assert len(table) == 4
-    code = ("import runpy, sys\nsys.argv = ['run.py', 'stage=status', 'run_dir=' + sys.argv[1]]\n"
-            "try:\n    runpy.run_path(sys.argv[0].replace('run.py', '') + sys.argv[2], "
-            "run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+    code = ("import runpy, sys\nscript, folder = sys.argv[1:3]\n"
+            "sys.argv = [script, 'stage=status', 'run_dir=' + folder]\ncode = None\n"
+            "try:\n    runpy.run_path(script, run_name='__main__')\n"
+            "except SystemExit as e:\n    code = e.code\n"
             "print('exit', code, 'torch' in sys.modules)\n")
-    status = subprocess.run([sys.executable, "-c", code, str(sweep_dir), str(ROOT / "run.py")],
+    status = subprocess.run([sys.executable, "-c", code, str(ROOT / "run.py"), str(sweep_dir)],
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     lines = status.stdout.splitlines()
     assert lines[-1] == "exit 0 False", status.stdout + status.stderr
