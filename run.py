@@ -2,12 +2,19 @@
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+if __name__ == "__main__" and "stage=status" in sys.argv:  # read-only: no torch, no Hydra
+    from pipeline.status import main as status_main
+    from pipeline.status import requested
 
-from pipeline.cli import check_overrides, main
-from pipeline.config import expand_target_shorthand
-from pipeline.errors import ConfigError
+    if requested(sys.argv[1:]):
+        sys.exit(status_main(sys.argv[1:]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.cli import check_overrides, main  # noqa: E402
+from pipeline.config import expand_target_shorthand  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

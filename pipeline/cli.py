@@ -16,12 +16,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # registers the schemas and resolvers Hydra needs
+from .cluster.states import STATUS_FILE  # per job: outcome and figures, read by load_sweep
 from .errors import CamsweepError, ConfigError, RunRefused, printable, unknown
 
 log = logging.getLogger("camsweep")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "data", "target", "hydra/launcher")
-STATUS_FILE = "camsweep.json"  # per job: outcome and figures, read by load_sweep
 EXTRACTING = ("all", "extract")
 # OS errors that come from the machine (full disk, quota, read-only or forbidden folder):
 # one line like a user error, not a traceback.
@@ -161,7 +161,15 @@ def _override_values(o: Any, options: list[str] | None) -> list[str]:
         return []
     value = o.value()
     if isinstance(value, Glob):
-        return value.filter(options or [])
+        if options is None:  # Hydra's sweeper would fail with an IndexError
+            raise ConfigError(f"{o.input_line}: glob() picks options of a config group "
+                              f"({', '.join(GROUPS[:-1])}), not values of {o.key_or_group}; "
+                              f"list them: {o.key_or_group}=a,b,c or choice(a,b,c)")
+        return value.filter(options)
+    if o.is_interval_sweep():
+        raise ConfigError(f"{o.input_line}: interval() needs a sweeper that samples (e.g. "
+                          "Optuna); the basic sweeper enumerates: use "
+                          f"{o.key_or_group}=0,1,2 or range(0,3)")
     if o.is_sweep_override():
         return list(o.sweep_string_iterator())
     return [o.get_value_string()]

@@ -6,7 +6,6 @@ so a misspelled key fails when the config is composed, naming the key.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -32,6 +31,7 @@ STAGES = {
     "report": "pipeline.stages:report",
     "table": "pipeline.table:table_stage",
     "explore": "pipeline.explore:explore_stage",
+    "status": "pipeline.status:status_stage",
 }
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
@@ -198,32 +198,28 @@ def register_configs() -> None:
     _methods.on_declare(_store_method_schema)
 
 
-_CLAIMED: dict[str, str] = {}  # default run dir -> the folder this process claimed for it
-
-
-def _run_dir(run_dir: str | None, default: str) -> str:
-    """``run_dir`` if given; else a new folder named ``default`` (Hydra's
-    ``outputs/<date>/<time>``), claimed with an atomic ``mkdir`` so that two runs started in
-    the same second get two folders (the second gets ``-2``), never one shared file."""
+def _run_dir(run_dir: str | None, default: str, _root_: Any = None) -> str:
+    """``run_dir`` if given; else the unfinished folder of the same command, or a new one
+    named ``default`` (Hydra's ``outputs/<date>/<time>``): pipeline.folders."""
     if run_dir:
         return run_dir
-    if default not in _CLAIMED:
-        Path(default).parent.mkdir(parents=True, exist_ok=True)
-        for i in range(1, 10_000):
-            candidate = default if i == 1 else f"{default}-{i}"
-            try:
-                os.mkdir(candidate)
-            except FileExistsError:
-                continue
-            _CLAIMED[default] = candidate
-            break
-        else:
-            raise ConfigError(f"cannot find a free run folder next to {default}")
-    return _CLAIMED[default]
+    from .folders import claim
+
+    return claim(default, "run", _root_)
 
 
-def _output_subdir(stage: str, run_dir: str | None) -> str:
-    """Where Hydra records the job's config: never over the record of an existing run."""
+def _sweep_dir(default: str, _root_: Any = None) -> str:
+    """The unfinished sweep of the same command, or a new ``multirun/<date>/<time>``."""
+    from .folders import claim
+
+    return claim(default, "sweep", _root_)
+
+
+def _output_subdir(stage: str, run_dir: str | None) -> str | None:
+    """Where Hydra records the job's config: never over the record of an existing run;
+    nowhere for stage=status, which only reads."""
+    if stage == "status":
+        return None
     if run_dir and (Path(run_dir) / ".hydra" / "config.yaml").exists():
         return f".hydra/{stage}-{datetime.now():%Y%m%d-%H%M%S-%f}"
     return ".hydra"
@@ -233,6 +229,8 @@ register_configs()
 for _name, _fn in (("camsweep_run_dir", _run_dir), ("camsweep_output_subdir", _output_subdir)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
+if not OmegaConf.has_resolver("camsweep_sweep_dir"):
+    OmegaConf.register_new_resolver("camsweep_sweep_dir", _sweep_dir)
 
 
 def _choice(kind: str, value: object, valid: Collection[str]) -> None:

@@ -142,18 +142,22 @@ def auto_workers(n_images: int, batch_size: int) -> int:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, SIGUSR2 and SIGINT.
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and every signal SLURM or
+    submitit may send to stop a job for a requeue (SIGTERM, SIGUSR1, SIGUSR2 and the one
+    ``SUBMITIT_PREEMPT_SIGNAL`` names: :func:`pipeline.cluster.preempt_signals`).
 
     SLURM delivers a job's signals to every process of the step: SIGTERM on ``scancel``,
-    ``scontrol requeue`` and preemption, SIGUSR2 before the time limit (submitit's
-    ``--signal``), SIGINT on Ctrl-C in a terminal. A worker killed by one makes the main
+    ``scontrol requeue`` and preemption, SIGUSR2 or SIGUSR1 before the time limit
+    (``--signal``), SIGINT on Ctrl-C in a terminal. A worker killed by one makes the main
     process raise "DataLoader worker ... is killed by signal" and the job fails instead of
     being requeued. Ignoring them here leaves the decision to the main process (submitit's
     handler requeues and exits; a plain run stops on Ctrl-C); the main process stops its
     workers as it exits, and SIGKILL, which cannot be ignored, still ends them with the job.
     """
+    from .cluster.job import preempt_signals
+
     del worker_id  # same for every worker
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+    for sig in (*preempt_signals(), signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -5,11 +5,12 @@ CI (root) starts the cluster with .ci/slurm_up.sh before the tests; these tests 
 themselves when it is missing and they can (root, apt). Under CI (CI=1) a missing cluster
 fails them; elsewhere, without root, they are skipped with the reason.
 
-Jobs that must be interrupted mid-run use ``stalling_resnet18``: a random-init resnet18
+Jobs that must be interrupted mid-run use ``tests/stalling.py``: a random-init resnet18
 that, while a gate file of its job exists, blocks in its forward pass after the first
-batch, as a job longer than its time limit would. The gates make the timing deterministic
-on any machine: the test waits for the first batch in the results file, interrupts the job
-the way SLURM does, and removes the gate once SLURM has requeued it.
+batch, as a job longer than its time limit (or slowed data) would. The gates make the
+timing deterministic on any machine: the test waits for the first batch in the results
+file, interrupts the job the way SLURM does, and removes the gate once SLURM has requeued
+it.
 """
 
 from __future__ import annotations
@@ -28,43 +29,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-import torchvision
 from conftest import ROOT, TINY, compose_cfg
+from stalling import stalling
 
 from pipeline.cluster import slurm_states
 from pipeline.results import load_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-STALL_AFTER = 5  # images through gradient passes before the gate is honoured
-
-
-class _StallingResNet(torchvision.models.ResNet):
-    """resnet18 (same init as ``torchvision.models.resnet18()``) with a gate, see module doc."""
-
-    def __init__(self, gate_dir: str | None = None) -> None:
-        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
-        self.gate: Path | None = None
-        if gate_dir:
-            from hydra.core.hydra_config import HydraConfig
-
-            job = HydraConfig.get().job.num if HydraConfig.initialized() else 0
-            self.gate = Path(gate_dir) / str(job)
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None and torch.is_grad_enabled():  # explain passes, not probes
-            self.seen += len(x)
-            while self.seen > STALL_AFTER and self.gate.exists():
-                time.sleep(0.1)  # the simulated long job: signals still get through
-        return super().forward(x)
-
-
-def stalling_resnet18(gate_dir: str | None = None) -> torch.nn.Module:
-    """``model._target_`` for jobs that stall while ``<gate_dir>/<job number>`` exists."""
-    return _StallingResNet(gate_dir)
-
 
 # -- the cluster ------------------------------------------------------------------------------
 
@@ -104,14 +75,12 @@ SMALL = ("hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.timeout_min=10", *TINY, "stage=extract", "data=glob")
 
 
-def sweep_command(sweep_dir: Path, image_dir: Path, *overrides: str) -> list[str]:
+def sweep_command(sweep_dir: Path | None, image_dir: Path, *overrides: str) -> list[str]:
+    """The sweep driver's command; ``sweep_dir`` None: the sweep's folder is camsweep's
+    choice (a new ``multirun/<date>/<time>``, or the unfinished one of the same command)."""
+    where = [f"hydra.sweep.dir={sweep_dir}"] if sweep_dir else []
     return [sys.executable, str(ROOT / "run.py"), "-m", *SMALL,
-            f"data.pattern={image_dir}/*.jpg", f"hydra.sweep.dir={sweep_dir}", *overrides]
-
-
-def stalling(gate_dir: Path) -> tuple[str, ...]:
-    return ("model=custom", "model._target_=test_slurm.stalling_resnet18",
-            f"+model.kwargs.gate_dir={gate_dir}")
+            f"data.pattern={image_dir}/*.jpg", *where, *overrides]
 
 
 def start(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
@@ -250,7 +219,7 @@ def reference_run(tmp_path: Path, image_dir: Path, *overrides: str) -> Path:
 
     run_dir = tmp_path / f"reference-{time.monotonic_ns()}"
     run(compose_cfg(*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
-                    "model=custom", "model._target_=test_slurm.stalling_resnet18", *overrides),
+                    "model=custom", "model._target_=stalling.stalling_resnet18", *overrides),
         run_dir)
     return run_dir / "results.h5"
 
@@ -395,49 +364,110 @@ def test_two_job_layer_sweep_renders_on_slurm(cluster, tmp_path, image_dir):
         assert run.cams("layer4").shape == (6, 2, 2)
 
 
-def test_an_interrupted_driver_leaves_its_jobs_running_and_the_rerun_waits_for_them(
+def test_an_interrupted_driver_rerun_without_sweep_dir_waits_and_resubmits_only_the_rest(
         cluster, tmp_path, image_dir):
-    """Ctrl-C in the sweep driver (or a lost login session): the jobs go on in SLURM. The
-    same command run again submits nothing new: it waits for the running job, so no second
-    copy ever writes the same results file."""
-    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    """Ctrl-C in the sweep driver (or a lost login session): the jobs go on in SLURM, and
+    the interrupt message says what the same command does. Job 1 is then scancelled alone.
+    The same command, without hydra.sweep.dir, finds the sweep: it waits for job 0 (no
+    second copy ever writes its results file) and submits job 1 again, which resumes."""
+    gates = tmp_path / "gates"
     gates.mkdir()
-    (gates / "0").touch()
-    cmd = sweep_command(sweep_dir, image_dir, *stalling(gates))
+    for job in ("0", "1"):
+        (gates / job).touch()
+    cmd = sweep_command(None, image_dir, *stalling(gates),
+                        "model.target_layers=[layer3],[layer4]")
     proc, out = start(cmd, tmp_path)
-    results = sweep_dir / "0" / "results.h5"
-    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
-               proc=proc, out=out)
-    job_id = slurm_job_id(sweep_dir, 0)
+    wait_until("the first batch of both jobs", lambda: all(
+        done_rows(p) >= 4 for p in tmp_path.glob("multirun/*/*/[01]/results.h5"))
+        and len(list(tmp_path.glob("multirun/*/*/[01]/results.h5"))) == 2, proc=proc, out=out)
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    ids = [slurm_job_id(sweep_dir, job) for job in (0, 1)]
+    assert ids[0].split("_")[0] == ids[1].split("_")[0]  # one array
+    name = subprocess.run(["squeue", "-h", "-o", "%j", "-j", ids[0]], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+    assert name == f"camsweep-{sweep_dir.parent.name}_{sweep_dir.name}-0-1"
     proc.send_signal(signal.SIGINT)
     rc, text = finish(proc, out)
     assert rc == 130, text[-3000:]
     assert "Traceback" not in text
-    assert "interrupted: the sweep's jobs go on in SLURM" in text
-    # The controller knows at once; accounting records the start when slurmdbd gets to it.
-    assert slurm_states([job_id]) == {job_id: "RUNNING"}
-    assert load_sweep(sweep_dir).table.iloc[0]["state"] == "running"  # asks SLURM
-    wait_until("accounting to record the start", lambda: sacct_states(job_id) != ["PENDING"])
-    assert sacct_states(job_id) == ["RUNNING"]
+    assert "interrupted: the sweep's 2 job(s) go on in SLURM" in text
+    assert f"The same command run again finds this sweep ({sweep_dir.relative_to(tmp_path)})" \
+        in text
+    subprocess.run(["scancel", ids[1]], check=True, timeout=30)
+    wait_until("job 1 to end", lambda: slurm_states([ids[1]]).get(ids[1]) == "CANCELLED")
+    # The controller knows at once; a live table never tells to run again.
+    sweep = load_sweep(sweep_dir)
+    assert list(sweep.table["state"]) == ["running", "cancelled"]
+    assert not any("run again" in line for line in sweep.report())
 
+    (gates / "1").unlink()
     proc, out = start(cmd, tmp_path)
     wait_until("the rerun to find the running job",
-               lambda: f"(still in SLURM as {job_id}, RUNNING: waiting for it)" in
+               lambda: f"(still in SLURM as {ids[0]}, RUNNING: waiting for it)" in
                out.read_text(), proc=proc, out=out)
     (gates / "0").unlink()
     rc, text = finish(proc, out)
     assert rc == 0, text[-3000:]
-    assert table_of(text, sweep_dir)[2].split() == ["0", "done", "6/6", job_id, "COMPLETED"]
-    assert slurm_job_id(sweep_dir, 0) == job_id
-    assert final_states(job_id) == ["COMPLETED"]  # one run of the job, never two
-    assert [d.name for d in (sweep_dir / ".submitit").iterdir() if d.is_dir()] == [job_id]
+    assert list(tmp_path.glob("multirun/*/*")) == [sweep_dir]  # the same sweep
+    new = [slurm_job_id(sweep_dir, job) for job in (0, 1)]
+    assert new[0] == ids[0] and new[1] != ids[1]
+    table = table_of(text, sweep_dir.relative_to(tmp_path))
+    assert table[0].endswith(": 2 jobs: 2 done")
+    assert table[2].split() == ["0", "[layer3]", "done", "6/6", ids[0], "COMPLETED"]
+    assert table[3].split() == ["1", "[layer4]", "done", "6/6", new[1], "COMPLETED"]
+    assert final_states(ids[0]) == ["COMPLETED"]  # one run of the job, never two
+    assert re.search(r"\(4 were done before this run\)", job_logs(sweep_dir, new[1]))
+
+
+def test_usr1_preemption_requeues_and_resumes(cluster, tmp_path, image_dir):
+    """``scancel --signal=USR1`` (clusters that preempt with SIGUSR1): the loader workers
+    ignore it, the job stops cleanly, is requeued and resumes with the missing images."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), "num_workers=2"),
+                      tmp_path)
+    results = sweep_dir / "0" / "results.h5"
+    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
+               proc=proc, out=out)
+    job_id = slurm_job_id(sweep_dir, 0)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    wait_until("the job to be requeued", lambda: restarted(job_id), proc=proc, out=out)
+    text, logs = resume_after_requeue(proc, out, gates / "0", sweep_dir, job_id)
+    # submitit calls any stop within 10 min of a limit under 10 min "timed-out"; either way
+    # it checkpoints and requeues the job.
+    assert "Caught signal SIGUSR1" in logs and "Calling checkpoint method" in logs
+    assert table_of(text, sweep_dir)[0] == f"sweep {sweep_dir}: 1 job: 1 done"
+
+
+def test_a_job_out_of_requeues_at_its_time_limit_is_timeout(cluster, tmp_path, image_dir):
+    """``--time=1`` with data slower than that and ``max_num_timeout=0``: submitit does not
+    requeue it again; the table says timeout (not failed), with what to change."""
+    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "0").touch()
+    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates),
+                                    "hydra.launcher.timeout_min=1",
+                                    "hydra.launcher.signal_delay_s=5",
+                                    "hydra.launcher.max_num_timeout=0"), tmp_path)
+    rc, text = finish(proc, out)
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text[text.find(f"sweep {sweep_dir}: "):]
+    table = table_of(text, sweep_dir)
+    assert table[0] == f"sweep {sweep_dir}: 1 job: 1 timeout"
+    assert table[2].split()[:3] == ["0", "timeout", "4/6"]
+    assert "raise hydra.launcher.timeout_min or max_num_timeout" in table[2]
+    assert load_sweep(sweep_dir).table.iloc[0]["state"] == "timeout"
 
 
 def test_srun_tasks_are_shards_and_a_batch_script_without_srun_does_all(cluster, tmp_path,
                                                                            image_dir):
     """`srun -n 4` inside `sbatch -n 4`: four shards started together, every task exits 0,
     exactly one merges, the merge equals an unsharded run. The same allocation's batch
-    script without srun is one process: it does every image itself, never a quarter."""
+    script without srun is one process: it does every image itself, never a quarter.
+    `srun -n 2` without run_dir: both tasks find one folder (named after the job and
+    step) and merge there; `srun -n 2 ... -m` (a sweep in each task, one shard of every
+    job each): one sweep folder, every job merged, one table, printed by the last task."""
     from pipeline.cli import run as run_in_process
 
     args = [*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg"]
@@ -446,11 +476,16 @@ def test_srun_tasks_are_shards_and_a_batch_script_without_srun_does_all(cluster,
     cmd = [sys.executable, str(ROOT / "run.py"), *args]
     sharded = shlex.join([*cmd, "run_dir=" + str(tmp_path / "srun")])
     whole = shlex.join([*cmd, "run_dir=" + str(tmp_path / "batch")])
+    no_dir = shlex.join(cmd)
+    sweep = shlex.join([sys.executable, str(ROOT / "run.py"), "-m", *args,
+                        "model.target_layers=[layer3],[layer4]"])
     script = tmp_path / "job.sh"  # -O: four tasks on this 2-CPU test node
-    script.write_text(f"#!/bin/bash\nsrun -O {sharded}\n{whole}\n")
+    script.write_text(f"#!/bin/bash\nsrun -O {sharded}\n{whole}\nsrun -O -n 2 {no_dir}\n"
+                      f"srun -O -n 2 {sweep}\n")
     out = tmp_path / "job.out"
     proc = subprocess.run(["sbatch", "--wait", "-O", "-n", "4", "--mem=4G", "-o", str(out),
-                           str(script)], env=ENV, capture_output=True, text=True, timeout=900)
+                           "-D", str(tmp_path), str(script)], env=ENV, capture_output=True,
+                          text=True, timeout=900)
     log = out.read_text()
     assert proc.returncode == 0, proc.stderr + log[-3000:]
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
@@ -459,12 +494,21 @@ def test_srun_tasks_are_shards_and_a_batch_script_without_srun_does_all(cluster,
                            capture_output=True, text=True, timeout=30, check=True).stdout
     assert all(line.split("|")[1] == "COMPLETED" and line.split("|")[2] == "0:0"
                for line in steps.splitlines() if line), steps
-    assert log.count("all shards done, merged") == 1
-    # The other three: still waiting for a shard, or finding the merge already made.
-    assert (log.count("shard done; the last shard to finish merges")
-            + log.count("already merges these shards")) == 3
+    # Step 0 (4 shards) and step 1 (2 shards) merge once each; each sweep job once.
+    assert log.count("all shards done, merged") == 1 + 1 + 2
     assert sorted(p.name for p in (tmp_path / "srun").glob("results*.h5")) == [
         "results.h5", *[f"results.shard-{i}-of-4.h5" for i in range(4)]]
     assert_same_arrays(tmp_path / "srun" / "results.h5", reference)
     assert "not an srun task: it processes every image itself" in log
     assert_same_arrays(tmp_path / "batch" / "results.h5", reference)
+    (shared,) = tmp_path.glob("outputs/*/*/results.h5")
+    assert shared.parent.name == f"slurm-{job_id}.1"
+    assert sorted(p.name for p in shared.parent.glob("results*.h5")) == [
+        "results.h5", "results.shard-0-of-2.h5", "results.shard-1-of-2.h5"]
+    assert_same_arrays(shared, reference)
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    assert sweep_dir.name == f"slurm-{job_id}.2"
+    assert log.count(f"{sweep_dir.name}: 2 jobs: 2 done") == 1  # one table, by the last task
+    assert "the last task of the srun step to finish prints" in log
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "results.h5").exists()

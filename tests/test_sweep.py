@@ -406,3 +406,127 @@ def test_slurm_states_trust_the_controller_over_lagging_accounting(tmp_path, mon
     # No SLURM at all.
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert slurm_states(["41"]) == {}
+
+
+def _identity(sweep: Path, pid: int) -> None:
+    """The sweep's record of its driver, as SweepReport writes it when the sweep starts."""
+    (sweep / "camsweep.identity.json").write_text(json.dumps({
+        "format": "camsweep-identity", "kind": "sweep", "pid": pid,
+        "host": os.uname().nodename, "ended": False}))
+
+
+def test_live_sweep_states_from_slurm_and_the_job_folders(tmp_path, image_dir, monkeypatch):
+    """A job resubmitted after a failure is pending (SLURM's word), not its stale error; a
+    job out of requeues is timeout, not failed; a requeued job says so; a job whose metrics
+    writer lock is held is evaluating; the table lists logs and, while jobs run, never
+    tells to run the sweep again."""
+    sweep = tmp_path / "sweep"
+    stale = _job_folder(sweep, 0, ["model.target_layers=[layer3]"])
+    (stale / "camsweep.json").write_text(json.dumps(
+        {"status": "failed", "error": "RuntimeError: CUDA error", "stage": "extract"}))
+    late = _extract(_job_folder(sweep, 1, ["model.target_layers=[layer4]"]), image_dir)
+    _mark_pending(late, slice(4, None))
+    (sweep / "1" / "camsweep.json").write_text(json.dumps({"status": "failed", "error": (
+        "UncompletedJobError: Job not requeued because: timed-out too many times."),
+        "stage": "extract"}))
+    _extract(_job_folder(sweep, 3, ["model.target_layers=[layer1]"]), image_dir,
+                       "model.target_layers=[layer1]")
+    record = {"earlier_slurm_job_ids": [], "error": "", "outcome": "submitted",
+              "slurm_state": "PENDING"}
+    (sweep / "slurm_jobs.json").write_text(json.dumps({"jobs": {
+        "0": {**record, "overrides": ["model.target_layers=[layer3]"], "slurm_job_id": "9"},
+        "1": {**record, "overrides": ["model.target_layers=[layer4]"], "slurm_job_id": "7_1",
+              "outcome": "failed", "slurm_state": "FAILED"},
+        "2": {**record, "overrides": ["model.target_layers=[layer2]"], "slurm_job_id": "7_2"},
+        "3": {**record, "overrides": ["model.target_layers=[layer1]"], "slurm_job_id": "7_3"},
+    }}))
+    logs = sweep / ".submitit" / "7_2"
+    logs.mkdir(parents=True)
+    (logs / "7_2_0_log.out").write_text("starting\n")
+    (logs / "7_2_0_log.err").write_text("submitit WARNING: Bypassing signal SIGTERM\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    _fake_slurm(tmp_path / "bin", squeue="9|PENDING\n7_2|PENDING\n7_3|RUNNING\n",
+                sacct="9|FAILED\n9|PENDING\n7_2|REQUEUED\n7_2|PENDING\n7_3|RUNNING\n")
+    holder = _hold_lock(sweep / "3" / ".metrics.h5.lock")
+    try:
+        s = load_sweep(sweep)
+    finally:
+        holder.kill()
+        holder.wait()
+    t = s.table
+    assert list(t["job"]) == [0, 1, 2, 3]
+    assert list(t["state"]) == ["pending", "timeout", "pending", "evaluating"]
+    assert list(t["error"]) == ["", "time limit reached after every requeue (max_num_timeout)"
+                                ": raise hydra.launcher.timeout_min or max_num_timeout", "", ""]
+    assert list(t["requeued"]) == [0, 0, 1, 0]  # sacct -D: an earlier run ended REQUEUED
+    assert t.iloc[2]["logs"] == [str(logs / "7_2_0_log.out"), str(logs / "7_2_0_log.err")]
+    assert t.iloc[3]["logs"] == []  # run here, not by Hydra: no run.log
+    lines = s.report(logs=True)
+    assert lines[0] == f"sweep {sweep}: 4 jobs: 1 evaluating, 2 pending, 1 timeout"
+    assert lines[2].split() == ["0", "[layer3]", "pending", "-", "9", "PENDING"]
+    assert lines[4].split() == ["2", "[layer2]", "pending", "-", "7_2", "PENDING",
+                                "preempted,", "requeued", "1x"]
+    assert lines[5] == f"      log: {logs / '7_2_0_log.out'}"
+    assert lines[-1] == ("3 jobs still running or queued; follow them with: python run.py "
+                         f"stage=status run_dir={sweep}")
+    assert not any("run again" in line for line in lines)
+
+
+def test_jobs_not_started_are_pending_while_the_driver_runs(tmp_path, image_dir):
+    """A local sweep's jobs wait for their turn: pending while the driver (its pid in the
+    sweep's record) runs, missing (never ran) once it is gone."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(MULTIRUN_YAML)
+    job0 = ["method=gradcam", "model=resnet18", "model.target_layers=[layer3]",
+            "data.pattern=photos/*.jpg"]
+    _extract(_job_folder(sweep, 0, job0), image_dir, "model.target_layers=[layer3]")
+    _identity(sweep, os.getpid())
+    s = load_sweep(sweep)
+    assert list(s.table["state"]) == ["done", "pending", "pending", "pending"]
+    assert s.report()[-1].startswith("3 jobs still running or queued; follow them with")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    _identity(sweep, int(dead.stdout))
+    s = load_sweep(sweep)
+    assert list(s.table["state"]) == ["done", "missing", "missing", "missing"]
+    assert s.report()[-2].startswith("3 jobs did not finish; the same command run again")
+
+
+def test_sharded_jobs_count_as_done_once_every_shard_is(tmp_path, image_dir):
+    """Jobs run as srun shards (tasks_per_node>1) write camsweep.shard-i-of-N.json: done
+    (and not submitted again) when all N say ok and the merge exists; one shard alone is
+    incomplete, never done."""
+    from pipeline.cli import main
+    from pipeline.jobs import already_done
+
+    overrides = ["model.target_layers=[layer4]"]
+    job = _job_folder(tmp_path / "sweep", 0, overrides)
+    base = (*TINY, "stage=extract", "data=glob", f"data.pattern={image_dir}/*.jpg",
+            f"run_dir={job}")
+    main(compose_cfg(*base, "data.shard=0", "data.num_shards=2"))
+    assert already_done(job, overrides) is None
+    s = load_sweep(tmp_path / "sweep")
+    assert (s.table.iloc[0]["state"], s.table.iloc[0]["done"], s.table.iloc[0]["n"]) == (
+        "incomplete", 3, 3)
+    main(compose_cfg(*base, "data.shard=1", "data.num_shards=2"))
+    assert already_done(job, overrides) == {"status": "ok", "shards": 2, "done": 6, "n": 6}
+    assert already_done(job, ["model.target_layers=[layer3]"]) is None
+    s = load_sweep(tmp_path / "sweep")
+    assert (s.table.iloc[0]["state"], s.table.iloc[0]["done"]) == ("done", 6)
+
+
+def test_job_folders_are_found_by_the_job_number_hydra_recorded(tmp_path, image_dir):
+    """hydra.sweep.subdir=job_<num> (nested too): no phantom numbered jobs."""
+    from pipeline.jobs import job_folders
+
+    sweep = tmp_path / "sweep"
+    for num, sub in ((0, "a/job_0"), (1, "b/job_1")):
+        folder = sweep / sub
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"job": {"num": num, "name": "run"}}}))
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={num}"]))
+    assert job_folders(sweep) == {0: sweep / "a/job_0", 1: sweep / "b/job_1"}
+    s = load_sweep(sweep)
+    assert list(s.table["job"]) == [0, 1] and list(s.table["seed"]) == ["0", "1"]
