@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import check_overrides, main
+from pipeline.cli import check_overrides, install_hydra_config_saver, main
 from pipeline.config import expand_target_shorthand
 from pipeline.errors import ConfigError
 
@@ -19,6 +19,7 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = expand_target_shorthand(sys.argv[1:])
         check_overrides(sys.argv[1:])
+        install_hydra_config_saver()
         app()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

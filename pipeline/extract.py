@@ -29,7 +29,7 @@ from .data import (
 from .device_decode import check_decoder, decode_ahead
 from .errors import ConfigError, DataError, RunRefused, StoreError, printable
 from .layouts import layer_reshape
-from .locks import writer_lock
+from .locks import run_dir_lock, writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
@@ -311,11 +311,14 @@ class Job:
 
 def extract(cfg: DictConfig, run_dir: Path) -> Summary:
     """Compute the configured method for every image of the run's results file that is not
-    done yet, holding the file's writer lock throughout (a second writer fails at once)."""
+    done yet, holding the run directory's lock and the file's writer lock throughout (a
+    second writer fails at once)."""
     validate(cfg)
     shard, num_shards = shard_of(cfg.data)
     path = Path(run_dir) / results_name(shard, num_shards)
-    with writer_lock(path, "writing"):
+    # The run directory's lock first (shards of one run share it), then the file's own.
+    with (run_dir_lock(run_dir, f"extracting {path.name}", shared=num_shards > 1),
+          writer_lock(path, "writing")):
         remove_stale_temporaries(path)
         job = prepare(cfg, path, shard, num_shards)
         writer = ResultsWriter(job.path)
