@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import target_spec, validate
+from .content import check_resume, content_arrays, has_content
 from .data import (
     ImageDataset,
     Record,
@@ -34,6 +35,7 @@ from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
     check_input_size,
+    checkpoint_digest,
     compile_model,
     resolve_layers,
     use_channels_last,
@@ -115,6 +117,11 @@ def fingerprint(cfg: DictConfig) -> str:
     # existed (all logit) keep their fingerprint and resume.
     if cfg.target.get("score", "logit") != "logit":
         sub["target_score"] = cfg.target.score
+    # A checkpoint file is named by its content, not its path: one overwritten before a
+    # resume (a training run's last.pt) is another model.
+    digest = checkpoint_digest(cfg.model.weights)
+    if digest is not None:
+        sub["model"]["weights_content"] = digest
     return json.dumps(sub, sort_keys=True)
 
 
@@ -307,6 +314,7 @@ class Job:
     categories: list[str] | None
     channels_last: bool  # inputs go to the model in NHWC
     input_sizes: np.ndarray | None = None  # native resolution: (N, 2), 0 = not reserved
+    content: bool = False  # the file stores each row's content hash, size and mtime
 
 
 def extract(cfg: DictConfig, run_dir: Path) -> Summary:
@@ -338,6 +346,11 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         raise DataError("the dataset has no images")
     start, stop = shard_range(len(records), shard, num_shards)
     create = _check_existing(path, cfg, records, start, stop)  # refuse before slow work
+    if not create:  # a resume: done rows must still describe their files
+        again = check_resume(path, cfg.get("resume_changed", "refuse"))
+        if again:
+            log.warning("%d image(s) changed since their rows were done: computing them again "
+                        "(resume_changed=recompute)", again)
     if create and num_shards > 1:
         _check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
@@ -399,6 +412,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
         input_sizes = f[INPUT_SIZE][:] if INPUT_SIZE in f else None
+        content = has_content(f)
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
                                   size, device=device))
@@ -406,7 +420,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
     return Job(cfg, path, rows, method, normalize, device, n_classes, info.categories,
-               channels_last, input_sizes)
+               channels_last, input_sizes, content)
 
 
 def _warm_up(method: Method, compiled: torch.nn.Module, x: torch.Tensor,
@@ -468,6 +482,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     arrays, ready = to_host(out)
                     arrays["images/size"] = batch["size"][ok].numpy()
                     arrays["images/box"] = batch["box"][ok].numpy()
+                    if job.content:
+                        arrays.update(content_arrays(batch["content"][ok.numpy()]))
                 else:
                     ready = None
                 background.put(rows[ok].numpy(), arrays, errors, ready)

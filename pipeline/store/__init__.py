@@ -75,6 +75,7 @@ DIMS = {
     "images/error": ["image"], "images/size": ["image", "hw"], "images/input_size": ["image", "hw"],
     "images/box": ["image", "y0x0y1x1"],
     "images/index": ["image"], "images/nonfinite": ["image"],
+    "images/content_hash": ["image"], "images/file_size": ["image"], "images/mtime_ns": ["image"],
     "targets/class": ["image", "class"], "targets/score": ["image", "class"],
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
     LAYER_MAP: ["image", "h", "w"], WEIGHTS: ["image", "channel"],
@@ -239,6 +240,11 @@ def create_results(
             _preallocated(img, "size", n, (2,), np.int32)
             _preallocated(img, "box", n, (4,), np.float32)
             _preallocated(img, "nonfinite", n, (), np.uint8)
+            # Content identity (pipeline/content.py): what each done row was computed from.
+            _preallocated(img, "content_hash", n, (), np.uint64, fill=True).attrs[
+                "algorithm"] = "xxh3_64 of the file's bytes, 0 = not read"
+            _preallocated(img, "file_size", n, (), np.int64)
+            _preallocated(img, "mtime_ns", n, (), np.int64)
             if input_size is not None:
                 img.create_dataset("input_size", data=np.asarray(input_size, np.int32))
             for row, reason in sorted((failed or {}).items()):
