@@ -58,7 +58,6 @@ from .metrics.pointing import find_boxes, pad_boxes, pointing_game
 from .metrics.road import RULES as ROAD_RULES
 from .metrics.road import road_scores
 from .metrics.sanity import CascadingRandomization, randomization_units, spearman
-from .render import read_map_rows, read_rows
 from .store import (
     DONE,
     INPUT_MAP,
@@ -66,6 +65,8 @@ from .store import (
     LAYER_MAP,
     identity,
     open_results,
+    read_map_rows,
+    read_rows,
     stored_config,
     stored_maps,
 )

@@ -7,41 +7,26 @@ sources are relative file names, so the run folder can be moved as a whole; with
 The merged file names each shard with its ``run_id``; readers refuse it when a shard is
 missing or was replaced (a virtual dataset would silently read zeros).
 
-Ragged maps (``data.resize=null``) merge into one ragged map: the shards' flat values one
-after the other, and the row index copied with each shard's offsets moved by the values
-of the shards before it (offsets are fixed when a shard is created, so the merged index
-stays right while shards are still completed).
+This module decides what to merge and when (locks, shard discovery, checks that the shards
+tile one run); the file writes are :mod:`pipeline.store.mergefile`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .errors import StoreError
 from .locks import lock_is_held, run_dir_lock, writer_lock
-from .store import (
-    DONE,
-    PENDING,
-    RAGGED,
-    SCALE_ATTRS,
-    attach_dims,
-    attr_list,
-    open_results,
-    remove_stale_temporaries,
-    walk,
-    write_error,
-)
+from .store import DONE, PENDING, attr_list, open_results, remove_stale_temporaries
+from .store.mergefile import is_merge, write_merge
 
 log = logging.getLogger(__name__)
 SHARD_RE = re.compile(r"results\.shard-(\d+)-of-(\d+)\.h5$")
-MERGED_ATTRS = {"shard": 0, "num_shards": 1, "first_index": 0}
 SAME_RUN = ("fingerprint", "listing_sha256", "n_total")  # attributes all shards share
 
 
@@ -108,19 +93,15 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
     if busy:
         raise StoreError(f"cannot merge {run_dir}: {', '.join(busy)} still being written; "
                          "the last shard to finish merges")
-    if out.exists():
-        with h5py.File(out, "r") as f:
-            if "merged_from" not in f.attrs:
-                raise StoreError(f"{out} exists and is not a merge of shards; not replacing it")
+    if out.exists() and not is_merge(out):
+        raise StoreError(f"{out} exists and is not a merge of shards; not replacing it")
     remove_stale_temporaries(out)
     files = [open_results(shards[i]) for i in range(n)]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        first = files[0]
         for key in SAME_RUN:
             if len({str(f.attrs.get(key)) for f in files}) > 1:
                 raise StoreError(f"shards in {run_dir} come from different runs ({key} differs)")
-        total = int(first.attrs["n_total"])
+        total = int(files[0].attrs["n_total"])
         starts = [int(f.attrs["first_index"]) for f in files]
         counts = [int(f["images/status"].shape[0]) for f in files]
         if starts != list(np.cumsum([0, *counts[:-1]])) or sum(counts) != total:
@@ -128,70 +109,11 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
         not_done = sum(int((f["images/status"][:] != DONE).sum()) for f in files)
         if not_done:
             log.warning("merging %s with %d images not done", run_dir, not_done)
-        with h5py.File(tmp, "w", libver=("earliest", "v110")) as dst:
-            for key, value in first.attrs.items():
-                dst.attrs[key] = value
-            dst.attrs.update(MERGED_ATTRS)
-            dst.attrs["n_images"] = total
-            dst.attrs["merged_from"] = json.dumps([
-                {"file": shards[i].name, "run_id": str(files[i].attrs.get("run_id", ""))}
-                for i in range(n)])
-            dst.attrs["merge"] = "copy" if copy else "virtual"
-            for key, ds in walk(first):
-                if key.startswith(f"{RAGGED}/"):  # the row index of a ragged map
-                    _merge_index(dst, key, files)
-                    continue
-                lengths = ([int(f[key].shape[0]) for f in files]
-                           if ds.attrs.get("encoding") == RAGGED else counts)
-                firsts = [int(v) for v in np.cumsum([0, *lengths[:-1]])]
-                shape = (sum(lengths) if ds.attrs.get("encoding") == RAGGED else total,
-                         *ds.shape[1:])
-                if copy or not shape[0]:  # (HDF5 has no empty virtual dataset)
-                    target = dst.create_dataset(key, shape=shape, dtype=ds.dtype,
-                                                chunks=ds.chunks if shape[0] else None)
-                    step = ds.chunks[0] if ds.chunks else 1024
-                    for f, start, count in zip(files, firsts, lengths, strict=True):
-                        for lo in range(0, count, step):  # bounded memory: a chunk at a time
-                            hi = min(count, lo + step)
-                            target[start + lo:start + hi] = f[key][lo:hi]
-                else:
-                    layout = h5py.VirtualLayout(shape=shape, dtype=ds.dtype)
-                    for i, (start, count) in enumerate(zip(firsts, lengths,
-                                                           strict=True)):
-                        if not count:  # a shard without values of this map
-                            continue
-                        # A relative name: HDF5 looks for it beside the merged file.
-                        src = h5py.VirtualSource(shards[i].name, key, shape=(count, *shape[1:]),
-                                                 dtype=ds.dtype)
-                        layout[start:start + count] = src
-                    target = dst.create_virtual_dataset(key, layout)
-                for k, v in ds.attrs.items():
-                    if k not in SCALE_ATTRS:  # scales are the merged file's own, below
-                        target.attrs[k] = v
-            paths = np.concatenate([f["images/path"].asstr()[:] for f in files])
-            attach_dims(dst, paths)
-        os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # a full disk while writing the merge
-        raise write_error(out, e) from e
+        write_merge(out, files, [shards[i].name for i in range(n)], copy)
     finally:
         for f in files:
             f.close()
-        tmp.unlink(missing_ok=True)
     return out
-
-
-def _merge_index(dst: h5py.File, key: str, files: list[h5py.File]) -> None:
-    """Copy ``ragged/<map>/offset`` or ``.../shape`` of every shard into ``dst``; offsets
-    move by the length of the shards' values before (they index the merged values)."""
-    parts = [f[key][:] for f in files]
-    if key.endswith("/offset"):
-        values = key.removeprefix(f"{RAGGED}/").rsplit("/", 1)[0]
-        before = np.cumsum([0, *[int(f[values].shape[0]) for f in files[:-1]]])
-        parts = [p.astype(np.int64) + int(b) for p, b in zip(parts, before, strict=True)]
-    target = dst.create_dataset(key, data=np.concatenate(parts))
-    for k, v in files[0][key].attrs.items():
-        if k not in SCALE_ATTRS:
-            target.attrs[k] = v
 
 
 def merge_if_complete(run_dir: Path) -> Path | None:

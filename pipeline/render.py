@@ -48,7 +48,8 @@ from .store import (
     categories,
     map_ndim,
     open_results,
-    read_map,
+    read_map_rows,
+    read_rows,
     row_shape,
     stored_maps,
 )
@@ -57,30 +58,6 @@ log = logging.getLogger(__name__)
 
 PICTURES = "pictures"
 MAX_SIDE = 2048  # longest side of a drawn picture (before its title banner), in pixels
-
-
-def read_rows(f: h5py.File, key: str, path: str | Path, rows: Any = slice(None)) -> np.ndarray:
-    """``f[key][rows]``, with a missing or unreadable dataset as one :class:`StoreError`."""
-    if key not in f or not isinstance(f[key], h5py.Dataset):
-        raise StoreError(f"{path} is damaged: /{key} is missing")
-    try:
-        return f[key][rows]
-    except (OSError, ValueError) as e:  # a corrupted chunk, a wrong shape
-        raise StoreError(f"{path} is damaged: cannot read /{key}: "
-                         f"{str(e).splitlines()[0][:160]}") from e
-
-
-def read_map_rows(f: h5py.File, key: str, path: str | Path,
-                  rows: Any) -> np.ndarray | list[np.ndarray]:
-    """:func:`pipeline.store.read_map` (fixed or ragged maps), with a missing or unreadable
-    dataset as one :class:`StoreError`."""
-    if key not in f or not isinstance(f[key], h5py.Dataset):
-        raise StoreError(f"{path} is damaged: /{key} is missing")
-    try:
-        return read_map(f, key, rows)
-    except (OSError, ValueError, KeyError) as e:  # a corrupted chunk, a wrong shape
-        raise StoreError(f"{path} is damaged: cannot read /{key}: "
-                         f"{str(e).splitlines()[0][:160]}") from e
 
 
 def _option(cfg: Any, name: str, default: Any) -> Any:

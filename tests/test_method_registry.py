@@ -102,7 +102,7 @@ def test_a_registered_method_runs_through_extract(toy_conf, tmp_path):
         assert f.attrs["method"] == "toy_scaled_input"
         ds = f["toy_scaled_input/input"]
         assert ds.shape == (3, 64, 64) and ds.dtype == np.float32
-        # store.py keys the file's description by the method's kind: no entry of its own.
+        # pipeline.store keys the file's description by the method's kind: no entry of its own.
         assert ds.attrs["kind"] == "input_map"
         assert json.loads(ds.attrs["dims"]) == ["image", "height", "width"]
         np.testing.assert_allclose(ds[:], 3.0 * x.mean(dim=1).numpy(), rtol=0, atol=1e-5)
