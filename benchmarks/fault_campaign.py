@@ -121,7 +121,7 @@ class Campaign:
         self.timeout = timeout
         self.images = work / "images"
         self._refs: dict[str, Path] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a reference may need another
         self.has_verify = '"verify"' in (ROOT / "pipeline" / "config.py").read_text()
         self.root = os.geteuid() == 0
 
@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     c = Campaign(work, seed, a.timeout)
     indices = [a.only] if a.only is not None else list(range(a.faults))
+    c.ref("images")
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         faults = []

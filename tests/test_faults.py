@@ -22,7 +22,7 @@ CI_KINDS = "kill_extract,changed_input,concurrent,fsize_limit,disk_full,kill_ren
 @pytest.mark.slow
 def test_a_small_campaign_keeps_every_invariant(tmp_path):
     out = tmp_path / "summary.json"
-    code = fault_campaign.main(["--faults", "6", "--seed", "7", "--kinds", CI_KINDS,
+    code = fault_campaign.main(["--faults", "6", "--seed", "7", "--jobs", "2", "--kinds", CI_KINDS,
                                 "--work", str(tmp_path / "work"), "--out", str(out)])
     summary = json.loads(out.read_text())
     assert summary["failures"] == [] and code == 0
