@@ -17,7 +17,7 @@ import torchvision
 from conftest import ROOT, TINY, compose_cfg, photo
 from PIL import Image
 
-from pipeline.data import ImageDataset, Record
+from pipeline.data import ImageDataset, Record, native_sizes
 from pipeline.errors import RunRefused
 from pipeline.extract import extract
 from pipeline.images import NotAFile, read_file
@@ -209,3 +209,6 @@ def test_special_files_are_failed_rows_never_opened(tmp_path, image_dir):
     assert "img001.jpg is a FIFO" in render.stderr + render.stdout
     with pytest.raises(NotAFile, match="is a FIFO"):
         read_file(str(image_dir / "img001.jpg"))
+    # At native resolution the header read at creation fails the row the same way.
+    sizes, reasons = native_sizes([Record(str(image_dir / "img001.jpg"))], None)
+    assert sizes.tolist() == [[0, 0]] and "is a FIFO" in reasons[0]
