@@ -430,6 +430,7 @@ def test_symlink_loop_lists_each_image_once(tmp_path):
     (["batch_size=abc"], "batch_size must be auto or an integer >= 1, got 'abc'"),
     (["+model.kwargs.foo=1"], "does not accept model.kwargs (foo)"),
     (["model.colour=1"], "unknown config key 'model.colour'"),
+    (["resume_changed=ignore"], "unknown resume_changed 'ignore'"),
     (["-m", "method=choice(gradcam,saliencyy)"], "unknown method 'saliencyy'"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, image_dir, args, message):
