@@ -129,14 +129,20 @@ def run_camsweep(*args: str, timeout: float, cwd: Path, stop_when: Callable[[], 
     return outcome
 
 
+def _last(text: str) -> str:
+    """The end of an output, on one line."""
+    return " | ".join(text.strip().splitlines()[-3:])[-300:]
+
+
 def clean(o: Outcome, what: str, ok: tuple[int, ...] = (0,)) -> list[str]:
     """Violations of the invariants every command keeps."""
     v = []
     if o.hang:
         v.append(f"{what}: hang (no end within the guard timeout)")
     text = o.stderr + o.stdout
-    if "Traceback" in text:
-        v.append(f"{what}: traceback: {o.stderr.strip().splitlines()[-1][:200]}")
+    if "Traceback" in text:  # the exception's own line, not Hydra's footer
+        lines = [x for x in text.splitlines() if x.strip() and not x.startswith(("Set the", " "))]
+        v.append(f"{what}: traceback: {(lines or ['?'])[-1][:200]}")
     if "Logging error" in text:
         v.append(f"{what}: '--- Logging error ---' in the output")
     rc = o.returncode
@@ -144,10 +150,10 @@ def clean(o: Outcome, what: str, ok: tuple[int, ...] = (0,)) -> list[str]:
         if rc < 0 or rc in (134, 135, 136, 137, 139):
             v.append(f"{what}: died by a signal (returncode {rc})")
         elif rc not in ok:
-            v.append(f"{what}: returncode {rc}, expected {ok}: {o.stderr.strip()[-300:]}")
+            v.append(f"{what}: returncode {rc}, expected {ok}: {_last(o.stderr)}")
         elif rc == 2 and len([x for x in o.stderr.strip().splitlines()
                               if not x.startswith("warning:")]) != 1:
-            v.append(f"{what}: a refusal of more than one line: {o.stderr.strip()[-300:]}")
+            v.append(f"{what}: a refusal of more than one line: {_last(o.stderr)}")
     return v
 
 
