@@ -409,9 +409,11 @@ KINDS = ("kill_extract", "kill_merge", "kill_evaluate", "kill_render", "kill_rep
 WEIGHTS = {"kill_extract": 4}  # the most varied: drawn more often
 
 
-def run_fault(c: Campaign, index: int, kinds: tuple[str, ...]) -> Fault:
+def run_fault(c: Campaign, index: int, kinds: tuple[str, ...], cycle: bool = False) -> Fault:
     rng = random.Random(f"{c.seed}-{index}")
     kind = rng.choices(kinds, weights=[WEIGHTS.get(k, 1) for k in kinds])[0]
+    if cycle:  # every kind in turn (a short campaign that covers them all)
+        kind = kinds[index % len(kinds)]
     f = Fault(index, kind)
     d = c.work / f"fault-{index:04d}"
     shutil.rmtree(d, ignore_errors=True)
@@ -434,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", type=int, default=None, help="replay fault I of --seed alone")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated of {KINDS}")
     p.add_argument("--jobs", type=int, default=1, help="faults run at once")
+    p.add_argument("--cycle", action="store_true", help="the kinds in turn, not drawn")
     p.add_argument("--timeout", type=float, default=300, help="guard per command, seconds")
     p.add_argument("--work", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--out", type=Path, default=None, help="the JSON summary")
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         faults = []
-        for f in pool.map(lambda i: run_fault(c, i, kinds), indices):
+        for f in pool.map(lambda i: run_fault(c, i, kinds, a.cycle), indices):
             faults.append(f)
             mark = "skipped: " + f.skipped if f.skipped else (
                 "ok" if not f.violations else "; ".join(f.violations))

@@ -16,18 +16,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fault_campaign  # noqa: E402
 from fault_campaign import Campaign, Outcome  # noqa: E402
 
-CI_KINDS = "kill_extract,changed_input,concurrent,fsize_limit,disk_full,kill_render"
+# Each in turn (render, merge, evaluate and report kills: the long campaign). fsize_limit,
+# forged and bit_flip join once the store checks them (issue 18).
+CI_KINDS = "kill_extract,changed_input,concurrent,disk_full"
 
 
 @pytest.mark.slow
 def test_a_small_campaign_keeps_every_invariant(tmp_path):
     out = tmp_path / "summary.json"
-    code = fault_campaign.main(["--faults", "6", "--seed", "7", "--jobs", "2", "--kinds", CI_KINDS,
-                                "--work", str(tmp_path / "work"), "--out", str(out)])
+    code = fault_campaign.main(["--faults", "4", "--seed", "7", "--jobs", "3", "--cycle",
+                                "--kinds", CI_KINDS, "--work", str(tmp_path / "work"),
+                                "--out", str(out)])
     summary = json.loads(out.read_text())
     assert summary["failures"] == [] and code == 0
-    assert summary["seed"] == 7 and summary["faults"] == 6 and summary["ran"] == 6
-    assert summary["lost_or_wrong_rows"] == 0
+    assert summary["seed"] == 7 and summary["faults"] == 4 and summary["ran"] == 4
+    assert summary["lost_or_wrong_rows"] == 0 and all(summary["kinds"].values())
 
 
 def test_the_checks_catch_what_they_are_for(tmp_path):
