@@ -12,7 +12,7 @@ if __name__ == "__main__" and "stage=status" in sys.argv:  # read-only: no torch
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.cli import check_overrides, main  # noqa: E402
+from pipeline.cli import check_overrides, install_hydra_config_saver, main  # noqa: E402
 from pipeline.config import expand_target_shorthand  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 
@@ -26,6 +26,7 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = expand_target_shorthand(sys.argv[1:])
         check_overrides(sys.argv[1:])
+        install_hydra_config_saver()
         app()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

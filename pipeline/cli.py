@@ -109,6 +109,50 @@ def _one_line_logs() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, OneLineLogs) for f in handler.filters):
             handler.addFilter(OneLineLogs())
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = _log_file_error(handler)  # type: ignore[method-assign]
+
+
+def _log_file_error(handler: logging.FileHandler) -> Any:
+    """A log file that cannot be written (a full disk) says so in one line, once, instead
+    of logging's "--- Logging error ---" trace at every message; stderr still gets them."""
+    said = []
+
+    def handle_error(record: logging.LogRecord) -> None:
+        if not said:
+            said.append(True)
+            print(f"warning: cannot write the log file {handler.baseFilename} "
+                  f"({sys.exc_info()[1]}); messages go to the terminal only", file=sys.stderr)
+
+    return handle_error
+
+
+def save_hydra_config(cfg: Any, filename: str, output_dir: Path) -> None:
+    """Hydra's record of a job (``.hydra/*.yaml``), written atomically, and on a full disk
+    (or a read-only folder) left as it was with a one-line warning instead of Hydra's
+    traceback: the results file keeps the config that matters. Installed over Hydra's
+    ``_save_config`` by :func:`install_hydra_config_saver`."""
+    from omegaconf import OmegaConf
+
+    path = Path(output_dir) / filename
+    tmp = path.with_name(f".{filename}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"warning: cannot save {path} ({e.strerror or e}); going on without it",
+              file=sys.stderr)
+
+
+def install_hydra_config_saver() -> None:
+    """Let Hydra save its job record through :func:`save_hydra_config` (called by run.py)."""
+    import hydra.core.utils
+
+    hydra.core.utils._save_config = save_hydra_config
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:

@@ -184,6 +184,7 @@ class CamsweepConfig:
     run_dir: str | None = None
     overwrite: bool = False
     resume: bool = True
+    resume_changed: str = "refuse"  # images changed since their rows were done: refuse | recompute
     merge_copy: bool = False  # stage=merge: copy arrays instead of virtual datasets
     seed: int = 0
 
@@ -244,6 +245,7 @@ def validate(cfg: DictConfig) -> None:
     method = _methods.method_spec(cfg.method.name)  # one line for an unknown method
     _choice("data", cfg.data.name, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
+    _choice("resume_changed", cfg.get("resume_changed", "refuse"), ("refuse", "recompute"))
     _choice("data.decode", cfg.data.decode, ("cpu", "device"))
     if cfg.channels_last not in ("auto", True, False):
         raise ConfigError(unknown("channels_last", cfg.channels_last, ("auto", "true", "false")))

@@ -15,6 +15,7 @@ import glob as globlib
 import logging
 import math
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .device_decode import route
 from .errors import ConfigError, DataError
-from .images import CROP_RATIO, capped, header_size, input_box, open_image
+from .images import (
+    CONTENT_HASH,
+    CROP_RATIO,
+    FileFacts,
+    capped,
+    check_regular,
+    content_hash,
+    header_size,
+    input_box,
+    read_image,
+)
 
 log = logging.getLogger(__name__)
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -52,7 +63,7 @@ def _read_glob(pattern: str | None) -> list[Record]:
     if not pattern:
         raise ConfigError("data=glob needs data.pattern, e.g. data.pattern='photos/**/*.jpg'")
     found = [p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
-             if os.path.isfile(p)]
+             if listable(p)]
     first: dict[str, str] = {}
     for p in sorted(found, key=lambda p: (p.count(os.sep), p)):
         first.setdefault(os.path.realpath(p), p)
@@ -60,6 +71,17 @@ def _read_glob(pattern: str | None) -> list[Record]:
     if not paths:
         raise DataError(f"data.pattern={pattern!r} matches no files (relative to {os.getcwd()})")
     return [Record(p) for p in paths]
+
+
+def listable(path: str | os.PathLike) -> bool:
+    """Whether a path found in a folder is one of its images: a regular file, or a FIFO,
+    socket or device where an image would be (listed, so that its row fails with the
+    reason instead of the file vanishing from the run; never opened). Not folders, not
+    broken links."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _read_synsets(path: Path) -> list[str]:
@@ -108,8 +130,8 @@ def _read_imagenet_val(root: str | None, labels: str | None, synsets: str | None
         if unknown_dirs:
             raise DataError(f"class folders {unknown_dirs[:3]} are not in the synset list")
         return [Record(str(p), index[d]) for d in dirs for p in sorted((base / d).iterdir())
-                if p.is_file()]
-    files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() != ".txt"
+                if listable(p)]
+    files = sorted(p for p in base.iterdir() if listable(p) and p.suffix.lower() != ".txt"
                    and p.suffix.lower() != ".csv")
     if not files:
         raise DataError(f"data.root={root!r} has no images and no class folders")
@@ -260,11 +282,16 @@ class ImageDataset(Dataset):
     At native resolution (``resize=None``) pixels are (3, h, w) at the size reserved for
     the image when its results file was created (``input_sizes``, indexed like
     ``records``); an image whose size changed since then is an item with an error.
+
+    Each item carries ``content``: the file's content hash, size and mtime (uint64; zeros
+    where it was not read), from the very bytes decoded. ``expected`` (content hashes
+    indexed like ``records``, 0 = none) makes an image whose bytes hash otherwise an item
+    with an error: a stage that reads a run's images again (evaluate) sees a changed file.
     """
 
     def __init__(self, records: list[Record], indices: np.ndarray, image_size: int,
                  resize: str | None, decode: str = "cpu", input_sizes: np.ndarray | None = None,
-                 max_side: int | None = None) -> None:
+                 max_side: int | None = None, expected: np.ndarray | None = None) -> None:
         if resize is None and input_sizes is None:
             raise ValueError("a native-resolution dataset needs each image's input size")
         self.records = records
@@ -274,6 +301,7 @@ class ImageDataset(Dataset):
         self.decode = decode  # "device": plain JPEGs travel as bytes, decoded by the loop
         self.input_sizes = None if input_sizes is None else np.asarray(input_sizes)
         self.max_side = max_side
+        self.expected = None if expected is None else np.asarray(expected, np.uint64)
 
     def batches(self, batch_size: int) -> SizeBatches | None:
         """The batch sampler of a native-resolution dataset (None: plain batches)."""
@@ -305,15 +333,17 @@ class ImageDataset(Dataset):
         s = self.size
         item = {"index": index, "label": rec.label, "error": "", "jpeg": None,
                 "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
-                "pixels": torch.zeros(3, s, s, dtype=torch.uint8)}
+                "pixels": torch.zeros(3, s, s, dtype=torch.uint8),
+                "content": np.zeros(3, np.uint64)}
         if self.decode == "device" and self._jpeg_bytes(rec.path, item):
-            return item
+            return self._checked(item)
         try:
             # JPEG draft decoding skips detail, but never below the region resized to s x s:
             # for center_crop that is 0.875 of the shorter side, so the decode must keep
             # s / 0.875 pixels there, or the crop would be upsampled from a coarser decode.
             draft = s if self.resize == "square" else math.ceil(s / CROP_RATIO)
-            im, (h, w) = open_image(rec.path, draft_size=draft)
+            im, (h, w), facts = read_image(rec.path, draft_size=draft)
+            _note(item, facts)
             box = input_box((h, w), s, self.resize)
             # Map the box from original to (possibly draft-reduced) decoded coordinates.
             sy, sx = im.height / h, im.width / w
@@ -324,6 +354,16 @@ class ImageDataset(Dataset):
             item["box"] = torch.tensor(box, dtype=torch.float32)
         except Exception as e:  # any decoder failure is this image's, not the run's
             item["error"] = _reason(e)
+        return self._checked(item)
+
+    def _checked(self, item: dict[str, Any]) -> dict[str, Any]:
+        """``item``, failed if its bytes are not those ``expected``."""
+        if self.expected is None or item["error"]:
+            return item
+        want, got = int(self.expected[item["index"]]), int(item["content"][0])
+        if want and got != want:
+            item["error"] = (f"the file changed since it was read for this run (content "
+                             f"{CONTENT_HASH} {got:016x}, stored {want:016x})")
         return item
 
     def _native(self, index: int, rec: Record) -> dict[str, Any]:
@@ -332,9 +372,11 @@ class ImageDataset(Dataset):
         th, tw = (int(v) for v in self.input_sizes[index])
         item = {"index": index, "label": rec.label, "error": "", "jpeg": None,
                 "size": torch.zeros(2, dtype=torch.int32), "box": torch.zeros(4),
-                "pixels": torch.zeros(3, th, tw, dtype=torch.uint8)}
+                "pixels": torch.zeros(3, th, tw, dtype=torch.uint8),
+                "content": np.zeros(3, np.uint64)}
         try:
-            im, (h, w) = open_image(rec.path, max_side=self.max_side)
+            im, (h, w), facts = read_image(rec.path, max_side=self.max_side)
+            _note(item, facts)
             if (im.height, im.width) != (th, tw):
                 item["error"] = (f"the image is {h}x{w} now, input {im.height}x{im.width}; "
                                  f"{th}x{tw} was reserved when the run was created (rerun "
@@ -345,12 +387,17 @@ class ImageDataset(Dataset):
             item["box"] = torch.tensor([0.0, 0.0, h, w], dtype=torch.float32)
         except Exception as e:  # any decoder failure is this image's, not the run's
             item["error"] = _reason(e)
-        return item
+        return self._checked(item)
 
     def _jpeg_bytes(self, path: str, item: dict[str, Any]) -> bool:
         """Route the file (:func:`~pipeline.device_decode.route`): a sound JPEG that nvJPEG's
         batched path takes travels as bytes, size and box, without pixels; a damaged one
         fails here with its reason. False: PIL decodes it in this worker."""
+        try:
+            st = check_regular(path)  # a FIFO must not reach route's open
+        except (OSError, ValueError) as e:
+            item["error"] = _reason(e)
+            return True
         routed = route(path)
         if routed.where == "failed":
             item["error"] = routed.why
@@ -358,10 +405,16 @@ class ImageDataset(Dataset):
         if routed.where == "host":
             return False
         item["jpeg"], item["pixels"] = routed.data, None
+        # The bytes the device decodes; the stat of just before route read them.
+        _note(item, FileFacts(st.st_size, st.st_mtime_ns, content_hash(routed.data.numpy())))
         item["size"] = torch.tensor(routed.size, dtype=torch.int32)
         item["box"] = torch.tensor(input_box(routed.size, self.size, self.resize),
                                    dtype=torch.float32)
         return True
+
+
+def _note(item: dict[str, Any], facts: FileFacts) -> None:
+    item["content"] = np.array([facts.content_hash, facts.size, facts.mtime_ns], np.uint64)
 
 
 def _reason(e: BaseException) -> str:
@@ -382,4 +435,5 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "box": torch.stack([it["box"] for it in items]),
         "error": [it["error"] for it in items],
         "jpeg": [it["jpeg"] for it in items],
+        "content": np.stack([it["content"] for it in items]),  # hash, size, mtime (uint64)
     }

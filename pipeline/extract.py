@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import target_spec, validate
+from .content import check_resume, content_arrays, has_content
 from .data import (
     ImageDataset,
     Record,
@@ -27,9 +26,10 @@ from .data import (
     shard_range,
 )
 from .device_decode import check_decoder, decode_ahead
-from .errors import ConfigError, DataError, RunRefused, StoreError, printable
+from .errors import ConfigError, DataError, printable
+from .identity import check_existing, check_sibling_shards, fingerprint, listing_digest
 from .layouts import layer_reshape
-from .locks import writer_lock
+from .locks import run_dir_lock, writer_lock
 from .methods import METHODS, Method, build_method, explain_topk, target_fn
 from .models import (
     build_model,
@@ -67,12 +67,6 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-# Run identity: the config keys that decide a stored number. A results file records their
-# values (its fingerprint); resuming it with any of them changed is refused. Every other key
-# (batch_size, micro_batch, device, num_workers, channels_last, compile, stage, run_dir,
-# resume, overwrite, merge_copy, render.*, evaluate.*, report.*) may change on resume, and so
-# may data.shard / data.num_shards (all shards of a run share one identity).
-RESULT_KEYS = ("model", "method", "data", "target", "topk", "precision", "seed")
 NOT_MAPS = ("predictions", "targets", "activations", "images")
 
 
@@ -98,40 +92,6 @@ class Summary:
             out.append(f"  warning: {self.nonfinite} maps contain NaN/inf (/images/nonfinite)")
         out += [f"  {printable(Path(p).name)}: {c} ({prob:.2f})" for p, c, prob in self.top1[:10]]
         return out
-
-
-def fingerprint(cfg: DictConfig) -> str:
-    """The settings that decide the numbers; equal for all shards of one run."""
-    sub = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
-           else cfg[k] for k in RESULT_KEYS}
-    # data.max_side left out while null: runs made before the key keep their fingerprint.
-    sub["data"] = {k: v for k, v in sub["data"].items() if k not in ("shard", "num_shards")
-                   and not (k == "max_side" and v is None)}
-    # Only what decides the classes explained: target.k matters for topk alone.
-    sub["target"] = target_spec(cfg.target)
-    if sub["target"] == "topk":
-        sub["target_k"] = cfg.target.k
-    # What is explained of it; absent for the logit, so runs made before target.score
-    # existed (all logit) keep their fingerprint and resume.
-    if cfg.target.get("score", "logit") != "logit":
-        sub["target_score"] = cfg.target.score
-    return json.dumps(sub, sort_keys=True)
-
-
-def _differences(old: str, new: str) -> list[str]:
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(d, dict):
-            return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
-        return {prefix.rstrip("."): d}
-
-    a, b = flat(json.loads(old)), flat(json.loads(new))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
-
-
-def _config_diff(old: str, new: str) -> str:
-    """The first differences between two fingerprints, for a refusal's one line."""
-    return "; ".join(_differences(old, new)[:4]) if old else "no fingerprint"
 
 
 def results_name(shard: int, num_shards: int) -> str:
@@ -204,95 +164,6 @@ def native_layout(
     return shapes, failed
 
 
-def listing_digest(records: list[Record]) -> str:
-    """sha256 of the whole image list (paths and labels, in order): what fixes a run's rows."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r.path}\0{r.label}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _listing_change(f: Any, records: list[Record], start: int, stop: int) -> str | None:
-    """Why the current listing differs from the one the file was created from, or None."""
-    stored = f.attrs.get("listing_sha256")
-    if stored is not None:
-        if stored == listing_digest(records):
-            return None
-    else:  # files of before the digest: compare the file's own block
-        block = records[start:stop]
-        if (len(block) == len(f["images/path"])
-                and [r.path for r in block] == list(f["images/path"].asstr()[:])
-                and [r.label for r in block] == f["images/label"][:].tolist()):
-            return None
-    n_total = int(f.attrs.get("n_total", len(f["images/path"])))
-    if int(f.attrs.get("num_shards", 1)) > 1:
-        return (f"the image list changed since this sharded run was created ({len(records)} "
-                f"files now, {n_total} then, or the same count in another order or labels)")
-    old, new = set(f["images/path"].asstr()[:]), {r.path for r in records}
-    added, removed = len(new - old), len(old - new)
-    if added or removed:
-        return (f"the image list changed since this run was created: {added} file(s) added, "
-                f"{removed} removed")
-    return "the image list changed since this run was created: same files, other order or labels"
-
-
-def _check_existing(path: Path, cfg: DictConfig, records: list[Record], start: int,
-                    stop: int) -> bool:
-    """Whether ``path`` is to be (re)created. A results file of the same config and image
-    list is resumed; one of another config or list is refused (overwrite=true replaces it,
-    atomically, once the new one is complete). Never overwrites silently."""
-    if not path.exists():
-        return True
-    try:
-        with open_results(path) as f:
-            old = str(f.attrs.get("fingerprint", ""))
-            changed = _listing_change(f, records, start, stop)
-            merged = "merged_from" in f.attrs
-        if merged and not cfg.overwrite:  # its rows live in the shard files
-            raise RunRefused(f"{path} is a merge of shards; rerun the shards (data.shard=i "
-                             "data.num_shards=N) to complete them, or use another run_dir")
-    except StoreError:
-        if not cfg.overwrite:
-            raise
-        log.warning("overwrite=true: replacing the unreadable %s", path)
-        return True
-    new = fingerprint(cfg)
-    if cfg.overwrite:
-        log.warning("overwrite=true: replacing %s", path)
-        return True
-    how = "Use another run_dir, or overwrite=true to replace it"
-    if old != new:
-        raise RunRefused(f"{path} holds results of a different config: "
-                         f"{_config_diff(old, new)}. {how}")
-    if not cfg.resume:
-        raise RunRefused(f"{path} exists and resume=false. {how}")
-    if changed:
-        raise RunRefused(f"{path}: {changed}; a run's rows are fixed when it is created. Use "
-                         "another run_dir for the new list, or overwrite=true to start over")
-    return False
-
-
-def _check_sibling_shards(path: Path, cfg: DictConfig, records: list[Record],
-                          num_shards: int) -> None:
-    """A new shard file must describe the same run as the shards already there: one config
-    and one image list, or the merge would join blocks of two different lists."""
-    digest, new = listing_digest(records), fingerprint(cfg)
-    for other in sorted(path.parent.glob(f"results.shard-*-of-{num_shards}.h5")):
-        if other == path:
-            continue
-        with open_results(other) as f:
-            old = str(f.attrs.get("fingerprint", ""))
-            if old != new:
-                raise RunRefused(f"{other.name} in {path.parent} holds results of a different "
-                                 f"config: {_config_diff(old, new)}. Use another run_dir")
-            if f.attrs.get("listing_sha256") != digest:
-                raise RunRefused(
-                    f"{other.name} in {path.parent} was made from another image list "
-                    f"({len(records)} files now, {int(f.attrs.get('n_total', -1))} then, or "
-                    "the same count in another order); all shards of a run share one list. "
-                    "Use another run_dir")
-
-
 @dataclass
 class Job:
     """Everything the batch loop needs, prepared once."""
@@ -307,15 +178,19 @@ class Job:
     categories: list[str] | None
     channels_last: bool  # inputs go to the model in NHWC
     input_sizes: np.ndarray | None = None  # native resolution: (N, 2), 0 = not reserved
+    content: bool = False  # the file stores each row's content hash, size and mtime
 
 
 def extract(cfg: DictConfig, run_dir: Path) -> Summary:
     """Compute the configured method for every image of the run's results file that is not
-    done yet, holding the file's writer lock throughout (a second writer fails at once)."""
+    done yet, holding the run directory's lock and the file's writer lock throughout (a
+    second writer fails at once)."""
     validate(cfg)
     shard, num_shards = shard_of(cfg.data)
     path = Path(run_dir) / results_name(shard, num_shards)
-    with writer_lock(path, "writing"):
+    # The run directory's lock first (shards of one run share it), then the file's own.
+    with (run_dir_lock(run_dir, f"extracting {path.name}", shared=num_shards > 1),
+          writer_lock(path, "writing")):
         remove_stale_temporaries(path)
         job = prepare(cfg, path, shard, num_shards)
         writer = ResultsWriter(job.path)
@@ -334,9 +209,14 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
     if not records:
         raise DataError("the dataset has no images")
     start, stop = shard_range(len(records), shard, num_shards)
-    create = _check_existing(path, cfg, records, start, stop)  # refuse before slow work
+    create = check_existing(path, cfg, records, start, stop)  # refuse before slow work
+    if not create:  # a resume: done rows must still describe their files
+        again = check_resume(path, cfg.get("resume_changed", "refuse"))
+        if again:
+            log.warning("%d image(s) changed since their rows were done: computing them again "
+                        "(resume_changed=recompute)", again)
     if create and num_shards > 1:
-        _check_sibling_shards(path, cfg, records, num_shards)
+        check_sibling_shards(path, cfg, records, num_shards)
     device = resolve_device(cfg.device)
     if cfg.data.decode == "device":
         check_decoder(device)
@@ -396,6 +276,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
         rows = [Record(p, int(lab)) for p, lab in
                 zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
         input_sizes = f[INPUT_SIZE][:] if INPUT_SIZE in f else None
+        content = has_content(f)
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
                                   size, device=device))
@@ -403,7 +284,7 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
             x = x.contiguous(memory_format=torch.channels_last)
         method.model = compile_model(model, x, lambda compiled: _warm_up(method, compiled, x, cfg))
     return Job(cfg, path, rows, method, normalize, device, n_classes, info.categories,
-               channels_last, input_sizes)
+               channels_last, input_sizes, content)
 
 
 def _warm_up(method: Method, compiled: torch.nn.Module, x: torch.Tensor,
@@ -465,6 +346,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     arrays, ready = to_host(out)
                     arrays["images/size"] = batch["size"][ok].numpy()
                     arrays["images/box"] = batch["box"][ok].numpy()
+                    if job.content:
+                        arrays.update(content_arrays(batch["content"][ok.numpy()]))
                 else:
                     ready = None
                 background.put(rows[ok].numpy(), arrays, errors, ready)

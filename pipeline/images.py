@@ -4,10 +4,15 @@ by the stages that must not import torch (render, report)."""
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import stat
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+import xxhash
+from PIL import Image, UnidentifiedImageError
 
 CROP_RATIO = 0.875  # ImageNet evaluation: resize to 256, center crop 224
 _T = Image.Transpose
@@ -15,9 +20,68 @@ _EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTO
                    5: _T.TRANSPOSE, 6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
+CONTENT_HASH = "xxh3_64"  # of each image file's bytes, as stored in /images/content_hash
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISDIR, "a directory"))
+
+
+class NotAFile(ValueError):
+    """An image path that is a FIFO, socket, device or directory: never opened (a FIFO
+    would block its reader forever, a device may never end)."""
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What identifies an image file's content: its size and mtime (from one ``fstat``
+    of the handle its bytes were read from) and the xxh3_64 hash of those bytes."""
+
+    size: int
+    mtime_ns: int
+    content_hash: int
+
+
+def check_regular(path: str, st: os.stat_result | None = None) -> os.stat_result:
+    """``path``'s stat if it is a regular file (symlinks followed); else :class:`NotAFile`."""
+    st = os.stat(path) if st is None else st
+    if not stat.S_ISREG(st.st_mode):
+        what = next((name for test, name in _SPECIAL if test(st.st_mode)), "a special file")
+        raise NotAFile(f"{path} is {what}, not a regular file (not opened)")
+    return st
+
+
+def content_hash(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """The stored content hash of a file's bytes (xxh3_64, as an unsigned integer)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def read_file(path: str) -> tuple[bytes, FileFacts]:
+    """A regular file's bytes and facts, read once. Special files fail before any open
+    (a stat), and the handle is checked again, so a FIFO swapped in between blocks nothing
+    (opened non-blocking)."""
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = check_regular(path, os.fstat(fd))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    return data, FileFacts(st.st_size, st.st_mtime_ns, content_hash(data))
+
+
 def open_image(path: str, draft_size: int | None = None,
                max_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to RGB, upright per EXIF; returns the image and the original (height, width).
+    """:func:`read_image` without the file's facts."""
+    rgb, size, _ = read_image(path, draft_size, max_side)
+    return rgb, size
+
+
+def read_image(path: str, draft_size: int | None = None, max_side: int | None = None
+               ) -> tuple[Image.Image, tuple[int, int], FileFacts]:
+    """Decode to RGB, upright per EXIF; returns the image, the original (height, width) and
+    the file's facts (size, mtime, content hash of exactly the bytes decoded). The file is
+    read once; a FIFO, socket or device raises :class:`NotAFile` unopened.
 
     Args:
         path: The image file.
@@ -30,9 +94,14 @@ def open_image(path: str, draft_size: int | None = None,
             8 bits per channel, and reduced at once.
 
     Returns:
-        (RGB image, (height, width) of the original, upright).
+        (RGB image, (height, width) of the original, upright, file facts).
     """
-    with Image.open(path) as im:
+    data, facts = read_file(path)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL would name the in-memory buffer, not the file
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
+    with im:
         orientation = im.getexif().get(0x0112, 1)
         full_w, full_h = im.size
         request = (draft_size, draft_size) if draft_size else (0, 0)
@@ -63,11 +132,12 @@ def open_image(path: str, draft_size: int | None = None,
         rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
         if orientation >= 5:  # quarter turns swap height and width
             full_h, full_w = full_w, full_h
-    return rgb, (full_h, full_w)
+    return rgb, (full_h, full_w), facts
 
 
 def header_size(path: str) -> tuple[int, int]:
     """The upright (height, width) of an image from its header alone (nothing decoded)."""
+    check_regular(path)  # a FIFO would block PIL's open
     with Image.open(path) as im:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # quarter turns swap the sides

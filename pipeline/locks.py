@@ -1,4 +1,8 @@
-"""One writer per results file: an exclusive lock that dies with its holder."""
+"""One writer per results file and per run directory: locks that die with their holder.
+
+Two levels: :func:`writer_lock` guards one results file (a shard file, the merged file);
+:func:`run_dir_lock` guards the whole run directory, so that a stage of one run cannot
+write while another stage (or another config) writes beside it. Readers take neither."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import RunRefused
+from .errors import RunRefused, StoreError
 
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = "hhqqi4x"
@@ -32,8 +36,7 @@ def writer_lock(path: str | os.PathLike, what: str = "writing",
     key = str(lock_path.resolve())
     if key in _HELD:
         raise RunRefused(f"this process is already {_HELD[key]} {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_lock(lock_path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -41,8 +44,7 @@ def writer_lock(path: str | os.PathLike, what: str = "writing",
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
             raise RunRefused(f"another camsweep process ({holder}) holds {path}; wait for it "
                              "to finish, or use another run_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)
+        _note_holder(fd, what)
         _HELD[key] = what
         try:
             yield
@@ -68,3 +70,63 @@ def lock_is_held(path: str | os.PathLike) -> bool:
     finally:
         os.close(fd)
     return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+RUN_DIR_LOCK = ".camsweep.lock"
+
+
+def _open_lock(lock_path: Path) -> int:
+    """The lock file's descriptor (created if need be). Taking a lock needs no disk space;
+    creating the file may: a full disk or a read-only folder is one line."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot create the lock file {lock_path}: {e.strerror or e}; free "
+                         "space or fix permissions and rerun") from None
+
+
+def _note_holder(fd: int, what: str) -> None:
+    """Write who holds the lock, for the refusal others see. Only a courtesy: on a full
+    disk (the lock holds all the same) the note is left out."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, {what}".encode(), 0)
+    except OSError:
+        pass
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold the lock of a whole run directory (``run_dir/.camsweep.lock``) while writing in it.
+
+    Every stage that writes in a run directory holds it: extract, merge, evaluate and report
+    exclusively, so that two writers (two configs, or extract while evaluate runs) never
+    meet; the second fails at once with one line. The shards of one run, written at the same
+    time by srun's tasks, hold it ``shared`` (each also holds its own file's
+    :func:`writer_lock`, and a shard of another config is refused by the shard files' own
+    identity), as does the merge that the last shard makes. Readers take no lock.
+
+    Like :func:`writer_lock`, a POSIX record lock: dropped by the kernel when its holder
+    exits or is killed, never inherited by DataLoader workers.
+    """
+    lock_path = Path(run_dir) / RUN_DIR_LOCK
+    key = str(lock_path.resolve())
+    if key in _HELD:  # POSIX locks do not see their own: refuse what would be a silent pass
+        raise RunRefused(f"this process is already {_HELD[key]} in {run_dir}")
+    fd = _open_lock(lock_path)
+    try:
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            raise RunRefused(f"another camsweep process ({holder}) is writing in {run_dir}; "
+                             "wait for it to finish, or use another run_dir") from None
+        _note_holder(fd, what)
+        _HELD[key] = what
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # releases the lock

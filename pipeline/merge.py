@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StoreError
-from .locks import lock_is_held, writer_lock
+from .locks import lock_is_held, run_dir_lock, writer_lock
 from .store import DONE, PENDING, attr_list, open_results, remove_stale_temporaries
 from .store.mergefile import is_merge, write_merge
 
@@ -80,7 +80,7 @@ def merge_shards(run_dir: str | os.PathLike, copy: bool = False) -> Path:
     merged file's writer lock. Merging an already merged run again is allowed."""
     run_dir = Path(run_dir)
     out = run_dir / "results.h5"
-    with writer_lock(out, "merging"):
+    with run_dir_lock(run_dir, "merging"), writer_lock(out, "merging"):
         return _merge(run_dir, out, copy)
 
 
@@ -126,7 +126,7 @@ def merge_if_complete(run_dir: Path) -> Path | None:
     log says which of the two happened, so exactly one shard reports the merge.
     """
     out = run_dir / "results.h5"
-    with writer_lock(out, "merging", wait=True):
+    with run_dir_lock(run_dir, "merging", shared=True), writer_lock(out, "merging", wait=True):
         if not shards_complete(run_dir):
             return None
         _, shards = shard_files(run_dir)

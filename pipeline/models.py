@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 import torchvision
+import xxhash
 from torch import nn
 
 from .errors import ConfigError, unknown
@@ -77,6 +79,26 @@ def _embedded_lite0(pretrained: bool) -> nn.Module:
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
     return EfficientNetLite0(net)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime) -> digest
+
+
+def checkpoint_digest(weights: Any) -> str | None:
+    """``xxh3_128:<hex>`` of a checkpoint file's bytes (``model.weights=/path/ck.pth``), part
+    of the run's identity; None for ``DEFAULT``, null or a path that is no file (whose
+    loading fails later with its own line). Hashed once per process and file version."""
+    if weights in (None, "DEFAULT") or not os.path.isfile(str(weights)):
+        return None
+    st = os.stat(weights)
+    key = (os.path.realpath(weights), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = xxhash.xxh3_128()
+        with open(weights, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _DIGESTS[key] = f"xxh3_128:{h.hexdigest()}"
+    return _DIGESTS[key]
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:

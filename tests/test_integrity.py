@@ -27,7 +27,7 @@ from conftest import ROOT, TINY, compose_cfg, write_images
 from pipeline.cli import main
 from pipeline.errors import RunRefused, StoreError
 from pipeline.extract import extract, prepare
-from pipeline.locks import writer_lock
+from pipeline.locks import run_dir_lock, writer_lock
 from pipeline.merge import merge_shards
 from pipeline.results import load_run
 from pipeline.store import DONE, FAILED, PENDING, open_results
@@ -231,7 +231,8 @@ def test_full_disk_at_creation_is_one_line_and_leaves_nothing(tmp_path, tmpfs):
     disk = tmpfs(600)  # the file needs ~3.2 MB (48 rows of 64 KB activations)
     with pytest.raises(StoreError, match=r"not enough disk space for .*results.h5 \(needs"):
         extract(_cfg(images, *ACT), disk / "run")
-    assert sorted(p.name for p in (disk / "run").iterdir()) == [".results.h5.lock"]
+    assert sorted(p.name for p in (disk / "run").iterdir()) == [".camsweep.lock",
+                                                                ".results.h5.lock"]
 
 
 def test_full_disk_mid_run_marks_nothing_unwritten_done_and_resume_completes(tmp_path, tmpfs):
@@ -307,7 +308,7 @@ def test_two_runs_started_together_in_one_run_dir(tmp_path):
 def test_a_second_writer_fails_at_once(tmp_path, image_dir):
     results = tmp_path / "run" / "results.h5"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.locks import writer_lock\n"
+        "import sys, time; from pipeline.locks import run_dir_lock, writer_lock\n"
         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)"),
         str(results)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -429,6 +430,7 @@ def test_symlink_loop_lists_each_image_once(tmp_path):
     (["batch_size=abc"], "batch_size must be auto or an integer >= 1, got 'abc'"),
     (["+model.kwargs.foo=1"], "does not accept model.kwargs (foo)"),
     (["model.colour=1"], "unknown config key 'model.colour'"),
+    (["resume_changed=ignore"], "unknown resume_changed 'ignore'"),
     (["-m", "method=choice(gradcam,saliencyy)"], "unknown method 'saliencyy'"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, image_dir, args, message):
@@ -485,7 +487,7 @@ def test_a_run_being_written_reads_as_running(tmp_path, image_dir):
     with h5py.File(tmp_path / "run" / "results.h5", "r+") as f:
         f["images/status"][3:] = PENDING  # as if interrupted
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.locks import writer_lock\n"
+        "import sys, time; from pipeline.locks import run_dir_lock, writer_lock\n"
         "with writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)"),
         str(tmp_path / "run" / "results.h5")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -555,3 +557,96 @@ def test_names_with_newlines_cannot_forge_lines_of_the_cli_log(tmp_path):
     assert any("evil\\n0 of 0 images done.jpg" in line for line in lines)
     log = (tmp_path / "run" / "run.log").read_text().splitlines()
     assert not any(line.startswith("0 of 0 images done") for line in log)
+
+
+# -- one writer per run directory, locks and Hydra's record on a full disk ------------------
+
+def _hold_run_dir(run_dir: Path, what: str, shared: bool = False) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline.locks import run_dir_lock\n"
+        "with run_dir_lock(sys.argv[1], sys.argv[2], shared=sys.argv[3] == '1'):\n"
+        "    print('locked', flush=True); time.sleep(600)"),
+        str(run_dir), what, "1" if shared else "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_extract_while_another_stage_writes_the_run_dir_fails_at_once(tmp_path, image_dir):
+    """extract with another config during evaluate: refused before anything is created
+    (not at the merge at the end), with one line naming the holder."""
+    run_dir = tmp_path / "run"
+    holder = _hold_run_dir(run_dir, "evaluating")
+    try:
+        with pytest.raises(RunRefused, match=r"another camsweep process \(pid \d+ on .*, "
+                                             r"evaluating\) is writing in"):
+            extract(_cfg(image_dir, "model.target_layers=[layer3]"), run_dir)
+        assert not (run_dir / "results.h5").exists()
+        out = subprocess.run(_cli_args(image_dir, run_dir), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+        assert "evaluating) is writing in" in out.stderr
+        with pytest.raises(RunRefused, match="is writing in"):
+            merge_shards(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract(_cfg(image_dir), run_dir).done == 6  # the lock died with its holder
+
+
+def test_shards_of_one_run_write_together(tmp_path, image_dir):
+    """A shard holds the run directory shared: its sibling runs beside it, an unsharded run
+    or an explicit merge does not."""
+    run_dir = tmp_path / "run"
+    holder = _hold_run_dir(run_dir, "extracting results.shard-0-of-2.h5", shared=True)
+    try:
+        one = extract(_cfg(image_dir, "data.shard=1", "data.num_shards=2"), run_dir)
+        assert one.done == 3 and one.path.name == "results.shard-1-of-2.h5"
+        with pytest.raises(RunRefused, match="is writing in"):
+            extract(_cfg(image_dir), run_dir)
+        with pytest.raises(RunRefused, match="is writing in"):
+            merge_shards(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract(_cfg(image_dir, "data.shard=0", "data.num_shards=2"), run_dir).done == 3
+    merge_shards(run_dir)
+    with load_run(run_dir) as r:
+        assert r.done.all() and len(r.paths) == 6
+
+
+def test_locks_on_a_full_disk(tmp_path, tmpfs):
+    """Taking a lock needs no space: with 0 bytes free both locks hold (the holder's note
+    is left out) and a second writer is still refused."""
+    disk = tmpfs(64)
+    _fill(disk)
+    with run_dir_lock(disk / "run", "evaluating"), writer_lock(disk / "run" / "results.h5"):
+        probe = subprocess.run([sys.executable, "-c", (
+            "import sys; from pipeline.locks import run_dir_lock\n"
+            "with run_dir_lock(sys.argv[1], 'x'): pass"), str(disk / "run")], cwd=ROOT,
+            capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 1
+        assert "another camsweep process (?) is writing in" in probe.stderr
+
+
+def test_resume_on_a_full_disk_is_no_traceback(tmp_path, tmpfs):
+    """Hydra's record (.hydra/), the log file and the status file cannot be written: one
+    warning line each, the old record kept, and the resume completes in reserved space."""
+    images = tmp_path / "images"
+    write_images(images, 10)
+    disk = tmpfs(4000)
+    run_dir = disk / "run"
+    results = run_dir / "results.h5"
+    proc = subprocess.Popen(_cli_args(images, run_dir, "batch_size=2"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _done(results) >= 2, proc, "2 rows done")
+    proc.kill()
+    proc.wait()
+    record = (run_dir / ".hydra" / "config.yaml").read_text()
+    _fill(disk)
+    again = subprocess.run(_cli_args(images, run_dir, "batch_size=2"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr and "Logging error" not in again.stderr
+    assert "warning: cannot save" in again.stderr and "No space left" in again.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == record
+    assert _done(results) == 10

@@ -135,6 +135,11 @@ def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index
     _preallocated(img, "size", n, (2,), np.int32)
     _preallocated(img, "box", n, (4,), np.float32)
     _preallocated(img, "nonfinite", n, (), np.uint8)
+    # Content identity (pipeline/content.py): what each done row was computed from.
+    _preallocated(img, "content_hash", n, (), np.uint64, fill=True).attrs[
+        "algorithm"] = "xxh3_64 of the file's bytes, 0 = not read"
+    _preallocated(img, "file_size", n, (), np.int64)
+    _preallocated(img, "mtime_ns", n, (), np.int64)
     if input_size is not None:
         img.create_dataset("input_size", data=np.asarray(input_size, np.int32))
     for row, reason in sorted((failed or {}).items()):

@@ -15,6 +15,7 @@ DIMS = {
     "images/error": ["image"], "images/size": ["image", "hw"], "images/input_size": ["image", "hw"],
     "images/box": ["image", "y0x0y1x1"],
     "images/index": ["image"], "images/nonfinite": ["image"],
+    "images/content_hash": ["image"], "images/file_size": ["image"], "images/mtime_ns": ["image"],
     "targets/class": ["image", "class"], "targets/score": ["image", "class"],
     "predictions/class": ["image", "rank"], "predictions/prob": ["image", "rank"],
     LAYER_MAP: ["image", "h", "w"], WEIGHTS: ["image", "channel"],
