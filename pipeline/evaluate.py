@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .errors import ConfigError, StoreError, unknown
 from .evaluate_setup import Setup, confidence_score, explained_score, metric_score, read_setup
-from .locks import writer_lock
+from .locks import run_dir_lock, writer_lock
 from .methods.base import target_score
 from .metrics.batch import Evaluation, MetricBatch
 from .metrics.common import SCORES, Scorer
@@ -170,6 +170,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Any:
         raise StoreError(f"no results file at {path}")
     target = run_dir / METRICS_FILE
     with ExitStack() as locks:
+        locks.enter_context(run_dir_lock(run_dir, "evaluating"))  # one writer per run_dir
         for locked in (path, target):
             try:  # a full disk fails the lock file's write: one line
                 locks.enter_context(writer_lock(locked, "evaluating"))
@@ -284,8 +285,10 @@ class _BatchEvaluator:
         s, notes = self.setup, self.ctx.notes
         records = [Record(p, int(lab)) for p, lab in zip(s.paths, s.labels, strict=True)]
         native = s.resize == "none"  # the model input at each image's own size, as extracted
+        # An image whose bytes changed since extraction fails its row: its maps are not of it.
         dataset = ImageDataset(records, rows, s.image_size, None if native else s.resize,
-                               s.decode, s.input_sizes, s.stored.data.get("max_side"))
+                               s.decode, s.input_sizes, s.stored.data.get("max_side"),
+                               expected=s.content)
         loader = dataset.loader(batch_size_of(self.cfg.batch_size, self.device), workers,
                                 self.device)
         changed: list[str] = []

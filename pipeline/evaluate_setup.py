@@ -56,6 +56,7 @@ class Setup:
     autocast: torch.dtype | None
     results: dict[str, str]  # identity of the results file (store.identity)
     input_sizes: np.ndarray | None = None  # native resolution (resize "none"): (N, 2)
+    content: np.ndarray | None = None  # (N,) content hashes at extraction (0: not read)
 
 
 def _literal(value: Any) -> Any:
@@ -141,7 +142,10 @@ def read_setup(cfg: DictConfig, path: Path, device: torch.device) -> Setup:
             targets=f["targets/class"][:], scores=f["targets/score"][:],
             sizes=f["images/size"][:], seen=read_rows(f, "images/box", path), n=len(status),
             image_size=image_size, resize=str(f.attrs.get("resize", "square")),
-            results=identity(f), input_sizes=f[INPUT_SIZE][:] if INPUT_SIZE in f else None)
+            results=identity(f), input_sizes=f[INPUT_SIZE][:] if INPUT_SIZE in f else None,
+            # files of before content hashes have none: nothing to compare
+            content=(read_rows(f, "images/content_hash", path)
+                     if "images/content_hash" in f else None))
     if setup_kw["resize"] == "none" and setup_kw["input_sizes"] is None:
         raise StoreError(f"{path} is damaged: a native-resolution run without /{INPUT_SIZE}")
     method_name = stored.method.get("name")

@@ -7,6 +7,7 @@ write while another stage (or another config) writes beside it. Readers take nei
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from .errors import RunRefused, StoreError
 
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = "hhqqi4x"
+log = logging.getLogger("camsweep")
 _HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see their own
 
 
@@ -97,7 +99,8 @@ def _note_holder(fd: int, what: str) -> None:
 
 
 @contextmanager
-def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False) -> Iterator[None]:
+def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False,
+                 wait_for: str | None = None) -> Iterator[None]:
     """Hold the lock of a whole run directory (``run_dir/.camsweep.lock``) while writing in it.
 
     Every stage that writes in a run directory holds it: extract, merge, evaluate and report
@@ -108,7 +111,8 @@ def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False) ->
     identity), as does the merge that the last shard makes. Readers take no lock.
 
     Like :func:`writer_lock`, a POSIX record lock: dropped by the kernel when its holder
-    exits or is killed, never inherited by DataLoader workers.
+    exits or is killed, never inherited by DataLoader workers. ``wait_for``: when the holder
+    is doing that (e.g. another report), wait for it instead of failing.
     """
     lock_path = Path(run_dir) / RUN_DIR_LOCK
     key = str(lock_path.resolve())
@@ -120,8 +124,13 @@ def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False) ->
             fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            raise RunRefused(f"another camsweep process ({holder}) is writing in {run_dir}; "
-                             "wait for it to finish, or use another run_dir") from None
+            if wait_for is None or not holder.endswith(f", {wait_for}"):
+                raise RunRefused(f"another camsweep process ({holder}) is writing in "
+                                 f"{run_dir}; wait for it to finish, or use another run_dir"
+                                 ) from None
+            log.info("another process (%s) is %s in %s; waiting for it", holder, wait_for,
+                     run_dir)
+            fcntl.lockf(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         _note_holder(fd, what)
         _HELD[key] = what
         try:

@@ -26,12 +26,12 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunRefused, StoreError
-from ..locks import writer_lock
+from ..errors import StoreError
+from ..locks import run_dir_lock
 from ..store.atomic import atomic_output, remove_temporaries
 from .run_page import RunPage
 from .sweep_page import REPORT, SweepPage
@@ -64,17 +64,11 @@ def report(run_dir: str | Path, cfg: Any = None) -> Path:
 
 @contextmanager
 def report_lock(run_dir: Path) -> Iterator[None]:
-    """The one place the report takes its lock (the writer lock of ``run_dir/report``): a
-    report being written makes a second one wait, saying so in one line."""
-    final = run_dir / REPORT
-    held = ExitStack()
-    try:
-        held.enter_context(writer_lock(final, "writing the report"))
-    except RunRefused:
-        log.info("report: another process is writing the report of %s; waiting for it",
-                 run_dir)
-        held.enter_context(writer_lock(final, "writing the report", wait=True))
-    with held:
+    """The one place the report takes its lock: the run directory's (one writer per
+    run_dir, :func:`pipeline.locks.run_dir_lock`). A report being written makes a second one
+    wait, saying so in one line; any other writer (extract, merge, evaluate) refuses it at
+    once."""
+    with run_dir_lock(run_dir, "writing the report", wait_for="writing the report"):
         yield
 
 
