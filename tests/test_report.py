@@ -371,7 +371,7 @@ def test_a_report_waits_for_the_one_being_written(evaluated_run, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert out.strip() == str(evaluated_run / "report" / "index.html")
-    assert "another process is writing the report of" in seen
+    assert f", writing the report) is writing the report in {evaluated_run}; waiting" in seen
 
 
 @pytest.mark.slow
