@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the configured stage(s) in ``run_dir``; returns plain data (submitit pickles it)."""
+    if cfg.stage == "verify":  # reads only: before the imports that bring torch
+        from .verify import verify_stage
+
+        return {"run_dir": str(run_dir), "stage": "verify", **verify_stage(cfg, run_dir)}
     from .extract import extract
     from .merge import merge_if_complete, merge_shards
 
@@ -138,6 +143,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     A refused run (another config or writer in the run dir, a changed image list) touched
     nothing, so it does not rewrite the run's status either."""
     _one_line_logs()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: EFBIG, not a kill
+    logging.raiseExceptions = False  # a log file on a full disk: no "Logging error" trace
     run_dir = run_dir_of(cfg)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     extracting = cfg.stage in EXTRACTING

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from . import methods as _methods
 from .errors import ConfigError, unknown
 
-STAGES = ("all", "extract", "render", "merge", "evaluate", "report")
+STAGES = ("all", "extract", "render", "merge", "evaluate", "report", "verify")
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means
 RESIZES = ("square", "center_crop")

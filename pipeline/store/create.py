@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .atomic import atomic_output, remove_temporaries
+from .checksums import CHECKSUMS, ROW_DATASETS, create_checksums
 from .dims import attach_dims, dataset_dims
 from .format import (
     CHUNK_BYTES,
@@ -31,7 +32,7 @@ from .format import (
     walk,
 )
 from .ragged import create_ragged
-from .space import no_space, space_error
+from .space import check_room, no_space, space_error
 
 
 def chunk_rows(row_shape: tuple[int, ...], itemsize: int, n: int) -> int:
@@ -93,6 +94,7 @@ def create_results(
     run_id = uuid.uuid4().hex
     size = None
     ragged = dict(ragged or {})
+    check_room(path, estimated_size(paths, layout, ragged), "needs")
     try:
         with atomic_output(path) as tmp:
             with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
@@ -104,11 +106,33 @@ def create_results(
                 os.posix_fallocate(fd, 0, size)  # reserve the blocks the run will write
             finally:
                 os.close(fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: HDF5 failing to close the file
         if no_space(e):
             raise space_error(path, size, e) from e
-        raise StoreError(f"cannot create {path}: {e}") from e
+        raise StoreError(f"cannot create {path}: {str(e).splitlines()[0][:200]}") from e
     return run_id
+
+
+# HDF5's own bytes: superblock, object headers, B-trees, attributes, dimension scales.
+BASE_BYTES, PER_DATASET_BYTES = 64 << 10, 8 << 10
+
+
+def estimated_size(paths: list[str], layout: Mapping[str, tuple[tuple[int, ...], Any]],
+                   ragged: Mapping[str, np.ndarray]) -> int:
+    """An upper bound of the new file's size: every dataset at its final shape, the image
+    paths (stored once and once more per group as its ``image`` coordinate), checksums and
+    HDF5's metadata, with a margin."""
+    n = len(paths)
+    data = n * (4 + 8 + 1 + 256 + 8 + 16 + 1 + 8)  # label, index, status, error, size, box...
+    for key, (shape, dtype) in layout.items():
+        rows = (np.asarray(ragged[key]).reshape(n, -1).prod(axis=1).sum() if key in ragged
+                else n * int(np.prod(shape, dtype=np.int64)))
+        data += int(rows) * np.dtype(dtype).itemsize + (n * 12 if key in ragged else 0)
+    groups = {key.split("/")[0] for key in layout} | {"images", CHECKSUMS.split("/")[0]}
+    path_bytes = sum(len(p.encode("utf-8")) + 32 for p in paths)  # + the heap's per-string
+    data += path_bytes * (1 + len(groups)) + n * 8 * (len(layout) + 3)
+    datasets = len(layout) * 3 + 16 + len(groups)
+    return int((data + BASE_BYTES + PER_DATASET_BYTES * datasets) * 1.05)
 
 
 def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index: np.ndarray,
@@ -165,6 +189,7 @@ def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index
         else:
             dims = dataset_dims(key, ds.attrs.get("kind"), ds.ndim)
         ds.attrs["dims"] = json.dumps(dims)
+    create_checksums(f, dict.fromkeys([*ROW_DATASETS, *layout]), n)
     attach_dims(f, paths)
     f["images/error"].attrs["encoding"] = "utf-8, fixed 256 bytes, empty when ok"
     f["images/status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"

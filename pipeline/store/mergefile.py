@@ -18,6 +18,7 @@ import numpy as np
 from .atomic import atomic_output
 from .dims import SCALE_ATTRS, attach_dims
 from .format import RAGGED, walk
+from .ragged import DIGEST, index_digest, ragged_keys
 from .space import write_error
 
 MERGED_ATTRS = {"shard": 0, "num_shards": 1, "first_index": 0}
@@ -83,6 +84,9 @@ def _fill(dst: h5py.File, files: list[h5py.File], names: list[str], copy: bool) 
         for k, v in ds.attrs.items():
             if k not in SCALE_ATTRS:  # scales are the merged file's own, below
                 target.attrs[k] = v
+    for key in ragged_keys(first):  # the merged index, vouched for like a created one
+        index = dst[f"{RAGGED}/{key}"]
+        index.attrs[DIGEST] = index_digest(index["offset"][:], index["shape"][:])
     paths = np.concatenate([f["images/path"].asstr()[:] for f in files])
     attach_dims(dst, paths)
 
