@@ -14,7 +14,6 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
 from .atomic import atomic_output, remove_temporaries
 from .checksums import CHECKSUMS, ROW_DATASETS, create_checksums
 from .dims import attach_dims, dataset_dims
@@ -31,8 +30,9 @@ from .format import (
     kind_of,
     walk,
 )
+from .isolate import run_isolated
 from .ragged import create_ragged
-from .space import check_room, no_space, space_error
+from .space import check_room, no_space, space_error, write_error
 
 
 def chunk_rows(row_shape: tuple[int, ...], itemsize: int, n: int) -> int:
@@ -97,9 +97,12 @@ def create_results(
     check_room(path, estimated_size(paths, layout, ragged), "needs")
     try:
         with atomic_output(path) as tmp:
-            with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
-                _fill(f, run_id, paths, labels, index, layout, attrs, method_kind, ragged,
-                      input_size, failed)
+            def build() -> None:
+                with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
+                    _fill(f, run_id, paths, labels, index, layout, attrs, method_kind, ragged,
+                          input_size, failed)
+
+            run_isolated(build, str(tmp))  # a full disk must not crash this process
             size = tmp.stat().st_size
             fd = os.open(tmp, os.O_RDWR)
             try:
@@ -109,30 +112,38 @@ def create_results(
     except (OSError, RuntimeError) as e:  # RuntimeError: HDF5 failing to close the file
         if no_space(e):
             raise space_error(path, size, e) from e
-        raise StoreError(f"cannot create {path}: {str(e).splitlines()[0][:200]}") from e
+        raise write_error(path, e) from e
     return run_id
 
 
-# HDF5's own bytes: superblock, object headers, B-trees, attributes, dimension scales.
-BASE_BYTES, PER_DATASET_BYTES = 64 << 10, 8 << 10
+# HDF5's own bytes: superblock and root, per dataset its header, attributes and dimension
+# scale references, per chunk its entry in the chunk index (measured: about 1.5 kB per
+# dataset and 50 bytes per chunk). The estimate need not be an exact bound: a write that
+# still runs out of room fails in one line (``isolate``); it keeps that rare.
+BASE_BYTES, PER_DATASET_BYTES, PER_CHUNK_BYTES = 8 << 10, 1536, 64
 
 
 def estimated_size(paths: list[str], layout: Mapping[str, tuple[tuple[int, ...], Any]],
                    ragged: Mapping[str, np.ndarray]) -> int:
-    """An upper bound of the new file's size: every dataset at its final shape, the image
+    """The new file's size, a little over: every dataset at its final shape, the image
     paths (stored once and once more per group as its ``image`` coordinate), checksums and
-    HDF5's metadata, with a margin."""
+    HDF5's metadata."""
     n = len(paths)
     data = n * (4 + 8 + 1 + 256 + 8 + 16 + 1 + 8)  # label, index, status, error, size, box...
+    chunks = 8 * (n // 1024 + 1)
     for key, (shape, dtype) in layout.items():
-        rows = (np.asarray(ragged[key]).reshape(n, -1).prod(axis=1).sum() if key in ragged
-                else n * int(np.prod(shape, dtype=np.int64)))
-        data += int(rows) * np.dtype(dtype).itemsize + (n * 12 if key in ragged else 0)
-    groups = {key.split("/")[0] for key in layout} | {"images", CHECKSUMS.split("/")[0]}
-    path_bytes = sum(len(p.encode("utf-8")) + 32 for p in paths)  # + the heap's per-string
-    data += path_bytes * (1 + len(groups)) + n * 8 * (len(layout) + 3)
-    datasets = len(layout) * 3 + 16 + len(groups)
-    return int((data + BASE_BYTES + PER_DATASET_BYTES * datasets) * 1.05)
+        values = (int(np.asarray(ragged[key]).reshape(n, -1).prod(axis=1).sum()) if key in ragged
+                  else n * int(np.prod(shape, dtype=np.int64)))
+        nbytes = values * np.dtype(dtype).itemsize
+        data += nbytes + (n * 12 if key in ragged else 0)
+        chunks += nbytes // CHUNK_BYTES + 1
+    # Every group of datasets (a ragged map's index too) holds the paths as its coordinate.
+    groups = len({key.split("/")[0] for key in layout} | {"images", CHECKSUMS}) + len(ragged)
+    path_bytes = sum(len(p.encode("utf-8")) + 40 for p in paths)  # + heap entry, reference
+    data += path_bytes * (1 + groups) + n * 8 * (len(layout) + 3)
+    datasets = 2 * len(layout) + 8 + 3 * groups  # scales included
+    meta = BASE_BYTES + PER_DATASET_BYTES * datasets + PER_CHUNK_BYTES * chunks
+    return int(data * 1.05 + meta)
 
 
 def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index: np.ndarray,

@@ -60,12 +60,21 @@ def check_room(path: str | Path, need: int, what: str = "") -> None:
                          "another run_dir; nothing was written")
 
 
+def limits_text(path: str | Path) -> str:
+    """Free space beside ``path`` and the file-size limit, for a message."""
+    limit = size_limit()
+    return (f"{_size(_free(Path(path)))} free on {Path(path).parent}, file-size limit "
+            f"{'unlimited' if limit is None else _size(limit)}")
+
+
 def write_error(path: Path, e: BaseException, hint: str = "") -> StoreError:
     """One line for a failed write of ``path``: a full disk or a file-size limit says so;
     ``hint`` is appended to any other failure."""
     if no_space(e):
         return space_error(Path(path), None, e)
     reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+    if "crashed" in reason:  # the isolated HDF5 write died: most likely a limit
+        reason += f" ({limits_text(path)}); free space or raise the limit and rerun"
     return StoreError(f"cannot write {path}: {reason}{hint}")
 
 

@@ -138,9 +138,10 @@ class ResultsWriter:
         if self.file.id.valid:
             try:
                 self.file.close()
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError) as e:
                 if not self.failed:  # a failed write was reported already
-                    raise
+                    raise write_error(self.path, e, "; rows done so far are kept, rerun to "
+                                      "resume") from e
 
     def __enter__(self) -> ResultsWriter:
         return self
