@@ -69,9 +69,11 @@ def verify_stage(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
             log.error("damaged: %s row %d /%s: %s", path, row, key, reason)
         if check.error:
             log.error("refused: %s", check.error)
-        elif check.note:
+        elif check.note and not check.rows:
             log.info("%s: %s", path, check.note)
         else:
+            if check.note:
+                log.warning("%s: %s", path, check.note)
             log.info("%s: %d done rows, %.1f MB checked, %s", path, check.rows,
                      check.nbytes / 1e6, "clean" if check.clean else
                      f"{len(check.damaged)} damaged rows")

@@ -23,6 +23,7 @@ class FileCheck:
     path: Path
     rows: int = 0  # done rows checked
     nbytes: int = 0  # bytes of stored values read and checked
+    unchecked: int = 0  # (done row, dataset) pairs without a checksum (0: none written)
     damaged: list[tuple[int, str, str]] = field(default_factory=list)
     note: str = ""  # why nothing could be checked row by row (a file of before checksums)
     error: str = ""  # the file does not open or is refused: one line
@@ -53,6 +54,7 @@ def verify_results(path: str | os.PathLike) -> FileCheck:
         for key, column in keys.items():
             ds = f[key]
             sums = f[CHECKSUMS][:, column]  # read before the data, like status
+            check.unchecked += int(((status == 1) & (sums == 0)).sum())
             ragged = is_ragged(f, key)
             total = ds.shape[0] * ds.dtype.itemsize * (1 if ragged else
                                                       int(np.prod(ds.shape[1:], dtype=np.int64)))
@@ -72,4 +74,7 @@ def verify_results(path: str | os.PathLike) -> FileCheck:
                 check.damaged += [(row, key, reason) for row, reason in
                                   damaged_rows(f, key, rows, values, status[lo:hi], sums[lo:hi])]
     check.damaged.sort()
+    if check.unchecked:
+        check.note = (f"{check.unchecked} done rows (counted per dataset) carry no checksum "
+                      "(not written by camsweep's writer): not checked")
     return check
