@@ -24,6 +24,7 @@ SCRIPTS = {
                            "--min-time", "0", "--in-process"],
     "bench_e2e:timm": ["--model", "timm/convnext_atto", "--n", "4", "--batch-size", "4",
                        "--methods", "gradcam", "--workers", "0"],
+    "bench_verify": ["--quick"],
 }
 
 
