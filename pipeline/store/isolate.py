@@ -17,13 +17,16 @@ import os
 import signal
 from collections.abc import Callable
 
+from h5py._objects import phil
+
 _SEP = "\x1f"
 
 
 def run_isolated(write: Callable[[], None], what: str) -> None:
     """Call ``write()`` in a forked child; raise its error (or its death) here."""
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with phil:  # no other thread is inside h5py at the fork: the child cannot inherit its lock
+        pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
         try:
