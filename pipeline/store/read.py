@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .checksums import check_rows, sums_of
-from .format import CHUNK_BYTES, RAGGED
+from .format import CHUNK_BYTES, IMAGE_TABLES, RAGGED, is_scale
 from .validate import check_format, validate
 
 
@@ -133,3 +133,27 @@ def read_map_rows(f: h5py.File, key: str, path: str | os.PathLike,
         return read_map(f, key, rows, verify=verify)
     except (OSError, ValueError, KeyError) as e:  # a corrupted chunk, a wrong shape
         raise _damaged(path, key, e) from e
+
+
+def read_table(f: h5py.File, group: str, path: str | os.PathLike, rows: Any = slice(None),
+               verify: bool = True) -> dict[str, np.ndarray]:
+    """A per-image table (``images``, ``targets`` or ``predictions``) as {name: rows}: numbers
+    through :func:`read_rows` (checked against their checksums with ``verify``), strings
+    (paths, errors) decoded to ``str``. Dimension scales are left out."""
+    if group not in IMAGE_TABLES:
+        raise StoreError(f"{group!r} is not a per-image table (one of {', '.join(IMAGE_TABLES)})")
+    if group not in f or not isinstance(f[group], h5py.Group):
+        raise StoreError(f"{path} is damaged: /{group} is missing")
+    out: dict[str, np.ndarray] = {}
+    for name, ds in f[group].items():
+        if not isinstance(ds, h5py.Dataset) or is_scale(ds):
+            continue
+        key = f"{group}/{name}"
+        if ds.dtype.kind in "OS":
+            try:
+                out[name] = np.asarray(ds.asstr()[rows], dtype=object)
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                raise _damaged(path, key, e) from e
+        else:
+            out[name] = read_rows(f, key, path, rows, verify)
+    return out
