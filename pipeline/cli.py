@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     A refused run (another config or writer in the run dir, a changed image list) touched
     nothing, so it does not rewrite the run's status either."""
     _one_line_logs()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: EFBIG, not a kill
+    logging.raiseExceptions = False  # a log file on a full disk: no "Logging error" trace
     run_dir = run_dir_of(cfg)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     extracting = cfg.stage in EXTRACTING

@@ -32,6 +32,7 @@ STAGES = {
     "table": "pipeline.table:table_stage",
     "explore": "pipeline.explore:explore_stage",
     "status": "pipeline.status:status_stage",
+    "verify": "pipeline.verify:verify_stage",
 }
 DATASETS = ("samples", "glob", "imagenet_val")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # pipeline.runtime says what each means

@@ -26,6 +26,7 @@ SCRIPTS = {
     "bench_startup": ["--repeat", "1"],
     "bench_e2e:timm": ["--model", "timm/convnext_atto", "--n", "4", "--batch-size", "4",
                        "--methods", "gradcam", "--workers", "0"],
+    "bench_verify": ["--quick"],
 }
 
 

@@ -14,7 +14,9 @@ their flat values are sized exactly, and every image's offset fixed, at creation
 row's values always go to the same place, whoever writes them and when.
 
 Modules: ``format`` (names, kinds, root attributes), ``dims`` (axis names), ``create``,
-``validate``, ``ragged``, ``read``, ``write``, ``mergefile``, ``space`` (full disks), ``atomic``.
+``validate`` and ``received`` (checks of files you are sent), ``ragged``, ``read``, ``write``,
+``checksums`` and ``audit`` (row checksums, ``stage=verify``), ``mergefile``, ``space`` and
+``isolate`` (full disks, file-size limits), ``atomic`` (write a temporary, then replace).
 Import from ``pipeline.store``: the names below are its public interface.
 
 One writer per file (``pipeline.locks.writer_lock``). Writers open without HDF5's own file
@@ -22,7 +24,9 @@ lock, so readers can watch a run that is being written.
 """
 
 from .atomic import atomic_output, remove_temporaries, temporary_name, write_text_atomic
-from .create import chunk_rows, create_results, remove_stale_temporaries
+from .audit import FileCheck, verify_results
+from .checksums import CHECKSUMS, checksummed, sums_of
+from .create import chunk_rows, create_results, estimated_size, remove_stale_temporaries
 from .dims import DIMS, SCALE_ATTRS, attach_dims, dataset_dims
 from .format import (
     ACTIVATIONS,
@@ -60,9 +64,11 @@ from .format import (
     stored_maps,
     walk,
 )
+from .isolate import run_isolated
 from .ragged import check_ragged, is_ragged, map_ndim, ragged_keys, row_shape
-from .read import open_results, read_map, read_map_rows, read_rows
-from .space import write_error
+from .read import open_results, read_map, read_map_rows, read_rows, read_table
+from .received import check_contained, check_map_types
+from .space import check_room, size_limit, write_error
 from .validate import check_format, check_own_maps, check_shards, validate
 from .write import BackgroundWriter, ResultsWriter
 
@@ -78,4 +84,6 @@ __all__ = [
     "read_layouts", "read_map", "read_map_rows", "read_rows", "remove_stale_temporaries",
     "remove_temporaries", "row_shape", "stored_config", "stored_maps", "temporary_name",
     "validate", "walk", "write_error", "write_text_atomic",
+    "CHECKSUMS", "FileCheck", "check_contained", "check_map_types", "check_room", "checksummed",
+    "estimated_size", "read_table", "run_isolated", "size_limit", "sums_of", "verify_results",
 ]

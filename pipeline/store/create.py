@@ -14,8 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
 from .atomic import atomic_output, remove_temporaries
+from .checksums import CHECKSUMS, ROW_DATASETS, create_checksums
 from .dims import attach_dims, dataset_dims
 from .format import (
     CHUNK_BYTES,
@@ -30,8 +30,9 @@ from .format import (
     kind_of,
     walk,
 )
+from .isolate import run_isolated
 from .ragged import create_ragged
-from .space import no_space, space_error
+from .space import check_room, no_space, space_error, write_error
 
 
 def chunk_rows(row_shape: tuple[int, ...], itemsize: int, n: int) -> int:
@@ -93,22 +94,56 @@ def create_results(
     run_id = uuid.uuid4().hex
     size = None
     ragged = dict(ragged or {})
+    check_room(path, estimated_size(paths, layout, ragged), "needs")
     try:
         with atomic_output(path) as tmp:
-            with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
-                _fill(f, run_id, paths, labels, index, layout, attrs, method_kind, ragged,
-                      input_size, failed)
+            def build() -> None:
+                with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
+                    _fill(f, run_id, paths, labels, index, layout, attrs, method_kind, ragged,
+                          input_size, failed)
+
+            run_isolated(build, str(tmp))  # a full disk must not crash this process
             size = tmp.stat().st_size
             fd = os.open(tmp, os.O_RDWR)
             try:
                 os.posix_fallocate(fd, 0, size)  # reserve the blocks the run will write
             finally:
                 os.close(fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: HDF5 failing to close the file
         if no_space(e):
             raise space_error(path, size, e) from e
-        raise StoreError(f"cannot create {path}: {e}") from e
+        raise write_error(path, e) from e
     return run_id
+
+
+# HDF5's own bytes: superblock and root, per dataset its header, attributes and dimension
+# scale references, per chunk its entry in the chunk index (measured: about 1.5 kB per
+# dataset and 50 bytes per chunk). The estimate need not be an exact bound: a write that
+# still runs out of room fails in one line (``isolate``); it keeps that rare.
+BASE_BYTES, PER_DATASET_BYTES, PER_CHUNK_BYTES = 8 << 10, 1536, 64
+
+
+def estimated_size(paths: list[str], layout: Mapping[str, tuple[tuple[int, ...], Any]],
+                   ragged: Mapping[str, np.ndarray]) -> int:
+    """The new file's size, a little over: every dataset at its final shape, the image
+    paths (stored once and once more per group as its ``image`` coordinate), checksums and
+    HDF5's metadata."""
+    n = len(paths)
+    data = n * (4 + 8 + 1 + 256 + 8 + 16 + 1 + 8)  # label, index, status, error, size, box...
+    chunks = 8 * (n // 1024 + 1)
+    for key, (shape, dtype) in layout.items():
+        values = (int(np.asarray(ragged[key]).reshape(n, -1).prod(axis=1).sum()) if key in ragged
+                  else n * int(np.prod(shape, dtype=np.int64)))
+        nbytes = values * np.dtype(dtype).itemsize
+        data += nbytes + (n * 12 if key in ragged else 0)
+        chunks += nbytes // CHUNK_BYTES + 1
+    # Every group of datasets (a ragged map's index too) holds the paths as its coordinate.
+    groups = len({key.split("/")[0] for key in layout} | {"images", CHECKSUMS}) + len(ragged)
+    path_bytes = sum(len(p.encode("utf-8")) + 40 for p in paths)  # + heap entry, reference
+    data += path_bytes * (1 + groups) + n * 8 * (len(layout) + 3)
+    datasets = 2 * len(layout) + 8 + 3 * groups  # scales included
+    meta = BASE_BYTES + PER_DATASET_BYTES * datasets + PER_CHUNK_BYTES * chunks
+    return int(data * 1.05 + meta)
 
 
 def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index: np.ndarray,
@@ -170,6 +205,7 @@ def _fill(f: h5py.File, run_id: str, paths: list[str], labels: np.ndarray, index
         else:
             dims = dataset_dims(key, ds.attrs.get("kind"), ds.ndim)
         ds.attrs["dims"] = json.dumps(dims)
+    create_checksums(f, dict.fromkeys([*ROW_DATASETS, *layout]), n)
     attach_dims(f, paths)
     f["images/error"].attrs["encoding"] = "utf-8, fixed 256 bytes, empty when ok"
     f["images/status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"

@@ -18,7 +18,9 @@ import numpy as np
 from .atomic import atomic_output
 from .dims import SCALE_ATTRS, attach_dims
 from .format import RAGGED, walk
-from .space import write_error
+from .isolate import run_isolated
+from .ragged import DIGEST, index_digest, ragged_keys
+from .space import check_room, write_error
 
 MERGED_ATTRS = {"shard": 0, "num_shards": 1, "first_index": 0}
 
@@ -36,11 +38,28 @@ def is_merge(path: str | os.PathLike) -> bool:
 def write_merge(out: Path, files: list[h5py.File], names: list[str], copy: bool) -> None:
     """Write ``out`` over the open shard files ``files`` (named ``names`` beside ``out``, in
     image order), as virtual datasets or, with ``copy``, as copies; replace atomically."""
+    check_room(out, merged_size(files, copy), "needs")
     try:
-        with atomic_output(out) as tmp, h5py.File(tmp, "w", libver=("earliest", "v110")) as dst:
-            _fill(dst, files, names, copy)
+        with atomic_output(out) as tmp:
+            def build() -> None:
+                with h5py.File(tmp, "w", libver=("earliest", "v110")) as dst:
+                    _fill(dst, files, names, copy)
+
+            run_isolated(build, str(tmp))  # a full disk must not crash this process
     except (OSError, RuntimeError) as e:  # a full disk while writing the merge
-        raise write_error(out, e) from e
+        raise write_error(out, e, "; the shards are untouched") from e
+
+
+def merged_size(files: list[h5py.File], copy: bool) -> int:
+    """An upper bound of the merged file's size: the shards' values when copied, else the
+    virtual datasets' mappings, the copied ragged index and the paths per group."""
+    values = sum(ds.id.get_storage_size() for f in files for _, ds in walk(f)) if copy else 0
+    datasets = len(walk(files[0]))
+    paths = sum(int(f["images/path"].shape[0]) for f in files) * 300
+    groups = len({key.split("/")[0] for key, _ in walk(files[0])})
+    index = sum(f[key].nbytes for f in files for key, _ in walk(f) if key.startswith(RAGGED))
+    return int((values + index + paths * (1 + groups) + (64 << 10)
+                + datasets * len(files) * (8 << 10)) * 1.05)
 
 
 def _fill(dst: h5py.File, files: list[h5py.File], names: list[str], copy: bool) -> None:
@@ -83,6 +102,9 @@ def _fill(dst: h5py.File, files: list[h5py.File], names: list[str], copy: bool) 
         for k, v in ds.attrs.items():
             if k not in SCALE_ATTRS:  # scales are the merged file's own, below
                 target.attrs[k] = v
+    for key in ragged_keys(first):  # the merged index, vouched for like a created one
+        index = dst[f"{RAGGED}/{key}"]
+        index.attrs[DIGEST] = index_digest(index["offset"][:], index["shape"][:])
     paths = np.concatenate([f["images/path"].asstr()[:] for f in files])
     attach_dims(dst, paths)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import xxhash
 
 from ..errors import StoreError
 from .format import CHUNK_BYTES, INPUT_SIZE, RAGGED, RAGGED_VERSION, attr_list
@@ -16,6 +17,19 @@ from .format import CHUNK_BYTES, INPUT_SIZE, RAGGED, RAGGED_VERSION, attr_list
 def ragged_keys(f: h5py.File) -> list[str]:
     """The map datasets stored ragged (flat values + row index): root ``ragged_maps``."""
     return [str(k) for k in attr_list(f.attrs.get("ragged_maps"))]
+
+
+DIGEST = "index_xxh3"  # attribute of /ragged/<map>: the index as written at creation or merge
+
+
+def index_digest(offsets: np.ndarray, shapes: np.ndarray) -> str:
+    """xxh3_64 (hex) of a ragged map's row index (offsets int64, shapes int32, little
+    endian): the index never changes after creation, so any edit of it (a 3x4 map made
+    4x3, same number of values) shows."""
+    h = xxhash.xxh3_64()
+    h.update(np.ascontiguousarray(offsets, "<i8").tobytes())
+    h.update(np.ascontiguousarray(shapes, "<i4").tobytes())
+    return h.hexdigest()
 
 
 def create_ragged(f: h5py.File, key: str, shapes: np.ndarray, dtype: Any) -> h5py.Dataset:
@@ -39,6 +53,7 @@ def create_ragged(f: h5py.File, key: str, shapes: np.ndarray, dtype: Any) -> h5p
     index = f.require_group(f"{RAGGED}/{key}")
     index.create_dataset("offset", data=offsets)
     index.create_dataset("shape", data=shapes.astype(np.int32))
+    index.attrs[DIGEST] = index_digest(offsets, shapes)
     return ds
 
 
@@ -69,6 +84,10 @@ def check_ragged(f: h5py.File, key: str, n: int | None, path: str | os.PathLike)
         raise StoreError(f"{path} is damaged: the index of ragged map {key} is not laid out "
                          f"image after image (row {row} at {int(offsets[row])}, expected "
                          f"{int(packed[row])})")
+    stored = f[where].attrs.get(DIGEST)
+    if stored is not None and stored != index_digest(offsets, shapes):
+        raise StoreError(f"{path} is damaged: the index of ragged map {key} (/{where}) was "
+                         "changed since the file was written (its index_xxh3 differs)")
 
 
 def is_ragged(f: h5py.File, key: str) -> bool:

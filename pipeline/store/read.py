@@ -11,14 +11,45 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .format import CHUNK_BYTES, RAGGED
+from .checksums import check_rows, sums_of
+from .format import CHUNK_BYTES, IMAGE_TABLES, RAGGED, is_scale
 from .validate import check_format, validate
 
 
-def read_map(f: h5py.File, key: str, rows: Any = slice(None)) -> np.ndarray | list[np.ndarray]:
+def read_map(f: h5py.File, key: str, rows: Any = slice(None),
+             verify: bool = False) -> np.ndarray | list[np.ndarray]:
     """Rows of map dataset ``key``. A fixed-size dataset reads as ``f[key][rows]``. A
     ragged one gives each image's map in its own shape: one array for an integer row, a
-    list of arrays for a slice, a list of rows or a boolean mask."""
+    list of arrays for a slice, a list of rows or a boolean mask.
+
+    ``verify``: check the done rows read against their checksums (one :class:`StoreError`
+    line for a damaged row); a no-op for datasets without checksums."""
+    picked = _picked(f, rows) if verify else None
+    # Status and checksums before the data: a row done by then was final when read.
+    sums = sums_of(f, key, picked) if picked is not None else None
+    if sums is not None:
+        status = _at(f["images/status"], picked)
+        values = _read_map(f, key, rows)
+        one = isinstance(rows, (int, np.integer))
+        check_rows(f, key, f.filename, picked, [values] if one else values, status, sums)
+        return values
+    return _read_map(f, key, rows)
+
+
+def _picked(f: h5py.File, rows: Any) -> np.ndarray:
+    """The row numbers ``rows`` selects, in order."""
+    return np.atleast_1d(np.arange(f["images/status"].shape[0])[rows])
+
+
+def _at(ds: h5py.Dataset, picked: np.ndarray) -> np.ndarray:
+    """``ds[picked]`` in one read of the span they cover (h5py wants increasing indices)."""
+    if not len(picked):
+        return np.zeros(0, ds.dtype)
+    lo, hi = int(picked.min()), int(picked.max()) + 1
+    return ds[lo:hi][picked - lo]
+
+
+def _read_map(f: h5py.File, key: str, rows: Any) -> np.ndarray | list[np.ndarray]:
     ds = f[key]
     if ds.attrs.get("encoding") != RAGGED:
         return ds[rows]
@@ -78,23 +109,51 @@ def _damaged(path: str | os.PathLike, key: str, e: BaseException) -> StoreError:
 
 
 def read_rows(f: h5py.File, key: str, path: str | os.PathLike,
-              rows: Any = slice(None)) -> np.ndarray:
-    """``f[key][rows]``, with a missing or unreadable dataset as one :class:`StoreError`."""
+              rows: Any = slice(None), verify: bool = True) -> np.ndarray:
+    """``f[key][rows]``, with a missing or unreadable dataset, or (``verify``) a done row
+    that fails its checksum, as one :class:`StoreError`. Only whole rows can be checked:
+    a selection within rows (a tuple) is read unchecked."""
     if key not in f or not isinstance(f[key], h5py.Dataset):
         raise StoreError(f"{path} is damaged: /{key} is missing")
     try:
+        if verify and not isinstance(rows, tuple):
+            return read_map(f, key, rows, verify=True)
         return f[key][rows]
     except (OSError, ValueError) as e:  # a corrupted chunk, a wrong shape
         raise _damaged(path, key, e) from e
 
 
 def read_map_rows(f: h5py.File, key: str, path: str | os.PathLike,
-                  rows: Any) -> np.ndarray | list[np.ndarray]:
-    """:func:`read_map` (fixed or ragged maps), with a missing or unreadable dataset as one
-    :class:`StoreError`."""
+                  rows: Any, verify: bool = True) -> np.ndarray | list[np.ndarray]:
+    """:func:`read_map` (fixed or ragged maps), with a missing or unreadable dataset, or
+    (``verify``) a done row that fails its checksum, as one :class:`StoreError`."""
     if key not in f or not isinstance(f[key], h5py.Dataset):
         raise StoreError(f"{path} is damaged: /{key} is missing")
     try:
-        return read_map(f, key, rows)
+        return read_map(f, key, rows, verify=verify)
     except (OSError, ValueError, KeyError) as e:  # a corrupted chunk, a wrong shape
         raise _damaged(path, key, e) from e
+
+
+def read_table(f: h5py.File, group: str, path: str | os.PathLike, rows: Any = slice(None),
+               verify: bool = True) -> dict[str, np.ndarray]:
+    """A per-image table (``images``, ``targets`` or ``predictions``) as {name: rows}: numbers
+    through :func:`read_rows` (checked against their checksums with ``verify``), strings
+    (paths, errors) decoded to ``str``. Dimension scales are left out."""
+    if group not in IMAGE_TABLES:
+        raise StoreError(f"{group!r} is not a per-image table (one of {', '.join(IMAGE_TABLES)})")
+    if group not in f or not isinstance(f[group], h5py.Group):
+        raise StoreError(f"{path} is damaged: /{group} is missing")
+    out: dict[str, np.ndarray] = {}
+    for name, ds in f[group].items():
+        if not isinstance(ds, h5py.Dataset) or is_scale(ds):
+            continue
+        key = f"{group}/{name}"
+        if ds.dtype.kind in "OS":
+            try:
+                out[name] = np.asarray(ds.asstr()[rows], dtype=object)
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                raise _damaged(path, key, e) from e
+        else:
+            out[name] = read_rows(f, key, path, rows, verify)
+    return out

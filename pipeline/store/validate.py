@@ -11,8 +11,10 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from .checksums import checksummed
 from .format import FAILED, FORMAT, FORMAT_VERSION, RAGGED, REQUIRED, attr_list, stored_maps, walk
 from .ragged import check_ragged, ragged_keys
+from .received import check_contained, check_map_types
 
 
 def check_format(f: h5py.File, path: str | os.PathLike) -> None:
@@ -41,11 +43,14 @@ def validate(f: h5py.File, path: str | os.PathLike) -> None:
         missing = [k for k in REQUIRED if k not in f or not isinstance(f[k], h5py.Dataset)]
         if missing:
             raise StoreError(f"{path} is damaged: missing {', '.join(missing)}")
+        check_contained(f, path)  # before anything reads data: nothing outside the file
         if "merged_from" in f.attrs:
             check_shards(f, path)  # before reading rows: a missing source reads as zeros
         ragged = ragged_keys(f)
         for key in ragged:
             check_ragged(f, key, n, path)
+        check_map_types(f, path, ragged)
+        checksummed(f)  # the checksum table's shape and names
         for key, ds in walk(f):
             if key.split("/")[0] == "metrics":  # files of before the metrics file
                 continue

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from .checksums import CHECKSUMS, checksummed, row_digests
 from .format import DONE, ERROR_BYTES, FAILED, RAGGED
 from .ragged import ragged_keys
 from .read import open_results
@@ -47,6 +48,7 @@ class ResultsWriter:
         self._ragged = {key: (self.file[f"{RAGGED}/{key}/offset"][:],
                               self.file[f"{RAGGED}/{key}/shape"][:])
                         for key in ragged_keys(self.file)}
+        self._checksummed = checksummed(self.file)  # none in files of before checksums
 
     def pending_rows(self) -> np.ndarray:
         """Rows to (re)compute: pending ones and failed ones (a failure may be transient)."""
@@ -80,13 +82,19 @@ class ResultsWriter:
         # ``rows`` are the batch's done rows; failed ones come only in ``errors``.
         runs = _runs(rows) if len(rows) else []
         touched = []
+        sums: dict[str, np.ndarray] = {}
         for key, value in arrays.items():
             ds = self._ds(key)
+            # Cast here, not in HDF5: the checksum is then of the very bytes stored.
             if key in self._ragged:
+                value = [np.ascontiguousarray(v, dtype=ds.dtype) for v in value]
                 self._write_ragged(key, ds, rows, value)
             else:
+                value = np.ascontiguousarray(value, dtype=ds.dtype)
                 for pos, first, length in runs:
                     ds[first:first + length] = value[pos:pos + length]
+            if key in self._checksummed:
+                sums[key] = row_digests(value[:len(rows)])
             touched.append(ds)
         error_ds = self._ds("images/error")
         status = self._ds("images/status")
@@ -98,6 +106,14 @@ class ResultsWriter:
         for ds in touched:  # arrays reach the disk before the status that vouches for them
             ds.flush()
         self.file.flush()
+        if sums:  # then their checksums (one write per run of rows), then the status
+            table = np.zeros((len(rows), len(self._checksummed)), np.uint64)
+            for key, digests in sums.items():
+                table[:, self._checksummed[key]] = digests
+            target = self._ds(CHECKSUMS)
+            for pos, first, length in runs:
+                target[first:first + length] = table[pos:pos + length]
+            target.flush()
         for _, first, length in runs:
             status[first:first + length] = DONE
         for row in errors:
@@ -122,9 +138,10 @@ class ResultsWriter:
         if self.file.id.valid:
             try:
                 self.file.close()
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError) as e:
                 if not self.failed:  # a failed write was reported already
-                    raise
+                    raise write_error(self.path, e, "; rows done so far are kept, rerun to "
+                                      "resume") from e
 
     def __enter__(self) -> ResultsWriter:
         return self
