@@ -252,10 +252,11 @@ def test_evaluate_and_report_at_native_size(images, batched, tmp_path):
         # explained class), as extract stored it.
         np.testing.assert_allclose(curves[:, 0], m["score"][:], rtol=1e-6)
         np.testing.assert_allclose(m["score"][:], run.targets[1], rtol=1e-5, atol=1e-5)
-    # The report of the run: its gallery draws the ragged maps (render), with the metrics.
+    # The report of the run: its gallery draws the ragged maps (one thumbnail each, inside
+    # the report), with the metrics.
     index = report(run_dir, compose_cfg(*TINY))
     text = index.read_text()
-    assert len(list((run_dir / "pictures").glob("*.png"))) == 7
+    assert len(list((run_dir / "report" / "img").glob("*.jpg"))) == 7
     assert "Deletion AUC" in text and all(f"img{i}" in text for i in range(7))
 
 
