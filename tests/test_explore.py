@@ -376,6 +376,8 @@ def test_the_command_serves_on_a_free_port_without_torch(run_dir, tmp_path):
     try:
         line = server.stdout.readline()  # blocks until the server says where it is
         assert line.startswith("explore -> http://127.0.0.1:"), (line, server.stderr.read())
+        # The serving process, started by run.py, never loaded torch's library.
+        assert "libtorch" not in Path(f"/proc/{server.pid}/maps").read_text()
         url = line.split()[-1]
         body = httpx.get(url + "api/images", params={"limit": 3, "sort": "score"},
                          timeout=30).json()

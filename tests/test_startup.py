@@ -51,7 +51,9 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("stage", "says"), [("render", "3 pictures ->"),
-                                             ("report", "report ->")])
+                                             ("report", "report ->"),
+                                             ("table", "table: 3 rows"),
+                                             ("verify", "verified 1 files")])
 def test_read_only_stages_start_without_torch(small_run, tmp_path, stage, says):
     proc, modules = run_py(f"stage={stage}", f"run_dir={small_run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
