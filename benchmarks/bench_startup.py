@@ -45,7 +45,19 @@ def commands(run_dir: Path) -> dict[str, list[str]]:
         "--help": ["--help"],
         "stage=report": ["stage=report", f"run_dir={run_dir}"],
         "stage=render": ["stage=render", f"run_dir={run_dir}"],
+        "stage=table": ["stage=table", f"run_dir={run_dir}"],
+        "stage=verify": ["stage=verify", f"run_dir={run_dir}"],
+        "stage=status": ["stage=status", f"run_dir={run_dir}"],
+        # a server: timed until it prints its URL, then stopped
+        "stage=explore": ["stage=explore", f"run_dir={run_dir}", "explore.port=0"],
     }
+
+
+def has_stage(code: Path, args: list[str]) -> bool:
+    """Whether checkout ``code`` knows the stage ``args`` ask for (newer stages are timed
+    in this checkout only)."""
+    stage = next((a.split("=", 1)[1] for a in args if a.startswith("stage=")), None)
+    return stage is None or f'"{stage}"' in (code / "pipeline" / "config.py").read_text()
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -61,6 +73,17 @@ def run_py(code: Path, args: list[str], cwd: Path) -> float:
     """Seconds from start to exit of ``python run.py ARGS`` in checkout ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
+    if "stage=explore" in args:  # until the URL is printed
+        server = subprocess.Popen([sys.executable, str(code / "run.py"), *args], cwd=cwd,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        line = server.stdout.readline()
+        seconds = time.perf_counter() - start
+        server.terminate()
+        _, err = server.communicate(timeout=60)
+        if not line.startswith("explore -> "):
+            sys.exit(f"{code}: run.py {' '.join(args)} printed no URL:\n{err[-2000:]}")
+        return seconds
     proc = subprocess.run([sys.executable, str(code / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -70,6 +93,8 @@ def run_py(code: Path, args: list[str], cwd: Path) -> float:
 
 
 def imports_torch(code: Path, args: list[str], cwd: Path) -> bool:
+    if "stage=explore" in args:  # a server: its imports are checked by tests/test_explore.py
+        return False
     listing = cwd / "modules.json"
     env = {**os.environ, "PYTHONPATH": str(code)}
     subprocess.run([sys.executable, "-c", LIST_MODULES, str(listing), str(code / "run.py"),
@@ -109,11 +134,12 @@ def main() -> None:
             codes = {"before": checkout(args.before, work / "before"), **codes}
         rows = []
         for label, cmd in commands(run_dir).items():
-            seconds: dict[str, list[float]] = {version: [] for version in codes}
+            known = {v: c for v, c in codes.items() if has_stage(c, cmd)}
+            seconds: dict[str, list[float]] = {version: [] for version in known}
             for _ in range(args.repeat):  # alternate: both see the same load
-                for version, code in codes.items():
+                for version, code in known.items():
                     seconds[version].append(run_py(code, cmd, work))
-            for version, code in codes.items():
+            for version, code in known.items():
                 rows.append({"command": f"python run.py {label}", "code": version,
                              "median_s": round(statistics.median(seconds[version]), 3),
                              "min_s": round(min(seconds[version]), 3),
