@@ -22,7 +22,7 @@ SCRIPTS = {
                            "--batches", "1", "--layouts", "nchw", "--methods", "forward",
                            "gradcam", "pgc-gradcam", "--warmup", "0", "--repeats", "1",
                            "--min-time", "0", "--in-process"],
-    # Start-up of --help, render and report (this checkout only: no --before).
+    # Start-up of --help and the reading stages (this checkout only: no --before).
     "bench_startup": ["--repeat", "1"],
     "bench_e2e:timm": ["--model", "timm/convnext_atto", "--n", "4", "--batch-size", "4",
                        "--methods", "gradcam", "--workers", "0"],
@@ -53,7 +53,9 @@ def test_benchmark_script_runs(tmp_path, script):
     if script == "bench_startup":
         assert [(r["command"], r["imports_torch"]) for r in payload["rows"]] == [
             ("python run.py --help", False), ("python run.py stage=report", False),
-            ("python run.py stage=render", False)]
+            ("python run.py stage=render", False), ("python run.py stage=table", False),
+            ("python run.py stage=verify", False), ("python run.py stage=status", False),
+            ("python run.py stage=explore", False)]
     if script == "bench_methods:timm":
         cells = payload["cells"]
         assert not [c for c in cells if c["error"]]

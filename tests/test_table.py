@@ -26,6 +26,8 @@ from pipeline.mapstats import map_stats
 from pipeline.pictures import COLORMAPS, overlay, overlay_cam
 from pipeline.render import load_photo, render_run
 from pipeline.results import load_run, load_sweep
+from pipeline.store import CHECKSUMS, checksummed
+from pipeline.store.checksums import digest
 from pipeline.table import TABLE_FILE, run_table
 
 IMAGE_COLUMNS = ["row", "path", "file", "label", "label_name", "pred", "pred_name", "prob",
@@ -132,6 +134,8 @@ def test_every_column_of_a_run(crop_run, tmp_path):
     shutil.copytree(crop_run, run_dir)
     with h5py.File(run_dir / "results.h5", "r+") as f:  # the worked example in row 1
         f["gradcam/layer2"][1] = BLOCK
+        # ... with its checksum, as the writer would have stored it
+        f[CHECKSUMS][1, checksummed(f)["gradcam/layer2"]] = digest(BLOCK)
     with load_run(run_dir) as r:
         seen = r.boxes
         sizes = r.sizes
