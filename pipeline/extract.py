@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from . import __version__
 from .config import target_spec, validate
@@ -38,6 +37,7 @@ from .models import (
     resolve_layers,
     use_channels_last,
 )
+from .progress import Progress
 from .runtime import (
     AUTOCAST,
     Normalize,
@@ -321,8 +321,8 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
     loader = dataset.loader(batch_size, workers, device)
     background = BackgroundWriter(writer)
     failed = 0
-    bar = tqdm(total=len(dataset), desc=f"{cfg.method.name} {job.path.parent.name}",
-               unit="img", dynamic_ncols=True, disable=None)
+    # A bar on a terminal, a line every 30 s in job logs (SLURM .out, run.log).
+    bar = Progress(len(dataset), f"{cfg.method.name} {job.path.parent.name}")
     try:
         with job.method:
             # Copy whole (pinned) batches and select on the device: indexing on the host
@@ -352,8 +352,7 @@ def _run_batches(job: Job, writer: ResultsWriter) -> int:
                     ready = None
                 background.put(rows[ok].numpy(), arrays, errors, ready)
                 failed += len(errors)
-                bar.update(len(rows))
-                bar.set_postfix(failed=failed, refresh=False)
+                bar.update(len(rows), failed=failed)
     finally:
         bar.close()
         background.close()

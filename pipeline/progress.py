@@ -24,11 +24,17 @@ class Progress:
         self.bar = (tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
                     if self.interactive else None)
         self.n = 0
+        self.failed = 0
         self.start = self.last = time.monotonic()
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, failed: int | None = None) -> None:
+        """``n`` more done; ``failed``: how many failed so far (shown when not 0)."""
         self.n += n
+        if failed is not None:
+            self.failed = failed
         if self.bar is not None:
+            if self.failed:
+                self.bar.set_postfix(failed=self.failed, refresh=False)
             self.bar.update(n)
             return
         now = time.monotonic()
@@ -43,7 +49,8 @@ class Progress:
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = (f", ETA {_duration((self.total - self.n) / rate)}"
                if rate > 0 and self.total >= self.n else "")
-        return (f"{self.desc}: {self.n}/{self.total} {self.unit}{share}, "
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (f"{self.desc}: {self.n}/{self.total} {self.unit}{share}{failed}, "
                 f"{rate:.3g} {self.unit}/s{eta}")
 
     def close(self) -> None:

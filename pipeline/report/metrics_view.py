@@ -11,16 +11,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..metrics.registry import layout
+from ..metrics.registry import figures, layout
 from ..store import attr_list, open_results
 from ..store.metrics import MapSummary, read_metrics, summarize
 from .gallery import RANKABLE, Ranking
 
-# Per-image dataset -> the summary figure (pipeline.store.metrics.summarize) made from it.
-FIGURE_OF = {"deletion_auc": "deletion_auc", "insertion_auc": "insertion_auc",
-             "drop": "avg_drop", "increase": "increase", "road": "road",
-             "pointing_hit": "pointing", "pointing_energy": "energy",
-             "sanity_spearman": "sanity_last"}
+# Per-image dataset -> the summary figure (pipeline.store.metrics.summarize) made from it,
+# as the metrics declare them.
+FIGURE_OF = {f.output: f.key for f in figures()}
 
 
 def missing_datasets(g: h5py.Group) -> dict[str, list[str]]:

@@ -14,30 +14,18 @@ from typing import Any
 import jinja2
 
 from .. import __version__
+from ..metrics.registry import figures as metric_figures
 
 TEMPLATES = Path(__file__).parent / "templates"
-# Figure -> (label, format, direction): "down" means lower is better.
+# Figure -> (label, format, direction): "down" means lower is better. The metrics' figures
+# come from their declarations (pipeline.metrics.registry): a new metric shows up here.
+_WAY = {"lower": "down", "higher": "up", "zero": "zero"}
 FIGURES: dict[str, tuple[str, str, str]] = {
-    "deletion_auc": ("Deletion AUC", "{:.3f}", "down"),
-    "insertion_auc": ("Insertion AUC", "{:.3f}", "up"),
-    "avg_drop": ("Avg Drop %", "{:.1f}", "down"),
-    "increase": ("Increase %", "{:.1f}", "up"),
-    "road": ("ROAD", "{:.3f}", "up"),
-    "pointing": ("Pointing %", "{:.1f}", "up"),
-    "energy": ("Energy %", "{:.1f}", "up"),
-    "sanity_last": ("Sanity ρ", "{:.2f}", "zero"),
-}
+    f.key: (f.label + (f" {f.unit}" if f.unit else ""), f.format, _WAY[f.direction])
+    for f in metric_figures()}
 # Longer explanations, shown as column tooltips.
 HELP = {
-    "deletion_auc": "area under the target score while the most salient pixels are deleted",
-    "insertion_auc": "area under the target score while the most salient pixels are inserted",
-    "avg_drop": "Average Drop in confidence on input x normalized map (Grad-CAM++)",
-    "increase": "Increase in Confidence: share of images whose score rises (Grad-CAM++)",
-    "road": "ROAD: mean of (LeRF - MoRF) / 2 over the removal percentages",
-    "pointing": "pointing game: share of maxima within 15 px of a box",
-    "energy": "energy-based pointing game: share of the map inside the boxes",
-    "sanity_last": "Spearman rho with the stored map once every unit is randomized "
-                   "(about 0 passes the sanity check)",
+    **{f.key: f.help for f in metric_figures()},
     "mean_prob": "mean top-1 probability", "accuracy": "top-1 accuracy (labelled images)",
     "mean_score": "mean explained target score (target.score; the logit by default)",
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..progress import Progress
 from .atomic import atomic_output
 from .dims import SCALE_ATTRS, attach_dims
 from .format import RAGGED, walk
@@ -74,7 +75,11 @@ def _fill(dst: h5py.File, files: list[h5py.File], names: list[str], copy: bool) 
         {"file": name, "run_id": str(f.attrs.get("run_id", ""))}
         for name, f in zip(names, files, strict=True)])
     dst.attrs["merge"] = "copy" if copy else "virtual"
-    for key, ds in walk(first):
+    keys = walk(first)
+    # A copy of a large run takes minutes: a bar on a terminal, lines in job logs.
+    progress = Progress(len(keys), f"merge {'copy' if copy else 'virtual'}", unit="dataset")
+    for key, ds in keys:
+        progress.update()
         if key.startswith(f"{RAGGED}/"):  # the row index of a ragged map
             _merge_index(dst, key, files)
             continue
@@ -102,6 +107,7 @@ def _fill(dst: h5py.File, files: list[h5py.File], names: list[str], copy: bool) 
         for k, v in ds.attrs.items():
             if k not in SCALE_ATTRS:  # scales are the merged file's own, below
                 target.attrs[k] = v
+    progress.close()
     for key in ragged_keys(first):  # the merged index, vouched for like a created one
         index = dst[f"{RAGGED}/{key}"]
         index.attrs[DIGEST] = index_digest(index["offset"][:], index["shape"][:])
