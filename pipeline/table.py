@@ -393,6 +393,7 @@ def table_stage(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     images = frame["row"].nunique() if what == "run" else len(frame.drop_duplicates(
         ["job", "row"]))
     maps = sorted(set(frame["map"]) - {""})
-    log.info("table: %d rows (%s, %d images, %d maps: %s), %d columns -> %s", len(frame), what,
-             images, len(maps), ", ".join(maps) or "none", len(frame.columns), out)
+    log.info("table: %d rows (%s, %d images, %d map%s: %s), %d columns -> %s", len(frame), what,
+             images, len(maps), "" if len(maps) == 1 else "s", ", ".join(maps) or "none",
+             len(frame.columns), out)
     return {"table": str(out), "rows": len(frame), "columns": len(frame.columns)}
