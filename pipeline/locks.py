@@ -34,26 +34,10 @@ def writer_lock(path: str | os.PathLike, what: str = "writing",
     with ``wait=True`` waits for the first (for short holds, such as a merge).
     """
     path = Path(path)
-    lock_path = path.with_name(f".{path.name}.lock")
-    key = str(lock_path.resolve())
-    if key in _HELD:
-        raise RunRefused(f"this process is already {_HELD[key]} {path}")
-    fd = _open_lock(lock_path)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            raise RunRefused(f"another camsweep process ({holder}) holds {path}; wait for it "
-                             "to finish, or use another run_dir") from None
-        _note_holder(fd, what)
-        _HELD[key] = what
-        try:
-            yield
-        finally:
-            del _HELD[key]
-    finally:
-        os.close(fd)  # releases the lock
+    with _hold(path.with_name(f".{path.name}.lock"), what, fcntl.LOCK_EX,
+               already=f"{path}", refused=f"holds {path}",
+               wait_for=_ANY if wait else None):
+        yield
 
 
 def lock_is_held(path: str | os.PathLike) -> bool:
@@ -114,23 +98,39 @@ def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False,
     exits or is killed, never inherited by DataLoader workers. ``wait_for``: when the holder
     is doing that (e.g. another report), wait for it instead of failing.
     """
-    lock_path = Path(run_dir) / RUN_DIR_LOCK
+    with _hold(Path(run_dir) / RUN_DIR_LOCK, what,
+               fcntl.LOCK_SH if shared else fcntl.LOCK_EX, already=f"in {run_dir}",
+               refused=f"is writing in {run_dir}", wait_for=wait_for):
+        yield
+
+
+_ANY = ""  # wait_for: wait whatever the holder does
+
+
+@contextmanager
+def _hold(lock_path: Path, what: str, mode: int, already: str, refused: str,
+          wait_for: str | None) -> Iterator[None]:
+    """Take the POSIX lock of ``lock_path`` in ``mode`` and note ``what`` this process does.
+    A holder elsewhere refuses it in one line (``another camsweep process (<holder>)
+    <refused>``), unless ``wait_for`` matches what the holder does (``_ANY``: anything):
+    then it waits, saying so. POSIX locks do not see their own process: a second hold here
+    is refused too, never a silent pass."""
     key = str(lock_path.resolve())
-    if key in _HELD:  # POSIX locks do not see their own: refuse what would be a silent pass
-        raise RunRefused(f"this process is already {_HELD[key]} in {run_dir}")
+    if key in _HELD:
+        raise RunRefused(f"this process is already {_HELD[key]} {already}")
     fd = _open_lock(lock_path)
     try:
         try:
-            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
-            if wait_for is None or not holder.endswith(f", {wait_for}"):
-                raise RunRefused(f"another camsweep process ({holder}) is writing in "
-                                 f"{run_dir}; wait for it to finish, or use another run_dir"
-                                 ) from None
-            log.info("another process (%s) is %s in %s; waiting for it", holder, wait_for,
-                     run_dir)
-            fcntl.lockf(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if wait_for is None or not holder.endswith(f", {wait_for}" if wait_for else ""):
+                raise RunRefused(f"another camsweep process ({holder}) {refused}; wait for "
+                                 "it to finish, or use another run_dir") from None
+            if wait_for:
+                log.info("another process (%s) is %s %s; waiting for it", holder, wait_for,
+                         already)
+            fcntl.lockf(fd, mode)
         _note_holder(fd, what)
         _HELD[key] = what
         try:

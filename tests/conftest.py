@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +87,26 @@ def bad_dir(tmp_path: Path) -> Path:
     rgba = np.dstack([photo(11), np.full((80, 96), 128, np.uint8)])
     Image.fromarray(rgba).save(d / "rgba.png")
     return d
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """``tmpfs(size_kb)``: a real tmpfs of that size (root only), unmounted afterwards. Under
+    CI a mount that fails fails the test; elsewhere it skips (no root)."""
+    mounted: list[Path] = []
+
+    def mount(size_kb: int) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
+                               str(point)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            if os.environ.get("CI") is not None:
+                pytest.fail(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

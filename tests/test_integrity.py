@@ -173,26 +173,6 @@ def test_run_whose_first_image_failed_finishes_and_resumes(tmp_path):
 
 # -- 3. a full disk -------------------------------------------------------------------------
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real tmpfs of a given size (root only), unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(size_kb: int) -> Path:
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
-                               str(point)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            if CI:
-                pytest.fail(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def _fill(folder: Path) -> Path:

@@ -20,22 +20,6 @@ from pipeline.verify import verify_stage
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real tmpfs of a given size in kB, unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(size_kb: int) -> Path:
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)],
-                       check=True, capture_output=True)
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def fill(folder: Path, leave: int) -> Path:

@@ -315,23 +315,6 @@ def test_evaluate_on_a_sweep_through_the_command_line(runs, tmp_path):
 
 # -- full disks -------------------------------------------------------------------------------
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real tmpfs of a given size in KB (root only), unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(size_kb: int) -> Path:
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
-                               str(point)], capture_output=True, text=True)
-        assert proc.returncode == 0, f"cannot mount a tmpfs (needs root): {proc.stderr}"
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def _fill(folder: Path, leave: int = 0) -> Path:
