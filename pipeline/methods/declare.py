@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass
 
 from ..errors import ConfigError, unknown
+from ..options import Options, option  # noqa: F401  (option: part of this API)
 
 # What is explained of the target class t (``target.score``): every method backpropagates
 # (or, gradient-free, compares) this one function of the logits z, and stores its value.
@@ -28,30 +28,8 @@ KINDS = ("cam", "input", "activations")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")  # an HDF5 group, a Hydra schema and a config value
 
 
-def option(
-    default: Any,
-    *,
-    choices: tuple[Any, ...] | None = None,
-    at_least: float | None = None,
-    above: float | None = None,
-) -> Any:
-    """A field of a :class:`MethodOptions` dataclass with the values it accepts.
-
-    Args:
-        default: The value when the config (or the caller) gives none.
-        choices: The only values allowed (an enumerated option).
-        at_least: The smallest value allowed (``>=``).
-        above: A bound the value must exceed (``>``).
-
-    Returns:
-        A ``dataclasses.field``; :meth:`MethodOptions.check` enforces the bounds.
-    """
-    return field(default=default,
-                 metadata={"choices": choices, "at_least": at_least, "above": above})
-
-
 @dataclass
-class MethodOptions:
+class MethodOptions(Options):
     """A method's options: every key of its ``method`` config group except ``name``.
 
     Subclasses are dataclasses whose fields (with types, defaults and, through
@@ -61,22 +39,7 @@ class MethodOptions:
     add their rule by overriding :meth:`check`.
     """
 
-    def check(self) -> None:
-        """Raise :class:`ConfigError` (one line, naming ``method.<option>``) for the first
-        value the declaration does not allow."""
-        for f in fields(self):
-            value, key = getattr(self, f.name), f"method.{f.name}"
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ConfigError(unknown(key, value, choices))
-            if value is None or isinstance(value, str):
-                continue
-            low = f.metadata.get("at_least")
-            if low is not None and value < low:
-                raise ConfigError(f"{key} must be >= {low}, got {value}")
-            bound = f.metadata.get("above")
-            if bound is not None and value <= bound:
-                raise ConfigError(f"{key} must be > {bound}, got {value}")
+    GROUP = "method"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from importlib import import_module
 from typing import Any, get_type_hints
 
 from ..errors import ConfigError, unknown
+from ..options import Options, option  # noqa: F401  (option: part of this API)
 
 DIRECTIONS = ("higher", "lower", "zero")  # which way a figure is better ("zero": closer to 0)
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -39,37 +40,12 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 # -- options ----------------------------------------------------------------------------------
 
-def option(default: Any, *, choices: tuple[Any, ...] | None = None,
-           at_least: float | None = None, above: float | None = None) -> Any:
-    """A field of a :class:`MetricOptions` dataclass with the values it accepts (lists are
-    copied per instance)."""
-    meta = {"choices": choices, "at_least": at_least, "above": above}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class MetricOptions:
+class MetricOptions(Options):
     """A metric's options: keys of the ``evaluate`` config group. Options several metrics
     share (``steps``) are declared alike by each and appear once in the config."""
 
-    def check(self) -> None:
-        """Raise :class:`ConfigError` (one line naming ``evaluate.<option>``) for the first
-        value the declaration does not allow."""
-        for f in fields(self):
-            value, key = getattr(self, f.name), f"evaluate.{f.name}"
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ConfigError(unknown(key, value, choices))
-            if value is None or isinstance(value, (str, list, tuple)):
-                continue
-            low = f.metadata.get("at_least")
-            if low is not None and value < low:
-                raise ConfigError(f"{key} must be >= {low:g}, got {value}")
-            bound = f.metadata.get("above")
-            if bound is not None and value <= bound:
-                raise ConfigError(f"{key} must be > {bound:g}, got {value}")
+    GROUP = "evaluate"
 
 
 # -- declarations -----------------------------------------------------------------------------
