@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -110,3 +111,12 @@ def tmpfs(tmp_path: Path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def done_rows(results: Path) -> int:
+    """Rows marked done in a results file that may still be being written (or not exist)."""
+    try:
+        with h5py.File(results, "r", locking=False) as f:
+            return int((f["images/status"][:] == 1).sum())
+    except (OSError, KeyError):
+        return 0

@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, done_rows
 from stalling import stalling
 
 from pipeline.cluster.states import IDENTITY_FILE
@@ -27,14 +26,6 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
 def run_py(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd,
                           env=env or ENV, capture_output=True, text=True, timeout=600)
-
-
-def done_rows(results: Path) -> int:
-    try:
-        with h5py.File(results, "r", locking=False) as f:
-            return int((f["images/status"][:] == 1).sum())
-    except (OSError, KeyError):
-        return 0
 
 
 def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, compose_cfg
+from conftest import ROOT, TINY, compose_cfg, done_rows
 from stalling import stalling
 
 from pipeline.cluster import slurm_states
@@ -117,15 +117,6 @@ def wait_until(what: str, check: Callable[[], object], timeout: float = 300,
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout} s waiting for {what}"
                 + (f":\n{out.read_text()[-3000:]}" if out else ""))
-
-
-def done_rows(results: Path) -> int:
-    """Rows marked done in a results file that may still be being written (or not exist)."""
-    try:
-        with h5py.File(results, "r", locking=False) as f:
-            return int((f["images/status"][:] == 1).sum())
-    except (OSError, KeyError):
-        return 0
 
 
 def slurm_job_id(sweep_dir: Path, job: int) -> str | None:
@@ -233,10 +224,10 @@ def reference_run(tmp_path: Path, image_dir: Path, *overrides: str) -> Path:
 
 # -- tests ----------------------------------------------------------------------------------------
 
-def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
-    """``scontrol requeue`` of a running job with DataLoader workers: the workers ignore
-    SLURM's SIGTERM, SLURM requeues the job, the new run computes only the missing images
-    and the sweep ends normally with the arrays of an uninterrupted run."""
+def stalled_job(tmp_path: Path, image_dir: Path) -> tuple[Path, Path, Path,
+                                                         subprocess.Popen, Path, str]:
+    """A one-job sweep on SLURM (loader workers on) stalled after its first batch: (sweep
+    folder, gates folder, results file, driver process, its output, SLURM job id)."""
     sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
     gates.mkdir()
     (gates / "0").touch()
@@ -245,7 +236,14 @@ def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
     results = sweep_dir / "0" / "results.h5"
     wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
                proc=proc, out=out)
-    job_id = slurm_job_id(sweep_dir, 0)
+    return sweep_dir, gates, results, proc, out, slurm_job_id(sweep_dir, 0)
+
+
+def test_requeued_job_with_loader_workers_resumes(cluster, tmp_path, image_dir):
+    """``scontrol requeue`` of a running job with DataLoader workers: the workers ignore
+    SLURM's SIGTERM, SLURM requeues the job, the new run computes only the missing images
+    and the sweep ends normally with the arrays of an uninterrupted run."""
+    sweep_dir, gates, results, proc, out, job_id = stalled_job(tmp_path, image_dir)
     assert job_id and done_rows(results) == 4  # stalled on the second batch
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
     wait_until("SLURM to requeue the job", lambda: restarted(job_id), proc=proc, out=out)
@@ -429,15 +427,7 @@ def test_an_interrupted_driver_rerun_without_sweep_dir_waits_and_resubmits_only_
 def test_usr1_preemption_requeues_and_resumes(cluster, tmp_path, image_dir):
     """``scancel --signal=USR1`` (clusters that preempt with SIGUSR1): the loader workers
     ignore it, the job stops cleanly, is requeued and resumes with the missing images."""
-    sweep_dir, gates = tmp_path / "sweep", tmp_path / "gates"
-    gates.mkdir()
-    (gates / "0").touch()
-    proc, out = start(sweep_command(sweep_dir, image_dir, *stalling(gates), "num_workers=2"),
-                      tmp_path)
-    results = sweep_dir / "0" / "results.h5"
-    wait_until("the first batch in the results file", lambda: done_rows(results) >= 4,
-               proc=proc, out=out)
-    job_id = slurm_job_id(sweep_dir, 0)
+    sweep_dir, gates, results, proc, out, job_id = stalled_job(tmp_path, image_dir)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
     wait_until("the job to be requeued", lambda: restarted(job_id), proc=proc, out=out)
     text, logs = resume_after_requeue(proc, out, gates / "0", sweep_dir, job_id)
