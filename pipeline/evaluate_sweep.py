@@ -5,18 +5,16 @@ runs), skip those already evaluated with the same settings, end with one table, 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import CamsweepError, StoreError
 from .store import INPUT_MAP, LAYER_MAP, identity, open_results, stored_config, stored_maps
-from .store.metrics import METRICS_FILE, MapSummary, existing, summarize_run
+from .store.metrics import METRICS_FILE, MapSummary, existing, settings_of, summarize_run
 
 log = logging.getLogger(__name__)
 # OS errors of the machine (a full disk, a read-only folder) fail a job, not the sweep.
@@ -50,9 +48,7 @@ def already_evaluated(cfg: DictConfig, run_dir: Path) -> bool:
     want["maps"] = list(want["maps"]) if want["maps"] else maps
     if want["score"] is None:
         want["score"] = str(target.get("score", "logit")) if isinstance(target, dict) else "logit"
-    with h5py.File(run_dir / METRICS_FILE, "r", locking=False) as m:
-        settings = json.loads(m.attrs.get("settings", "{}"))
-        evaluated = int(m.attrs.get("n_evaluated", -1))
+    settings, evaluated = settings_of(run_dir / METRICS_FILE)
     rows = done if limit is None else min(done, max(0, int(limit)))
     return evaluated >= rows and all(settings.get(k) == v for k, v in want.items())
 

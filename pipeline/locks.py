@@ -20,6 +20,10 @@ from .errors import RunRefused, StoreError
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = "hhqqi4x"
 log = logging.getLogger("camsweep")
+# Byte ranges of a lock file: the lock proper, and a byte that serialises taking the lock
+# with writing who holds it, so a refused process never reads the note before the holder
+# has written it (it would say "?" and could not tell a report to wait from an extract).
+_LOCK, _NOTE = 0, 1
 _HELD: dict[str, Any] = {}  # locks this process holds: POSIX locks do not see their own
 
 
@@ -52,7 +56,8 @@ def lock_is_held(path: str | os.PathLike) -> bool:
     except FileNotFoundError:
         return False
     try:
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, 0, 0, 0, 0))
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK,
+                             struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _LOCK, 1, 0))
     finally:
         os.close(fd)
     return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
@@ -107,31 +112,46 @@ def run_dir_lock(run_dir: str | os.PathLike, what: str, shared: bool = False,
 _ANY = ""  # wait_for: wait whatever the holder does
 
 
+def _try_take(fd: int, mode: int, what: str) -> str | None:
+    """Take the lock without waiting and note ``what`` this process does: None, or (when
+    another process holds it) that holder's note."""
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, _NOTE)  # held for a write of a few bytes
+    try:
+        try:
+            fcntl.lockf(fd, mode | fcntl.LOCK_NB, 1, _LOCK)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+        _note_holder(fd, what)
+        return None
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, _NOTE)
+
+
 @contextmanager
 def _hold(lock_path: Path, what: str, mode: int, already: str, refused: str,
           wait_for: str | None) -> Iterator[None]:
     """Take the POSIX lock of ``lock_path`` in ``mode`` and note ``what`` this process does.
     A holder elsewhere refuses it in one line (``another camsweep process (<holder>)
     <refused>``), unless ``wait_for`` matches what the holder does (``_ANY``: anything):
-    then it waits, saying so. POSIX locks do not see their own process: a second hold here
-    is refused too, never a silent pass."""
+    then it waits, saying so, and tries again once that holder is done (whoever holds it
+    then decides again). POSIX locks do not see their own process: a second hold here is
+    refused too, never a silent pass."""
     key = str(lock_path.resolve())
     if key in _HELD:
         raise RunRefused(f"this process is already {_HELD[key]} {already}")
     fd = _open_lock(lock_path)
     try:
-        try:
-            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+        said = False
+        while (holder := _try_take(fd, mode, what)) is not None:
             if wait_for is None or not holder.endswith(f", {wait_for}" if wait_for else ""):
                 raise RunRefused(f"another camsweep process ({holder}) {refused}; wait for "
-                                 "it to finish, or use another run_dir") from None
-            if wait_for:
+                                 "it to finish, or use another run_dir")
+            if wait_for and not said:
                 log.info("another process (%s) is %s %s; waiting for it", holder, wait_for,
                          already)
-            fcntl.lockf(fd, mode)
-        _note_holder(fd, what)
+                said = True
+            fcntl.lockf(fd, mode, 1, _LOCK)  # until that holder is done
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _LOCK)
         _HELD[key] = what
         try:
             yield

@@ -17,6 +17,13 @@ from PIL import Image
 import pipeline.config  # noqa: F401  (registers the config schemas with Hydra)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, plus one,
+    since the SLURM tests (one group, on one worker) mostly wait for the cluster; at most 8."""
+    return min(len(os.sched_getaffinity(0)) + 1, 8)
+
 CONF = ROOT / "conf"
 # Fast defaults for pipeline tests: a random-init resnet18 on 64x64 inputs, on the CPU even
 # where a GPU is present (CUDA tests say device=cuda after these).

@@ -594,6 +594,61 @@ def test_shards_of_one_run_write_together(tmp_path, image_dir):
         assert r.done.all() and len(r.paths) == 6
 
 
+def _blocked_on(path: Path, pid: int) -> bool:
+    """Whether process ``pid`` waits for a POSIX lock on ``path`` (the kernel's own list)."""
+    inode = path.stat().st_ino
+    return any(f" {pid} " in line and f":{inode} " in line and "->" in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_lock_taken_but_not_yet_noted_is_read_only_once_noted(tmp_path):
+    """Two reports at once, the first caught between taking the lock and writing who it
+    is: the second does not read the empty note as an unknown holder and refuse; it reads
+    the note once written, waits (a report waits for a report), then takes the lock."""
+    from pipeline.locks import _LOCK, _NOTE, RUN_DIR_LOCK
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / RUN_DIR_LOCK
+    # The first report, stopped by the test between the steps camsweep takes in a row.
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "note, lock = int(sys.argv[2]), int(sys.argv[3])\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX, 1, note); fcntl.lockf(fd, fcntl.LOCK_EX, 1, lock)\n"
+        "print('locked', flush=True); sys.stdin.readline()\n"
+        "os.pwrite(fd, f'pid {os.getpid()} on here, writing the report'.encode(), 0)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_UN, 1, note)\n"
+        "sys.stdin.readline()\n"), str(lock), str(_NOTE), str(_LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = subprocess.Popen([sys.executable, "-c", (
+            "import logging, sys; from pipeline.locks import run_dir_lock\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "with run_dir_lock(sys.argv[1], 'writing the report',"
+            " wait_for='writing the report'):\n    print('mine', flush=True)"),
+            str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not _blocked_on(lock, second.pid):  # the kernel says it waits for the note
+            assert second.poll() is None, second.communicate()
+        first.stdin.write("\n")  # the note is written
+        first.stdin.flush()
+        heard = second.stderr.readline()
+        assert f"another process (pid {first.pid} on here, writing the report) is writing " \
+               f"the report in {run_dir}; waiting for it" in heard
+        assert second.poll() is None  # still waiting for the first report to finish
+        first.stdin.write("\n")  # the first report is done
+        first.stdin.flush()
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 0 and out == "mine\n", err
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
 def test_locks_on_a_full_disk(tmp_path, tmpfs):
     """Taking a lock needs no space: with 0 bytes free both locks hold (the holder's note
     is left out) and a second writer is still refused."""

@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT, TINY, compose_cfg, write_images
 
 from pipeline.cli import run
+from pipeline.cluster.states import TIME_LIMIT_REASON
 from pipeline.errors import StoreError
 from pipeline.extract import extract
 from pipeline.merge import merge_if_complete, merge_shards
@@ -126,7 +127,7 @@ def _hold_lock(path) -> subprocess.Popen:
     """Another process holding the POSIX lock on ``path``, as a camsweep writer does."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-        "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)"),
+        "fcntl.lockf(f, fcntl.LOCK_EX, 1, 0); print('locked', flush=True); time.sleep(600)"),
         str(path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -324,7 +325,7 @@ def test_sweep_states_from_the_slurm_launchers_records(tmp_path, image_dir):
               "slurm_job_id": "7_1", "slurm_state": "CANCELLED", "outcome": "cancelled"},
         "2": {**record, "overrides": ["model.target_layers=[layer2]"],
               "slurm_job_id": "7_2", "slurm_state": "TIMEOUT", "outcome": "timeout",
-              "error": "SLURM: ended as TIMEOUT"},
+              "error": TIME_LIMIT_REASON},
         "3": {**record, "overrides": ["model.target_layers=[layer1]"],
               "slurm_job_id": "7_3", "slurm_state": "CANCELLED", "outcome": "cancelled"},
     }}))
@@ -332,7 +333,7 @@ def test_sweep_states_from_the_slurm_launchers_records(tmp_path, image_dir):
     t = s.table
     assert list(t["state"]) == ["done", "cancelled", "timeout", "missing"]
     assert list(t["slurm_job"]) == ["7_0", "7_1", "7_2", "7_3"]
-    assert list(t["error"]) == ["", "", "SLURM: ended as TIMEOUT", ""]
+    assert list(t["error"]) == ["", "", TIME_LIMIT_REASON, ""]
     assert s.swept == ["model.target_layers"]  # the only key that differs (no multirun.yaml)
     assert s.report()[0] == (f"sweep {sweep}: 4 jobs: 1 done, 1 timeout, 1 cancelled, "
                              "1 missing (never ran)")
@@ -530,3 +531,33 @@ def test_job_folders_are_found_by_the_job_number_hydra_recorded(tmp_path, image_
     assert job_folders(sweep) == {0: sweep / "a/job_0", 1: sweep / "b/job_1"}
     s = load_sweep(sweep)
     assert list(s.table["job"]) == [0, 1] and list(s.table["seed"]) == ["0", "1"]
+
+
+def test_a_job_ended_at_its_time_limit_says_what_to_raise_however_it_ended():
+    """Out of requeues, a job ends by submitit's word (the driver gets its error) or, when
+    SLURM kills it at the limit before that word is out, by SLURM's TIMEOUT alone: both
+    say timeout and what to raise. Other ends keep SLURM's word."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from pipeline.cluster.launch import outcome
+    from pipeline.cluster.states import OUT_OF_TIMEOUTS_REASON
+
+    class Ended:
+        def __init__(self, error: Exception, state: str) -> None:
+            self.error, self.state = error, state
+
+        def results(self) -> None:
+            raise self.error
+
+    words = FailedJobError("Job not requeued because: timed-out too many times.")
+    assert outcome(Ended(words, "FAILED")) == ("timeout", None, OUT_OF_TIMEOUTS_REASON,
+                                               "FAILED")
+    killed = UncompletedJobError("Job 7 (task: 0) with path ... has not produced any output")
+    assert outcome(Ended(killed, "TIMEOUT")) == ("timeout", None, TIME_LIMIT_REASON, "TIMEOUT")
+    for reason in (OUT_OF_TIMEOUTS_REASON, TIME_LIMIT_REASON):
+        assert reason.endswith("raise hydra.launcher.timeout_min or max_num_timeout")
+    assert outcome(Ended(killed, "CANCELLED by 0")) == ("cancelled", None, "", "CANCELLED")
+    assert outcome(Ended(killed, "OUT_OF_MEMORY")) == (
+        "failed", None, "SLURM: out of memory (hydra.launcher.mem_gb)", "OUT_OF_MEMORY")
+    assert outcome(Ended(killed, "BOOT_FAIL")) == ("failed", None, "SLURM: ended as BOOT_FAIL",
+                                                   "BOOT_FAIL")

@@ -29,7 +29,7 @@ from .job import JobFailed, JobRunner
 from .jobs_file import read_jobs, write_jobs
 from .refusals import explain_sbatch_error, first_line, missing_slurm, refused
 from .slurm import slurm_states
-from .states import LIVE_STATES, OUT_OF_TIMEOUTS, OUT_OF_TIMEOUTS_REASON
+from .states import LIVE_STATES, OUT_OF_TIMEOUTS, OUT_OF_TIMEOUTS_REASON, TIME_LIMIT_REASON
 
 log = logging.getLogger("camsweep")
 
@@ -164,9 +164,10 @@ def outcome(job: Any) -> tuple[str, Any, str, str]:
         state = (job.state or "UNKNOWN").split()[0]
         result = {"CANCELLED": "cancelled", "TIMEOUT": "timeout",
                   "DEADLINE": "timeout"}.get(state, "failed")
-        why = {"OUT_OF_MEMORY": "out of memory (hydra.launcher.mem_gb)",
-               "NODE_FAIL": "its node failed"}.get(state, f"ended as {state}")
-        return result, None, "" if result == "cancelled" else f"SLURM: {why}", state
+        why = {"OUT_OF_MEMORY": "SLURM: out of memory (hydra.launcher.mem_gb)",
+               "NODE_FAIL": "SLURM: its node failed", "TIMEOUT": TIME_LIMIT_REASON,
+               }.get(state, f"SLURM: ended as {state}")
+        return result, None, "" if result == "cancelled" else why, state
 
 
 def collect(p: Plan) -> None:

@@ -29,5 +29,8 @@ JOB_STATES = ("done", "running", "evaluating", "pending", "incomplete", "failed"
 # What submitit writes when a job has used up its requeues after time limits.
 OUT_OF_TIMEOUTS = "timed-out too many times"
 # What the sweep table says about it.
-OUT_OF_TIMEOUTS_REASON = ("time limit reached after every requeue (max_num_timeout): raise "
-                          "hydra.launcher.timeout_min or max_num_timeout")
+RAISE_LIMITS = "raise hydra.launcher.timeout_min or max_num_timeout"
+OUT_OF_TIMEOUTS_REASON = f"time limit reached after every requeue (max_num_timeout): {RAISE_LIMITS}"
+# What it says when SLURM ended the job at its limit before submitit could say why (its
+# handler came too late to requeue, or the job was slow to stop after it).
+TIME_LIMIT_REASON = f"SLURM: time limit reached: {RAISE_LIMITS}"

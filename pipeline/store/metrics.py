@@ -276,6 +276,13 @@ def existing(path: Path, results: dict[str, str]) -> tuple[str, str] | None:
         return "unknown", "?"
 
 
+def settings_of(path: Path) -> tuple[dict[str, Any], int]:
+    """The evaluate settings a metrics file was computed with and how many images it holds
+    (-1 when it does not say): what decides whether a job is evaluated again."""
+    with h5py.File(path, "r", locking=False) as f:
+        return json.loads(f.attrs.get("settings", "{}")), int(f.attrs.get("n_evaluated", -1))
+
+
 def _identity(f: h5py.File) -> dict[str, str]:
     return {"run_id": str(f.attrs.get("results_run_id", "")),
             "created": str(f.attrs.get("results_created", ""))}
