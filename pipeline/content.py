@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RunRefused, StoreError, printable
+from .errors import RunRefused, printable
 from .images import CONTENT_HASH, read_file
-from .store import DONE, PENDING, open_results
+from .store import DONE, mark_pending, open_results, read_column
 
 CONTENT_KEYS = ("images/content_hash", "images/file_size", "images/mtime_ns")
 
@@ -68,13 +68,13 @@ def changed_rows(f: Any, threads: int = 16) -> dict[int, str]:
     """
     if not has_content(f):
         return {}
-    done = np.flatnonzero(f["images/status"][:] == DONE)
-    hashes = f["images/content_hash"][:]
+    done = np.flatnonzero(read_column(f, "images/status") == DONE)
+    hashes = read_column(f, "images/content_hash")
     done = done[hashes[done] != 0]
     if not len(done):
         return {}
-    paths = f["images/path"].asstr()[:]
-    sizes, mtimes = f["images/file_size"][:], f["images/mtime_ns"][:]
+    paths = read_column(f, "images/path")
+    sizes, mtimes = read_column(f, "images/file_size"), read_column(f, "images/mtime_ns")
 
     def one(row: int) -> str | None:
         return _why_changed(paths[row], int(hashes[row]), int(sizes[row]), int(mtimes[row]))
@@ -86,9 +86,9 @@ def changed_rows(f: Any, threads: int = 16) -> dict[int, str]:
 
 def describe(f: Any, changed: dict[int, str], show: int = 3) -> str:
     """The first few changed files with why, and how many in all, for one line."""
-    paths = f["images/path"].asstr()
     rows = sorted(changed)
-    named = ", ".join(f"{printable(paths[r])} ({changed[r]})" for r in rows[:show])
+    named = ", ".join(f"{printable(read_column(f, 'images/path', r))} ({changed[r]})"
+                      for r in rows[:show])
     more = f" and {len(rows) - show} more" if len(rows) > show else ""
     return f"{len(rows)} image(s) changed since their rows were done: {named}{more}"
 
@@ -105,12 +105,5 @@ def check_resume(path: Path, how: str) -> int:
     if how != "recompute":
         raise RunRefused(f"{path}: {line}. Rerun with resume_changed=recompute to compute "
                          "exactly those rows again, or overwrite=true to start over")
-    rows = np.array(sorted(changed), dtype=np.int64)
-    try:
-        with open_results(path, "r+") as f:
-            status = f["images/status"]
-            for row in rows.tolist():  # few rows: one write each, status only
-                status[row] = PENDING
-    except OSError as e:
-        raise StoreError(f"cannot mark changed rows of {path} pending: {e}") from e
-    return len(rows)
+    mark_pending(path, np.array(sorted(changed), dtype=np.int64))
+    return len(changed)

@@ -27,7 +27,7 @@ from .store import (
     LAYER_MAP,
     identity,
     open_results,
-    read_rows,
+    read_column,
     stored_config,
     stored_maps,
 )
@@ -128,7 +128,7 @@ def read_setup(cfg: DictConfig, path: Path, device: torch.device) -> Setup:
         for key in wanted:
             if key not in maps:
                 raise ConfigError(unknown("evaluate.maps entry", key, maps))
-        status = f["images/status"][:]
+        status = read_column(f, "images/status")
         rows = np.flatnonzero(status == DONE)
         if cfg.evaluate.limit is not None:
             rows = rows[: max(0, int(cfg.evaluate.limit))]
@@ -138,13 +138,14 @@ def read_setup(cfg: DictConfig, path: Path, device: torch.device) -> Setup:
         except (TypeError, ValueError) as e:
             raise StoreError(f"{path} is damaged: mean/std/image_size do not parse") from e
         setup_kw = dict(
-            paths=list(f["images/path"].asstr()[:]), labels=f["images/label"][:],
-            targets=f["targets/class"][:], scores=f["targets/score"][:],
-            sizes=f["images/size"][:], seen=read_rows(f, "images/box", path), n=len(status),
-            image_size=image_size, resize=str(f.attrs.get("resize", "square")),
-            results=identity(f), input_sizes=f[INPUT_SIZE][:] if INPUT_SIZE in f else None,
+            paths=list(read_column(f, "images/path")), labels=read_column(f, "images/label"),
+            targets=read_column(f, "targets/class"), scores=read_column(f, "targets/score"),
+            sizes=read_column(f, "images/size"), seen=read_column(f, "images/box"),
+            n=len(status), image_size=image_size, resize=str(f.attrs.get("resize", "square")),
+            results=identity(f),
+            input_sizes=read_column(f, INPUT_SIZE) if INPUT_SIZE in f else None,
             # files of before content hashes have none: nothing to compare
-            content=(read_rows(f, "images/content_hash", path)
+            content=(read_column(f, "images/content_hash")
                      if "images/content_hash" in f else None))
     if setup_kw["resize"] == "none" and setup_kw["input_sizes"] is None:
         raise StoreError(f"{path} is damaged: a native-resolution run without /{INPUT_SIZE}")

@@ -13,7 +13,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import CamsweepError, StoreError
-from .store import INPUT_MAP, LAYER_MAP, identity, open_results, stored_config, stored_maps
+from .store import (
+    INPUT_MAP,
+    LAYER_MAP,
+    identity,
+    open_results,
+    read_column,
+    stored_config,
+    stored_maps,
+)
 from .store.metrics import METRICS_FILE, MapSummary, existing, settings_of, summarize_run
 
 log = logging.getLogger(__name__)
@@ -37,7 +45,7 @@ def already_evaluated(cfg: DictConfig, run_dir: Path) -> bool:
         results = identity(f)
         maps = [m.key for m in stored_maps(f, kinds=(LAYER_MAP, INPUT_MAP))]
         target = stored_config(f, results_path).get("target")
-        done = int((f["images/status"][:] == 1).sum())
+        done = int((read_column(f, "images/status") == 1).sum())
     found = existing(run_dir / METRICS_FILE, results)
     if found is None or found[0] != "current":
         return False

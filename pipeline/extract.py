@@ -62,6 +62,7 @@ from .store import (
     kind_of,
     layouts_attr,
     open_results,
+    read_column,
     remove_stale_temporaries,
 )
 
@@ -273,9 +274,9 @@ def prepare(cfg: DictConfig, path: Path, shard: int = 0, num_shards: int = 1) ->
                        np.arange(start, stop), layout, attrs, method_kind=method_cls.kind,
                        **native)
     with open_results(path) as f:  # the rows as fixed at creation, not today's listing
-        rows = [Record(p, int(lab)) for p, lab in
-                zip(f["images/path"].asstr()[:], f["images/label"][:].tolist(), strict=True)]
-        input_sizes = f[INPUT_SIZE][:] if INPUT_SIZE in f else None
+        rows = [Record(p, int(lab)) for p, lab in zip(
+            read_column(f, "images/path"), read_column(f, "images/label").tolist(), strict=True)]
+        input_sizes = read_column(f, INPUT_SIZE) if INPUT_SIZE in f else None
         content = has_content(f)
     if cfg.compile:  # after resolve_layers: the compiled wrapper renames every module
         x = normalize(torch.zeros(min(batch_size_of(cfg.batch_size, device), len(rows)), 3, size,
@@ -386,19 +387,19 @@ def _nonfinite(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _summarize(f: h5py.File, path: Path, skipped: int, categories: list[str] | None) -> Summary:
-    status = f["images/status"][:]
-    paths = f["images/path"].asstr()[:]
-    errors = f["images/error"].asstr()[:]
+    status = read_column(f, "images/status")
+    paths = read_column(f, "images/path")
+    errors = read_column(f, "images/error")
     failed_rows = np.flatnonzero(status == FAILED)
     summary = Summary(path=path, n=len(status), done=int((status == DONE).sum()),
                       failed=len(failed_rows), skipped=skipped,
                       errors=[(paths[i], errors[i]) for i in failed_rows[:5]],
-                      nonfinite=int(f["images/nonfinite"][:][status == DONE].sum()))
+                      nonfinite=int(read_column(f, "images/nonfinite")[status == DONE].sum()))
     done_rows = np.flatnonzero(status == DONE)[:10]
     if len(done_rows):
         # The first done rows need not be the first rows (an early image may have failed).
-        cls = f["predictions/class"][done_rows, 0]
-        prob = f["predictions/prob"][done_rows, 0]
+        cls = read_column(f, "predictions/class", done_rows)[:, 0]
+        prob = read_column(f, "predictions/prob", done_rows)[:, 0]
         for i, c, p in zip(done_rows, cls, prob, strict=True):
             name = categories[c] if categories and 0 <= c < len(categories) else str(c)
             summary.top1.append((paths[i], f"{c} {name}", float(p)))

@@ -19,7 +19,7 @@ from .config import target_spec
 from .data import Record
 from .errors import RunRefused, StoreError
 from .models import checkpoint_digest
-from .store import open_results
+from .store import open_results, read_column
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,14 @@ def listing_change(f: Any, records: list[Record], start: int, stop: int) -> str 
     else:  # files of before the digest: compare the file's own block
         block = records[start:stop]
         if (len(block) == len(f["images/path"])
-                and [r.path for r in block] == list(f["images/path"].asstr()[:])
-                and [r.label for r in block] == f["images/label"][:].tolist()):
+                and [r.path for r in block] == list(read_column(f, "images/path"))
+                and [r.label for r in block] == read_column(f, "images/label").tolist()):
             return None
     n_total = int(f.attrs.get("n_total", len(f["images/path"])))
     if int(f.attrs.get("num_shards", 1)) > 1:
         return (f"the image list changed since this sharded run was created ({len(records)} "
                 f"files now, {n_total} then, or the same count in another order or labels)")
-    old, new = set(f["images/path"].asstr()[:]), {r.path for r in records}
+    old, new = set(read_column(f, "images/path")), {r.path for r in records}
     added, removed = len(new - old), len(old - new)
     if added or removed:
         return (f"the image list changed since this run was created: {added} file(s) added, "

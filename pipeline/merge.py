@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import StoreError
 from .locks import lock_is_held, run_dir_lock, writer_lock
-from .store import DONE, PENDING, attr_list, open_results, remove_stale_temporaries
+from .store import DONE, PENDING, attr_list, open_results, read_column, remove_stale_temporaries
 from .store.mergefile import is_merge, write_merge
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def shards_complete(run_dir: Path) -> bool:
         return False
     for p in shards.values():
         with open_results(p) as f:
-            if (f["images/status"][:] == PENDING).any():
+            if (read_column(f, "images/status") == PENDING).any():
                 return False
     return True
 
@@ -106,7 +106,7 @@ def _merge(run_dir: Path, out: Path, copy: bool) -> Path:
         counts = [int(f["images/status"].shape[0]) for f in files]
         if starts != list(np.cumsum([0, *counts[:-1]])) or sum(counts) != total:
             raise StoreError(f"shards in {run_dir} do not tile the {total} images")
-        not_done = sum(int((f["images/status"][:] != DONE).sum()) for f in files)
+        not_done = sum(int((read_column(f, "images/status") != DONE).sum()) for f in files)
         if not_done:
             log.warning("merging %s with %d images not done", run_dir, not_done)
         write_merge(out, files, [shards[i].name for i in range(n)], copy)

@@ -19,7 +19,17 @@ from .pictures import (
     pixel_box,
     saliency_picture,
 )
-from .store import DONE, INPUT_MAP, LAYER_MAP, STATUS_NAMES, MapInfo, map_ndim, stored_maps
+from .store import (
+    DONE,
+    INPUT_MAP,
+    LAYER_MAP,
+    STATUS_NAMES,
+    MapInfo,
+    map_ndim,
+    read_column,
+    read_map_rows,
+    stored_maps,
+)
 
 DEFAULT_CMAP = {LAYER_MAP: "jet", INPUT_MAP: "hot"}  # what render uses for each kind
 
@@ -42,7 +52,7 @@ def run_overlay(run: Any, row: int, map: str | None = None, alpha: float = 0.5,
                 cmap: str | None = None, k: int | None = None) -> np.ndarray:
     """The picture of image ``row`` and one map as uint8 RGB (H, W, 3); see
     ``Run.overlay``."""
-    from .render import MAX_SIDE, load_photo, read_map_rows, read_rows
+    from .render import MAX_SIDE, load_photo
 
     f = run.file
     m = find_map(f, map)
@@ -50,7 +60,7 @@ def run_overlay(run: Any, row: int, map: str | None = None, alpha: float = 0.5,
     if not isinstance(row, (int, np.integer)) or not 0 <= int(row) < n:
         raise ConfigError(f"row {row!r} is not an image row of {run.path} (0..{n - 1})")
     row = int(row)
-    status = int(f["images/status"][row])
+    status = int(read_column(f, "images/status", row))
     if status != DONE:
         raise DataError(f"row {row} of {run.path} is {STATUS_NAMES[status]}: it has no map "
                         "to draw")
@@ -64,9 +74,9 @@ def run_overlay(run: Any, row: int, map: str | None = None, alpha: float = 0.5,
     colormap = colormap_code(cmap or DEFAULT_CMAP[m.kind])
     if classes:
         cam = cam[k or 0]
-    path = f["images/path"].asstr()[row]
-    size = read_rows(f, "images/size", run.path, row)
-    box = read_rows(f, "images/box", run.path, row) if "images/box" in f else None
+    path = read_column(f, "images/path", row)
+    size = read_column(f, "images/size", row)
+    box = read_column(f, "images/box", row) if "images/box" in f else None
     seen = box if box is not None else np.array([0, 0, *size], np.float64)
     photo, seen = load_photo(path, size, seen)
     h, w = (int(v) for v in size)

@@ -49,6 +49,7 @@ from .store import (
     categories,
     map_ndim,
     open_results,
+    read_column,
     read_map_rows,
     read_rows,
     row_shape,
@@ -71,10 +72,10 @@ class _Labels:
 
     def __init__(self, f: h5py.File) -> None:
         self.categories = categories(f)
-        self.target = f["targets/class"][:]
-        self.score = f["targets/score"][:]
-        self.pred = f["predictions/class"][:]
-        self.prob = f["predictions/prob"][:]
+        self.target = read_column(f, "targets/class")
+        self.score = read_column(f, "targets/score")
+        self.pred = read_column(f, "predictions/class")
+        self.prob = read_column(f, "predictions/prob")
 
     def name(self, cls: int) -> str:
         if 0 <= cls < len(self.categories):
@@ -165,7 +166,7 @@ class Painter:
         self.max_side = max_side
         self.maps = stored_maps(f)
         self.views = pictures_of(f, self.maps)
-        self.paths = f["images/path"].asstr()[:]
+        self.paths = read_column(f, "images/path")
         self.sizes = read_rows(f, "images/size", path)
         self.boxes = read_rows(f, "images/box", path)
         self.labels = _Labels(f)
@@ -219,7 +220,7 @@ def render_run(run_dir: Path, cfg: Any = None) -> list[Path]:
     written: list[Path] = []
     with open_results(path) as f:
         maps = stored_maps(f)
-        status = f["images/status"][:]
+        status = read_column(f, "images/status")
         rows = np.flatnonzero(status == DONE)
         if max_images is not None:
             rows = rows[: max(0, int(max_images))]

@@ -22,6 +22,7 @@ from .store import (
     is_scale,
     open_results,
     ragged_keys,
+    read_column,
     read_layouts,
     read_map,
     stored_config,
@@ -87,19 +88,19 @@ class Run:
     # -- per-image tables -------------------------------------------------------------
     @property
     def paths(self) -> np.ndarray:
-        return self.file["images/path"].asstr()[:]
+        return read_column(self.file, "images/path")
 
     @property
     def labels(self) -> np.ndarray:
-        return self.file["images/label"][:]
+        return read_column(self.file, "images/label")
 
     @property
     def status(self) -> np.ndarray:
-        return self.file["images/status"][:]
+        return read_column(self.file, "images/status")
 
     @property
     def errors(self) -> np.ndarray:
-        return self.file["images/error"].asstr()[:]
+        return read_column(self.file, "images/error")
 
     @property
     def running(self) -> bool:
@@ -120,17 +121,18 @@ class Run:
 
     @property
     def sizes(self) -> np.ndarray:
-        return self.file["images/size"][:]
+        return read_column(self.file, "images/size")
 
     @property
     def predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """(classes, probabilities), each (N, k), best first."""
-        return self.file["predictions/class"][:], self.file["predictions/prob"][:]
+        return (read_column(self.file, "predictions/class"),
+                read_column(self.file, "predictions/prob"))
 
     @property
     def targets(self) -> tuple[np.ndarray, np.ndarray]:
         """(class explained, its pre-softmax score), each (N,)."""
-        return self.file["targets/class"][:], self.file["targets/score"][:]
+        return read_column(self.file, "targets/class"), read_column(self.file, "targets/score")
 
     @property
     def boxes(self) -> np.ndarray:
@@ -184,7 +186,7 @@ class Run:
         """(N, 2) model input height, width of each image: its own size at native
         resolution (0 where the image could not be read), else ``image_size`` for all."""
         if "images/input_size" in self.file:
-            return self.file["images/input_size"][:]
+            return read_column(self.file, "images/input_size")
         side = int(self.file.attrs.get("image_size", 0))
         return np.full((len(self), 2), side, dtype=np.int32)
 

@@ -38,6 +38,7 @@ from .store import (
     categories,
     is_ragged,
     map_ndim,
+    read_column,
     read_rows,
     stored_maps,
 )
@@ -98,16 +99,16 @@ def _image_facts(f: h5py.File) -> dict[str, np.ndarray]:
     import pandas as pd
 
     n = int(f["images/status"].shape[0])
-    status = f["images/status"][:]
+    status = read_column(f, "images/status")
     done = status == DONE
-    paths = f["images/path"].asstr()[:].astype(object)
+    paths = read_column(f, "images/path").astype(object)
     names = np.array([*categories(f), ""], dtype=object)
 
     def name_of(cls: np.ndarray) -> np.ndarray:
         return names[np.where((cls >= 0) & (cls < len(names) - 1), cls, len(names) - 1)]
 
-    label = f["images/label"][:].astype(np.int32)
-    cls, prob = f["predictions/class"][:], f["predictions/prob"][:]
+    label = read_column(f, "images/label").astype(np.int32)
+    cls, prob = read_column(f, "predictions/class"), read_column(f, "predictions/prob")
     pred = np.where(done, cls[:, 0] if cls.shape[1] else -1, -1).astype(np.int32)
     top1 = np.where(done, prob[:, 0] if prob.shape[1] else np.nan, np.nan).astype(np.float32)
     correct = pd.array(pred == label, dtype="boolean")
@@ -121,7 +122,7 @@ def _image_facts(f: h5py.File) -> dict[str, np.ndarray]:
         "pred": pred, "pred_name": np.where(done, name_of(pred), ""), "prob": top1,
         "correct": correct,
         "status": status,
-        "error": f["images/error"].asstr()[:].astype(object),
+        "error": read_column(f, "images/error").astype(object),
     }
 
 
@@ -129,8 +130,8 @@ def seen_boxes(f: h5py.File) -> np.ndarray:
     """(N, 4) region of each photo the model saw; the whole photo for files without
     ``/images/box``."""
     if "images/box" in f:
-        return f["images/box"][:].astype(np.float64)
-    size = f["images/size"][:].astype(np.float64)
+        return read_column(f, "images/box").astype(np.float64)
+    size = read_column(f, "images/size").astype(np.float64)
     return np.column_stack([np.zeros(len(size)), np.zeros(len(size)), size])
 
 
@@ -294,7 +295,7 @@ def run_table(run: Any, metrics: bool = True, stats: bool = True, boxes: Any = N
     facts = _image_facts(f)
     box_arr = _boxes(boxes, facts["path"])
     done = facts["status"] == DONE
-    tcls, tscore = f["targets/class"][:], f["targets/score"][:]
+    tcls, tscore = read_column(f, "targets/class"), read_column(f, "targets/score")
     found = metric_arrays(run.path.parent) if metrics else {}
     maps = stored_maps(f, MAP_KINDS)
     seen = seen_boxes(f) if stats and maps else None

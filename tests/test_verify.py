@@ -17,7 +17,15 @@ from store_files import make_results, make_shards
 from pipeline.errors import StoreError
 from pipeline.extract import extract
 from pipeline.merge import merge_shards
-from pipeline.store import DONE, PENDING, open_results, read_map, read_map_rows, read_table
+from pipeline.store import (
+    DONE,
+    PENDING,
+    open_results,
+    read_column,
+    read_map,
+    read_map_rows,
+    read_table,
+)
 from pipeline.store.audit import verify_results
 from pipeline.store.checksums import sums_of
 from pipeline.verify import verify_stage
@@ -177,13 +185,21 @@ def test_per_image_tables_read_typed_and_checked(tmp_path):
     path = tmp_path / "results.h5"
     make_results(path)
     with open_results(path) as f:
-        images = read_table(f, "images", path)
+        images = read_table(f, "images")
         assert list(images["path"]) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
         assert list(images["error"]) == [""] * 4 and "image" not in images  # no scales
         assert images["size"].tolist() == [[24, 32]] * 4 and (images["status"] == DONE).all()
-        assert read_table(f, "targets", path, slice(1, 3))["class"].tolist() == [1, 2]
+        assert read_table(f, "targets", slice(1, 3))["class"].tolist() == [1, 2]
+        assert read_column(f, "images/path", 2) == "img2.jpg"  # one row: one str
+        assert read_column(f, "images/size", 3).tolist() == [24, 32]
         with pytest.raises(StoreError, match="'gradcam' is not a per-image table"):
-            read_table(f, "gradcam", path)
+            read_table(f, "gradcam")
+        with pytest.raises(StoreError, match="damaged: /images/nothing is missing"):
+            read_column(f, "images/nothing")
     flip_bit(path, "images/size", 1)
-    with open_results(path) as f, pytest.raises(StoreError, match="row 1 of /images/size"):
-        read_table(f, "images", path)
+    with open_results(path) as f:
+        with pytest.raises(StoreError, match="row 1 of /images/size"):
+            read_table(f, "images")
+        with pytest.raises(StoreError, match="row 1 of /images/size"):
+            read_column(f, "images/size", 1)
+        assert read_column(f, "images/size", 1, verify=False).shape == (2,)

@@ -26,6 +26,7 @@ from ..store import (
     STATUS_NAMES,
     categories,
     open_results,
+    read_column,
     read_map,
     stored_maps,
 )
@@ -144,7 +145,7 @@ class Source:
         # No chunk cache: rows are read once each (pictures are cached), and damage to the
         # file while it is served shows at the next read.
         f = open_results(run_dir / "results.h5", rdcc_nbytes=0)
-        status = f["images/status"][:]
+        status = read_column(f, "images/status")
         from ..locks import lock_is_held
 
         state = "done"
@@ -194,7 +195,7 @@ class Source:
         row = parse_int("row", value, 0, len(job.status) - 1)
         if done and job.status[row] != DONE:
             state = STATUS_NAMES[int(job.status[row])]
-            why = str(job.file["images/error"].asstr()[row]) if state == "failed" else (
+            why = str(read_column(job.file, "images/error", row)) if state == "failed" else (
                 "not computed yet" if job.state == "running" else "not computed: the run "
                 "stopped before it")
             raise RequestError(f"row {row} is {state}: {why}", 409)
@@ -212,9 +213,9 @@ class Source:
         """The photo (None when gone), the box in its pixels and the box's size."""
         def make() -> tuple[np.ndarray | None, np.ndarray, tuple[int, int]]:
             f = job.file
-            path = str(f["images/path"].asstr()[row])
-            size = f["images/size"][row]
-            box = f["images/box"][row] if "images/box" in f else np.full(4, np.nan)
+            path = str(read_column(f, "images/path", row))
+            size = read_column(f, "images/size", row)
+            box = read_column(f, "images/box", row) if "images/box" in f else np.full(4, np.nan)
             image, shown = load_photo(path, size, box, max_side=PHOTO_SIDE)
             y0, x0, y1, x1 = pixel_box(box, *(int(v) for v in size))  # for a photo gone
             return image, shown, (y1 - y0, x1 - x0)
@@ -253,7 +254,8 @@ class Source:
             raise RequestError(f"row {row} is not in the table", 404)
         first = mine.iloc[0]
         cats = categories(f)
-        cls, prob = f["predictions/class"][row], f["predictions/prob"][row]
+        cls = read_column(f, "predictions/class", row)
+        prob = read_column(f, "predictions/prob", row)
         done = job.status[row] == DONE
         topk = [{"class": int(c), "name": cats[c] if 0 <= c < len(cats) else "",
                  "prob": float(p)} for c, p in zip(cls, prob, strict=True)] if done else []
@@ -270,7 +272,7 @@ class Source:
                 "curves": curves[rec["job"]].get(rec["map"], []),
             })
         facts = {k: _plain(first[k]) for k in self.texts if k not in ("map", "method", "layer")}
-        return {**facts, "size": [int(v) for v in f["images/size"][row]], "topk": topk,
+        return {**facts, "size": [int(v) for v in read_column(f, "images/size", row)], "topk": topk,
                 "views": views}
 
     def swept(self) -> list[str]:

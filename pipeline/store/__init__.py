@@ -66,11 +66,11 @@ from .format import (
 )
 from .isolate import run_isolated
 from .ragged import check_ragged, is_ragged, map_ndim, ragged_keys, row_shape
-from .read import open_results, read_map, read_map_rows, read_rows, read_table
+from .read import open_results, read_column, read_map, read_map_rows, read_rows, read_table
 from .received import check_contained, check_map_types
 from .space import check_room, size_limit, write_error
 from .validate import check_format, check_own_maps, check_shards, validate
-from .write import BackgroundWriter, ResultsWriter
+from .write import BackgroundWriter, ResultsWriter, mark_pending
 
 __all__ = [
     "ACTIVATIONS", "ATTRIBUTION", "CHUNK_BYTES", "DIMS", "DONE", "ERROR_BYTES", "ERROR_STR",
@@ -85,5 +85,6 @@ __all__ = [
     "remove_temporaries", "row_shape", "stored_config", "stored_maps", "temporary_name",
     "validate", "walk", "write_error", "write_text_atomic",
     "CHECKSUMS", "FileCheck", "check_contained", "check_map_types", "check_room", "checksummed",
-    "estimated_size", "read_table", "run_isolated", "size_limit", "sums_of", "verify_results",
+    "estimated_size", "read_column", "read_table", "run_isolated", "size_limit", "sums_of",
+    "mark_pending", "verify_results",
 ]

@@ -135,25 +135,32 @@ def read_map_rows(f: h5py.File, key: str, path: str | os.PathLike,
         raise _damaged(path, key, e) from e
 
 
-def read_table(f: h5py.File, group: str, path: str | os.PathLike, rows: Any = slice(None),
+def read_column(f: h5py.File, key: str, rows: Any = slice(None),
+                verify: bool = True) -> np.ndarray:
+    """Rows of one per-image column (``images/path``, ``targets/class``, ...): strings
+    decoded to ``str`` (an object array, or one ``str`` for an integer row), numbers through
+    :func:`read_rows` (done rows checked against their checksums with ``verify``); a
+    missing or unreadable column is one :class:`StoreError`."""
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise StoreError(f"{f.filename} is damaged: /{key} is missing")
+    ds = f[key]
+    if ds.dtype.kind not in "OS":
+        return read_rows(f, key, f.filename, rows, verify)
+    try:
+        values = ds.asstr()[rows]
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise _damaged(f.filename, key, e) from e
+    return values if isinstance(values, str) else np.asarray(values, dtype=object)
+
+
+def read_table(f: h5py.File, group: str, rows: Any = slice(None),
                verify: bool = True) -> dict[str, np.ndarray]:
-    """A per-image table (``images``, ``targets`` or ``predictions``) as {name: rows}: numbers
-    through :func:`read_rows` (checked against their checksums with ``verify``), strings
-    (paths, errors) decoded to ``str``. Dimension scales are left out."""
+    """A per-image table (``images``, ``targets`` or ``predictions``) as {name: rows}, each
+    column read by :func:`read_column`. Dimension scales are left out."""
     if group not in IMAGE_TABLES:
         raise StoreError(f"{group!r} is not a per-image table (one of {', '.join(IMAGE_TABLES)})")
     if group not in f or not isinstance(f[group], h5py.Group):
-        raise StoreError(f"{path} is damaged: /{group} is missing")
-    out: dict[str, np.ndarray] = {}
-    for name, ds in f[group].items():
-        if not isinstance(ds, h5py.Dataset) or is_scale(ds):
-            continue
-        key = f"{group}/{name}"
-        if ds.dtype.kind in "OS":
-            try:
-                out[name] = np.asarray(ds.asstr()[rows], dtype=object)
-            except (OSError, ValueError, UnicodeDecodeError) as e:
-                raise _damaged(path, key, e) from e
-        else:
-            out[name] = read_rows(f, key, path, rows, verify)
-    return out
+        raise StoreError(f"{f.filename} is damaged: /{group} is missing")
+    return {name: read_column(f, f"{group}/{name}", rows, verify)
+            for name, ds in f[group].items()
+            if isinstance(ds, h5py.Dataset) and not is_scale(ds)}

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .checksums import CHECKSUMS, checksummed, row_digests
-from .format import DONE, ERROR_BYTES, FAILED, RAGGED
+from .format import DONE, ERROR_BYTES, FAILED, PENDING, RAGGED
 from .ragged import ragged_keys
 from .read import open_results
 from .space import write_error
@@ -27,6 +27,19 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     starts = np.concatenate([[0], breaks])
     ends = np.concatenate([breaks, [len(rows)]])
     return [(int(s), int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def mark_pending(path: str | os.PathLike, rows: np.ndarray) -> None:
+    """Set ``rows`` of results file ``path`` pending, to be computed again by the next run
+    (call with the writer lock held). Only their status changes: a done row's arrays and
+    checksums stay as they were until it is written again."""
+    try:
+        with open_results(path, "r+") as f:
+            status = f["images/status"]
+            for row in np.asarray(rows, dtype=np.int64).tolist():  # few rows: one write each
+                status[row] = PENDING
+    except OSError as e:
+        raise StoreError(f"cannot mark rows of {path} pending: {e}") from e
 
 
 class ResultsWriter:
