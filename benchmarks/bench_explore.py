@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 import torch
 from _common import ROOT, argument_parser, machine_info, markdown_table
+from _images import blob_photo
 from PIL import Image
 
 from pipeline.images import input_box
@@ -47,15 +48,9 @@ TARGETS = {"start_s": 5.0, "first_page_s": 1.0, "sort_metric_s": 1.0, "overlay_s
            "rss_mb": 1024.0}
 
 
+
 def photo(seed: int, h: int = 375, w: int = 500) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.zeros((h, w, 3))
-    for _ in range(6):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, 90)
-        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(
-            0, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return blob_photo(seed, h, w, blobs=6, radius=(20, 90))
 
 
 def make_run(root: Path, n: int, seed: int = 0) -> Path:

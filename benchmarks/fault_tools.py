@@ -17,6 +17,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from _images import blob_photo
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +25,10 @@ N_IMAGES = 12
 DONE, FAILED = 1, 2
 
 
+
 def photo(seed: int, h: int = 48, w: int = 56) -> np.ndarray:
     """A smooth random picture (blobs), different for every seed."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.zeros((h, w, 3))
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(6, 20)
-        img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(
-            0, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return blob_photo(seed, h, w)
 
 
 def write_images(folder: Path, n: int = N_IMAGES) -> None:
