@@ -101,7 +101,7 @@ def _image_facts(f: h5py.File) -> dict[str, np.ndarray]:
     n = int(f["images/status"].shape[0])
     status = read_column(f, "images/status")
     done = status == DONE
-    paths = read_column(f, "images/path").astype(object)
+    paths = read_column(f, "images/path")
     names = np.array([*categories(f), ""], dtype=object)
 
     def name_of(cls: np.ndarray) -> np.ndarray:
@@ -122,7 +122,7 @@ def _image_facts(f: h5py.File) -> dict[str, np.ndarray]:
         "pred": pred, "pred_name": np.where(done, name_of(pred), ""), "prob": top1,
         "correct": correct,
         "status": status,
-        "error": read_column(f, "images/error").astype(object),
+        "error": read_column(f, "images/error"),
     }
 
 
