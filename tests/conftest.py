@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (pyproject's addopts): one worker per CPU this process may use, plus one,
-    since the SLURM tests (one group, on one worker) mostly wait for the cluster; at most 8."""
+    since the SLURM tests (one file, on one worker) mostly wait for the cluster; at most 8."""
     return min(len(os.sched_getaffinity(0)) + 1, 8)
 
 CONF = ROOT / "conf"

@@ -36,9 +36,9 @@ from pipeline.cluster import slurm_states
 from pipeline.results import load_sweep
 from pipeline.store import CHECKSUMS, verify_results
 
-# One xdist group: the tests run one after another on one worker (they share the one-node
-# cluster) while the other workers run the rest of the suite.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# pyproject's --dist loadfile: these tests run one after another on one worker (they share
+# the one-node cluster) while the other workers run the rest of the suite.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # -- the cluster ------------------------------------------------------------------------------
 
